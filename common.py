@@ -1,0 +1,480 @@
+"""Shared helpers for the Noise2Art scripts: errors, atomic file writes, checkpoint I/O,
+image datasets, devices and PNG output.
+
+Everything that more than one script needs lives here, once.
+"""
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and command-line entry points
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, never a traceback."""
+
+
+def run_cli(main):
+    """Run `main()` as a command: UserError -> `error: ...` on stderr and exit 2,
+    Ctrl-C -> exit 130. Anything else is a bug and keeps its traceback."""
+    try:
+        status = main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)
+
+
+def require_file(path, what):
+    """Return `path` as a Path, or raise UserError naming `what` if it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: write a temporary file in the same folder, fsync, then rename over the target.
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call `write_fn(file)` on a temporary file next to `path`, then rename it into place.
+    A crash leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True), mode="w")
+
+
+def read_json(path, what="JSON file"):
+    path = require_file(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model files: `NAME.safetensors` (weights) + `NAME.json` (config). No pickle anywhere.
+
+
+def model_paths(path):
+    """Map any of `NAME`, `NAME.safetensors` or `NAME.json` to (weights_path, config_path)."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def save_model(path, tensors, config, dtype=None):
+    """Write `tensors` (name -> tensor) and `config` (JSON-able dict) atomically.
+    `dtype` (e.g. torch.float16) casts floating-point tensors for storage."""
+    from safetensors.torch import save
+
+    weights_path, config_path = model_paths(path)
+    tensors = {
+        name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().cpu().contiguous()
+        for name, t in tensors.items()
+    }
+    atomic_write_bytes(weights_path, save(tensors))
+    atomic_write_json(config_path, config)
+    return weights_path
+
+
+def load_model(path, what="model checkpoint"):
+    """Read a model written by `save_model`: returns (tensors, config). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path, config_path = model_paths(path)
+    require_file(weights_path, f"{what} weights")
+    config = read_json(config_path, f"{what} config")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{what} {weights_path} is not a readable safetensors file: {err}") from None
+    return tensors, config
+
+
+def safe_torch_load(path, trust=False):
+    """Load a `.ckpt`/`.pt` file with `torch.load(weights_only=True)`. A file that needs
+    arbitrary unpickling (and could run code) is refused unless `trust` is set."""
+    import pickle
+
+    path = require_file(path, "checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+            raise UserError(
+                f"{path} holds objects that need arbitrary unpickling ({first_line}); "
+                "refusing to load it. Pass --trust_checkpoint only if you trust its source."
+            ) from None
+    except (RuntimeError, EOFError) as err:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state (for exact resume): a folder with `tensors.safetensors` + `state.json`.
+# Nested dicts/lists of tensors and plain values are split into flat tensors and a JSON skeleton,
+# so optimizer states and RNG states round-trip exactly without pickle.
+
+
+def _flatten(obj, tensors):
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a training state")
+
+
+def _unflatten(obj, tensors):
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def save_state_dir(path, state):
+    """Atomically write nested `state` (dicts, lists, tuples, tensors, plain values) to folder
+    `path`: a temporary folder is filled and renamed, so `path` is always whole."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        tensors = {}
+        skeleton = _flatten(state, tensors)
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(skeleton))
+        for name in ("tensors.safetensors", "state.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_state_dir(path):
+    """Read a folder written by `save_state_dir`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.json").is_file() or not (path / "tensors.safetensors").is_file():
+        raise UserError(f"{path} is not a training checkpoint (expected state.json and tensors.safetensors)")
+    tensors = load_file(str(path / "tensors.safetensors"))
+    return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+
+
+def rng_state():
+    """All random-number-generator states a training step can touch."""
+    state = {"python": random.getstate(), "numpy": _numpy_rng_to_plain(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_rng_to_plain():
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+
+
+def _to_tuples(obj):
+    return tuple(_to_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+
+def pick_device(name="auto"):
+    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps requested but MPS is not available")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r} (choose auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast where it pays (CPU with bf16, CUDA); a no-op context elsewhere.
+    fp16 compute is never used: it is very slow on CPUs."""
+    if not enabled or device.type not in ("cpu", "cuda"):
+        return torch.autocast(device_type="cpu", enabled=False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sources: an ImageFolder (as written by download_hf.py), a plain folder of images,
+# or a dataset that `datasets.load_dataset` can read (local folder, parquet files, hub name).
+
+
+class ImageSource:
+    """Random access to (PIL image or None, metadata dict) pairs.
+    `None` means the image could not be read; callers skip and count it."""
+
+    def __init__(self, path, split="train", image_column="image"):
+        self.path = str(path)
+        folder = Path(path)
+        self._records = None
+        self._dataset = None
+        if folder.is_dir() and (folder / "metadata.jsonl").is_file():
+            self._records = _read_metadata_jsonl(folder)
+        elif folder.is_dir() and not _looks_like_hf_dataset(folder):
+            self._records = [
+                {"file_name": str(p.relative_to(folder))}
+                for p in sorted(folder.rglob("*"))
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+            ]
+        else:
+            self._dataset = _load_hf_dataset(path, split)
+            if image_column not in self._dataset.column_names:
+                raise UserError(
+                    f"dataset {path} has no column {image_column!r} (columns: {', '.join(self._dataset.column_names)})"
+                )
+            self._image_column = image_column
+            from datasets import Image as ImageFeature
+
+            self._dataset = self._dataset.cast_column(image_column, ImageFeature(decode=False))
+            self._class_names = _class_label_names(self._dataset.features)
+        self.folder = folder
+        if len(self) == 0:
+            raise UserError(f"no images found in {path}")
+
+    def __len__(self):
+        return len(self._records) if self._records is not None else len(self._dataset)
+
+    @property
+    def columns(self):
+        if self._records is not None:
+            return sorted({k for r in self._records for k in r} - {"file_name"})
+        return [c for c in self._dataset.column_names if c != self._image_column]
+
+    def metadata(self, index):
+        """Metadata of row `index` (ClassLabel values as names), without decoding the image."""
+        if self._records is not None:
+            return {k: v for k, v in self._records[index].items() if k != "file_name"}
+        row = self._dataset.select_columns(self.columns)[index]
+        return {k: self._class_names[k][v] if k in self._class_names and v is not None else v for k, v in row.items()}
+
+    def image(self, index):
+        """The RGB image of row `index`, or None if it cannot be decoded."""
+        try:
+            if self._records is not None:
+                return _open_rgb(self.folder / self._records[index]["file_name"])
+            value = self._dataset[index][self._image_column]
+            if value.get("bytes") is not None:
+                import io
+
+                return _open_rgb(io.BytesIO(value["bytes"]))
+            return _open_rgb(value["path"])
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+
+
+def _open_rgb(file):
+    with Image.open(file) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def _read_metadata_jsonl(folder):
+    records = []
+    with open(folder / "metadata.jsonl") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{folder / 'metadata.jsonl'} line {line_no} is not valid JSON") from None
+            if "file_name" not in record:
+                raise UserError(f"{folder / 'metadata.jsonl'} line {line_no} has no file_name")
+            records.append(record)
+    return records
+
+
+def _looks_like_hf_dataset(folder):
+    """A folder `datasets.load_dataset` should read: parquet/arrow files, a data/ folder or a
+    dataset script/README, rather than loose images."""
+    return any(folder.glob("*.parquet")) or any(folder.glob("*.arrow")) or (folder / "data").is_dir() or (
+        folder / "dataset_info.json"
+    ).is_file()
+
+
+def _load_hf_dataset(path, split):
+    """`datasets.load_dataset(path, split=split)` with one-line errors for the usual mistakes."""
+    import datasets
+
+    try:
+        if Path(path).is_dir() and (Path(path) / "dataset_info.json").is_file():
+            return datasets.load_from_disk(str(path))
+        return datasets.load_dataset(str(path), split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise UserError(f"dataset {path} has no split {split!r}") from None
+        raise UserError(f"cannot load dataset {path}: {err}") from None
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise UserError(f"dataset not found: {path} ({str(err).splitlines()[0] if str(err) else ''})") from None
+    except ConnectionError as err:
+        raise UserError(f"cannot reach the Hugging Face hub for {path}: {err}") from None
+
+
+def _class_label_names(features):
+    from datasets import ClassLabel
+
+    return {name: feature.names for name, feature in features.items() if isinstance(feature, ClassLabel)}
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """An ImageSource as tensors in [-1, 1], 3xRxR: shorter side resized to `resolution`, then a
+    random (training) or centre crop, and an optional random horizontal flip.
+    Unreadable images give None; `collate_skip_none` drops them from the batch."""
+
+    def __init__(self, source, resolution, random_crop=True, flip=True):
+        self.source = source
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.flip = flip
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        img = self.source.image(index)
+        if img is None:
+            return None
+        return image_to_tensor(img, self.resolution, self.random_crop, self.flip and random.random() < 0.5)
+
+
+def image_to_tensor(img, resolution, random_crop=False, flip=False):
+    """PIL image -> float tensor 3xRxR in [-1, 1] (resize shorter side, crop, optional flip)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    if random_crop:
+        left, top = random.randint(0, new_w - resolution), random.randint(0, new_h - resolution)
+    else:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # R x R x 3
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def collate_skip_none(batch):
+    """Collate a batch, dropping items that are None (unreadable images). May return None."""
+    batch = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Images out
+
+
+def tensor_to_images(images):
+    """Float tensor Bx3xHxW in [-1, 1] -> list of PIL images."""
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+def make_grid(images, ncols=None):
+    """Tile equally sized PIL images into one image (ncols defaults to a near-square grid)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    ncols = ncols or int(np.ceil(np.sqrt(len(images))))
+    nrows = int(np.ceil(len(images) / ncols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (ncols * w, nrows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % ncols) * w, (i // ncols) * h))
+    return grid
+
+
+def save_png(path, img, text=None):
+    """Save a PIL image as PNG atomically, with `text` (str -> str or JSON-able) as PNG tEXt chunks."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
