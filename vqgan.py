@@ -9,13 +9,23 @@ on a CPU.
     python vqgan.py --config vq-f8 --init_ckpt model.ckpt --max_steps 0 --out runs/f8 # convert
     python vqgan.py --eval --ckpt runs/vq/vqgan --data ../shared/wikiart-mini --split test
 """
+import argparse
 import copy
+import json
+import random
+import time
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, load_model, save_model
+from common import (
+    ImageSource, ImageTensorDataset, UserError, atomic_write, autocast, collate_skip_none, load_model,
+    load_state_dir, make_grid, model_paths, pick_device, rng_state, run_cli, safe_torch_load, save_model,
+    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
+)
 
 # Architecture of each named model. `vq-f8` is latent-diffusion's models/first_stage_models/vq-f8.
 CONFIGS = {
@@ -288,3 +298,626 @@ def load_vqgan(path, device="cpu"):
     model = VQModel(config)
     load_weights(model, tensors, f"VQGAN checkpoint {path}")
     return model.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: PatchGAN discriminator and perceptual distances (names as in taming-transformers / lpips)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix): images B x 3 x H x W -> real/fake logits B x 1 x h x w."""
+
+    def __init__(self, n_layers=2, ndf=64, in_channels=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev_mult, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev_mult, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images):
+        return self.main(images)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(nll_loss, g_loss, last_layer):
+    """Scale that makes the GAN gradient at the decoder's last layer as large as the
+    reconstruction gradient (Esser et al. 2021, eq. 7)."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grads.norm() / (g_grads.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def unit_channels(x, eps=1e-10):
+    return x / (x.norm(dim=1, keepdim=True) + eps)
+
+
+VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+LPIPS_SLICES = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]  # vgg16.features indices up to relu1_2 ... relu5_3
+LPIPS_CHANNELS = [64, 128, 256, 512, 512]
+TORCHVISION_VGG16 = "vgg16-397923af.pth"
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG (Zhang et al. 2018): frozen VGG16 features, unit-normalised per channel, squared
+    differences weighted by learned 1x1 convs. forward(a, b) -> B distances."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaling_layer = nn.Module()
+        self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+        layers, channels = [], 3
+        for v in VGG16_LAYERS:  # the same indices as torchvision's vgg16().features
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = v
+        self.net = nn.Module()
+        for k, (start, end) in enumerate(LPIPS_SLICES, 1):
+            setattr(self.net, f"slice{k}", nn.Sequential(OrderedDict((str(i), layers[i]) for i in range(start, end))))
+        for k, channels in enumerate(LPIPS_CHANNELS):
+            lin = nn.Module()
+            lin.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
+            setattr(self, f"lin{k}", lin)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode=True):  # always frozen
+        return super().train(False)
+
+    def forward(self, images_a, images_b):
+        h_a = (images_a - self.scaling_layer.shift) / self.scaling_layer.scale
+        h_b = (images_b - self.scaling_layer.shift) / self.scaling_layer.scale
+        distance = 0.0
+        for k in range(len(LPIPS_SLICES)):
+            vgg_slice = getattr(self.net, f"slice{k + 1}")
+            h_a, h_b = vgg_slice(h_a), vgg_slice(h_b)
+            squared = (unit_channels(h_a) - unit_channels(h_b)).pow(2)
+            distance = distance + getattr(self, f"lin{k}").model(squared).mean(dim=(1, 2, 3))
+        return distance
+
+
+def vgg16_to_lpips(tensors):
+    """torchvision vgg16 `features.{i}.*` -> LPIPS `net.slice{k}.{i}.*`."""
+    renamed = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if parts[0] == "features" and parts[1].isdigit():
+            for k, (start, end) in enumerate(LPIPS_SLICES, 1):
+                if start <= int(parts[1]) < end:
+                    renamed[f"net.slice{k}.{parts[1]}.{parts[2]}"] = value
+    return renamed
+
+
+def load_lpips(weights_path, init_tensors, trust):
+    """LPIPS-VGG with weights from, first found first: --perceptual_weights (an LPIPS state dict, its
+    linear layers only, or a taming/latent-diffusion checkpoint), the `loss.perceptual_loss.*` entries of
+    --init_ckpt, the torchvision VGG16 file in the torch hub cache and the `lpips` package's linear layers."""
+    found = {}
+
+    def add(tensors):
+        for key, value in tensors.items():
+            found.setdefault(key.removeprefix("loss.perceptual_loss."), value)
+
+    if weights_path:
+        add(read_checkpoint_tensors(weights_path, trust))
+    add({k: v for k, v in init_tensors.items() if k.startswith("loss.perceptual_loss.")})
+    vgg_file = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_VGG16
+    if vgg_file.is_file():
+        add(vgg16_to_lpips(safe_torch_load(vgg_file)))
+    try:
+        import lpips
+
+        add(safe_torch_load(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"))
+    except ImportError:
+        pass
+    model = LPIPS()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in found and not k.startswith("scaling_layer.")]
+    if missing:
+        raise UserError(
+            f"LPIPS-VGG weights not found (missing {missing[0]}): pass --perceptual_weights FILE, put {TORCHVISION_VGG16} "
+            f"in {vgg_file.parent} and pip install lpips, or use --perceptual effnet"
+        )
+    load_weights(model, {k: found.get(k, v) for k, v in expected.items()}, "LPIPS weights")
+    return model
+
+
+class EffNetPerceptual(nn.Module):
+    """features.perceptual_distance on frozen EfficientNet-Lite0 feature maps: forward(a, b) -> B distances."""
+
+    def __init__(self):
+        super().__init__()
+        from features import EfficientNetLite0Features
+
+        self.features = EfficientNetLite0Features()
+
+    def forward(self, images_a, images_b):
+        from features import perceptual_distance
+
+        return perceptual_distance(self.features, images_a, images_b)
+
+
+def build_perceptual(args, init_tensors):
+    if args.perceptual == "none":
+        return None
+    if args.perceptual == "effnet":
+        return EffNetPerceptual()
+    return load_lpips(args.perceptual_weights, init_tensors, args.trust_checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints from elsewhere and our own files
+
+
+def read_checkpoint_tensors(path, trust=False):
+    """Name -> tensor from one of our safetensors models, or a `.ckpt`/`.pt`/`.pth` file (a plain state dict or
+    a Lightning `{"state_dict": ...}`), read without unpickling code unless `trust`."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json") or (path.suffix == "" and model_paths(path)[0].is_file()):
+        return load_model(path, "checkpoint")[0]
+    checkpoint = safe_torch_load(path, trust)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)} if isinstance(checkpoint, dict) else {}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors")
+    return tensors
+
+
+def load_init(model, disc, tensors, path):
+    """Autoencoder tensors load strictly; `loss.discriminator.*` go to `disc` where the shapes fit
+    (returns whether they did); other `loss.*` entries (LPIPS, ...) are not part of the autoencoder."""
+    load_weights(model, {k: v for k, v in tensors.items() if not k.startswith("loss.")}, f"--init_ckpt {path}")
+    disc_tensors = {k.removeprefix("loss.discriminator."): v for k, v in tensors.items()
+                    if k.startswith("loss.discriminator.")}
+    expected = disc.state_dict()
+    if disc_tensors.keys() != expected.keys() or any(v.shape != expected[k].shape for k, v in disc_tensors.items()):
+        return False
+    disc.load_state_dict(disc_tensors)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: every batch is a pure function of (seed, step), so a resumed run sees exactly the same images
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """`dataset[index]` with Python's RNG seeded per sample: random crops and flips depend only on the
+    (index, seed) key, whatever the number of workers and across resumes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        saved = random.getstate()
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved)
+
+
+def batch_plan(num_images, batch_size, seed, start_step, end_step):
+    """Yields, for steps start_step..end_step-1, a list of (image index, augmentation seed):
+    a fresh permutation of the data every epoch."""
+    order, order_epoch = None, None
+    for step in range(start_step, end_step):
+        batch = []
+        for position in range(step * batch_size, (step + 1) * batch_size):
+            epoch, offset = divmod(position, num_images)
+            if epoch != order_epoch:
+                order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                order_epoch = epoch
+            batch.append((int(order[offset]), seed * 1_000_003 + position))
+        yield batch
+
+
+def fixed_images(source, resolution, count):
+    """The first `count` readable images, centre-cropped: the same preview at every checkpoint."""
+    dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
+    images = []
+    for index in range(len(dataset)):
+        if len(images) == count:
+            break
+        image = dataset[index]
+        if image is not None:
+            images.append(image)
+    if not images:
+        raise UserError(f"no readable images in {source.path}")
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def measure_latent_scale(model, source, resolution, num_images, batch_size, device):
+    """1 / std of the (unquantised) latents of up to `num_images` images spread over the data."""
+    dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
+    stride = max(1, len(dataset) // num_images)
+    subset = torch.utils.data.Subset(dataset, range(0, len(dataset), stride)[:num_images])
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_none)
+    was_training = model.training
+    model.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    for images in loader:
+        if images is None:
+            continue
+        latents = model.encode(images.to(device)).double()
+        total, total_sq, count = total + latents.sum().item(), total_sq + latents.pow(2).sum().item(), count + latents.numel()
+    model.train(was_training)
+    if count == 0:
+        raise UserError(f"no readable images in {source.path} to measure the latent scale")
+    std = max(total_sq / count - (total / count) ** 2, 1e-12) ** 0.5
+    return 1.0 / std
+
+
+def reconstruction_grid(originals, reconstructions, columns=8):
+    """Rows of originals, each followed by the row of their reconstructions."""
+    originals, reconstructions = tensor_to_images(originals), tensor_to_images(reconstructions)
+    tiles = []
+    for start in range(0, len(originals), columns):
+        tiles += originals[start:start + columns] + reconstructions[start:start + columns]
+    return make_grid(tiles, ncols=min(columns, len(originals)))
+
+
+def code_statistics(code_counts):
+    """Fraction of codes used and perplexity (exp of the entropy of code frequencies)."""
+    probs = code_counts / code_counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    return (code_counts > 0).float().mean().item(), entropy.exp().item()
+
+
+def restart_dead_codes(codebook, last_used, latents, step, patience):
+    """Codes unused for `patience` steps are moved onto random encoder outputs of this batch
+    (latents B x C x h x w), so the codebook does not collapse to a few entries. Returns how many."""
+    dead = (step - last_used) >= patience
+    num_dead = int(dead.sum())
+    if num_dead:
+        vectors = latents.detach().float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # N x C
+        picks = torch.randint(len(vectors), (num_dead,)).to(vectors.device)
+        with torch.no_grad():
+            codebook[dead] = vectors[picks]
+        last_used[dead] = step
+    return num_dead
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (two optimizers stepped by hand, as taming-transformers' VQModel does under Lightning)
+
+
+def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, args, device):
+    """One autoencoder update and, once step >= disc_start, one discriminator update.
+    Returns (metrics, code indices B x h x w, latents before quantisation)."""
+    use_gan = step >= args.disc_start
+    with autocast(device, args.bf16):
+        reconstructions, codebook_loss, indices, latents = model(images)
+        reconstructions = reconstructions.float()
+        l1 = (images - reconstructions).abs().mean()
+        p_loss = perceptual(images, reconstructions).float().mean() if perceptual is not None else torch.zeros((), device=device)
+        nll_loss = l1 + args.perceptual_weight * p_loss
+        loss = nll_loss + args.codebook_weight * codebook_loss
+        metrics = {"l1": l1.item(), "perceptual": p_loss.item(), "codebook": codebook_loss.item()}
+        if use_gan:
+            g_loss = -disc(reconstructions).float().mean()
+            d_weight = args.disc_weight * adaptive_gan_weight(nll_loss, g_loss, model.last_layer())
+            loss = loss + d_weight * g_loss
+            metrics.update(g_loss=g_loss.item(), d_weight=d_weight.item())
+    opt_ae.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_ae.step()
+    metrics["loss"] = loss.item()
+    if use_gan:
+        with autocast(device, args.bf16):
+            logits_real, logits_fake = disc(images).float(), disc(reconstructions.detach()).float()
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+        opt_disc.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_disc.step()
+        metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(), logits_fake=logits_fake.mean().item())
+    return metrics, indices, latents
+
+
+def build_config(args):
+    if args.config not in CONFIGS:
+        raise UserError(f"unknown --config {args.config!r} (choose {', '.join(CONFIGS)})")
+    config = copy.deepcopy(CONFIGS[args.config])
+    for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed", "dropout", "beta"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    # From scratch, attention resolutions refer to the training image size; a checkpoint keeps its own.
+    if args.resolution is not None and not args.init_ckpt:
+        config["resolution"] = args.resolution
+    return config
+
+
+def resolve_resume(resume, state_path):
+    if resume is None:
+        if state_path.exists():
+            raise UserError(f"{state_path} already holds a training state: pass --resume auto to continue it, or another --out")
+        return None
+    if resume == "auto":
+        return state_path if state_path.exists() else None
+    return Path(resume)
+
+
+def trim_log(log_path, last_step):
+    """Drop log lines after the step a resumed run restarts from."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept)), mode="w")
+
+
+def export(model, out, source, resolution, args, device):
+    """out/vqgan.safetensors + out/vqgan.json, with the latent scale measured on the training data."""
+    if source is not None:
+        model.latent_scale = measure_latent_scale(model, source, resolution, args.scale_images, args.batch_size, device)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+    return save_vqgan(model, out / "vqgan", dtype=dtype)
+
+
+def train(args):
+    from tqdm import tqdm
+
+    device = pick_device(args.device)
+    out = Path(args.out)
+    state_path = out / "state"
+    resume_from = resolve_resume(args.resume, state_path)
+    state = load_state_dir(resume_from) if resume_from else None
+    seed_everything(args.seed)
+    model = VQModel(state["config"] if state else build_config(args))
+    disc = NLayerDiscriminator(n_layers=args.disc_layers)
+    init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if args.init_ckpt else {}
+    if init_tensors and not state:
+        disc_loaded = load_init(model, disc, init_tensors, args.init_ckpt)
+        print(f"loaded {args.init_ckpt} (discriminator {'loaded' if disc_loaded else 'not in it or other shapes: fresh'})")
+    resolution = args.resolution or model.config["resolution"]
+    if resolution % model.downsample_factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the downsampling factor {model.downsample_factor}")
+    source = ImageSource(args.data, args.split or "train", args.image_column) if args.data else None
+    if args.max_steps == 0:  # conversion / export only
+        path = export(model, out, source, resolution, args, device)
+        print(f"wrote {path} (latent scale {model.latent_scale:.4f}{'' if source else ', not measured: no --data'})")
+        return 0
+    if source is None:
+        raise UserError("training needs --data")
+
+    perceptual = build_perceptual(args, init_tensors)
+    model.to(device).train()
+    disc.to(device).train()
+    if perceptual is not None:
+        perceptual.to(device)
+    opt_ae = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    # Step each code was last picked at. From scratch every code starts "dead", so the first batch
+    # initialises the codebook from encoder outputs; fine-tuning keeps the given codebook.
+    patience = args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 200)
+    last_used = torch.full((model.config["n_embed"],), -patience if not args.init_ckpt else 0, dtype=torch.long)
+    step = 0
+    if state:
+        load_weights(model, state["model"], f"training state {resume_from}")
+        load_weights(disc, state["disc"], f"discriminator in {resume_from}")
+        opt_ae.load_state_dict(state["opt_ae"])
+        opt_disc.load_state_dict(state["opt_disc"])
+        step, last_used = state["step"], state["last_used"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {resume_from} at step {step}")
+    last_used = last_used.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    if state:
+        trim_log(log_path, step)
+    else:
+        log_path.unlink(missing_ok=True)
+
+    dataset = SeededAugmentation(ImageTensorDataset(source, resolution))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_plan(len(source), args.batch_size, args.seed, step, args.max_steps),
+        collate_fn=collate_skip_none, num_workers=args.num_workers, generator=torch.Generator(),
+    )
+    preview = fixed_images(source, resolution, 8).to(device)
+    window = {"sums": {}, "steps": 0, "codes": torch.zeros(model.config["n_embed"], device=device), "restarted": 0,
+              "skipped": 0, "start": time.perf_counter()}
+    bar = tqdm(total=args.max_steps, initial=step, desc="vqgan", dynamic_ncols=True)
+    for step, images in enumerate(loader, start=step):
+        if images is not None:
+            window["skipped"] += args.batch_size - len(images)
+            metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device), step, args, device)
+            for key, value in metrics.items():
+                window["sums"][key] = window["sums"].get(key, 0.0) + value
+            window["steps"] += 1
+            window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
+            last_used[indices.unique()] = step
+            if patience:
+                window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents, step, patience)
+        else:
+            window["skipped"] += args.batch_size
+        done = step + 1
+        bar.update(1)
+        if done % args.log_every == 0 or done == args.max_steps:
+            write_log(log_path, done, window, bar)
+        if done % args.ckpt_every == 0 or done == args.max_steps:
+            checkpoint_start = time.perf_counter()
+            save_checkpoint(state_path, model, disc, opt_ae, opt_disc, done, last_used, args)
+            with torch.no_grad():
+                model.eval()
+                grid = reconstruction_grid(preview, model(preview)[0].float())
+                model.train()
+            save_png(out / "samples" / f"step_{done:07d}.png", grid, {"step": done})
+            path = export(model, out, source, resolution, args, device)
+            bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
+            window["start"] += time.perf_counter() - checkpoint_start  # keep steps/s about training
+    bar.close()
+    return 0
+
+
+def write_log(log_path, step, window, bar):
+    n = max(window["steps"], 1)
+    usage, perplexity = code_statistics(window["codes"])
+    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage, "perplexity": perplexity,
+             "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
+             "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    bar.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity") if k in entry})
+    window.update(sums={}, steps=0, restarted=0, skipped=0, start=time.perf_counter())
+    window["codes"].zero_()
+
+
+def save_checkpoint(state_path, model, disc, opt_ae, opt_disc, step, last_used, args):
+    save_state_dir(state_path, {
+        "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
+        "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": step,
+        "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args),
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(args):
+    from tqdm import tqdm
+
+    from evaluate import psnr, ssim
+
+    device = pick_device(args.device)
+    model = load_vqgan(args.ckpt, device)
+    resolution = args.resolution or model.config["resolution"]
+    source = ImageSource(args.data, args.split or "test", args.image_column)
+    dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
+    subset = torch.utils.data.Subset(dataset, range(min(args.num_eval, len(dataset))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, collate_fn=collate_skip_none,
+                                         num_workers=args.num_workers)
+    psnrs, ssims, originals, reconstructions = [], [], [], []
+    code_counts = torch.zeros(model.config["n_embed"], device=device)
+    for images in tqdm(loader, desc="eval", dynamic_ncols=True):
+        if images is None:
+            continue
+        images = images.to(device)
+        with autocast(device, args.bf16):
+            recon, _, indices, _ = model(images)
+        recon = recon.float().clamp(-1, 1)
+        psnrs.append(psnr(recon, images).cpu())
+        ssims.append(ssim(recon, images).cpu())
+        code_counts += torch.bincount(indices.flatten(), minlength=len(code_counts))
+        if sum(len(x) for x in originals) < args.grid_images:
+            originals.append(images.cpu())
+            reconstructions.append(recon.cpu())
+    if not psnrs:
+        raise UserError(f"no readable images in {args.data}")
+    usage, perplexity = code_statistics(code_counts)
+    psnrs, ssims = torch.cat(psnrs), torch.cat(ssims)
+    report = {"psnr": psnrs.mean().item(), "ssim": ssims.mean().item(), "code_usage": usage, "perplexity": perplexity,
+              "images": len(psnrs), "resolution": resolution, "ckpt": str(args.ckpt), "data": str(args.data)}
+    grid_path = Path(args.grid) if args.grid else model_paths(args.ckpt)[0].with_name(model_paths(args.ckpt)[0].stem + "_eval.png")
+    grid = reconstruction_grid(torch.cat(originals)[:args.grid_images], torch.cat(reconstructions)[:args.grid_images])
+    save_png(grid_path, grid, report)
+    print(f"PSNR {report['psnr']:.2f} dB  SSIM {report['ssim']:.4f}  codebook usage {usage:.1%} "
+          f"({int((code_counts > 0).sum())}/{len(code_counts)})  perplexity {perplexity:.1f}  on {len(psnrs)} images")
+    print(f"wrote {grid_path} (top rows originals, rows below reconstructions)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Train, fine-tune, convert or evaluate a VQGAN (taming-transformers / LDM first stage).")
+    g = p.add_argument_group("model")
+    g.add_argument("--config", default="vq-f4-small", help=f"named architecture: {', '.join(CONFIGS)}")
+    g.add_argument("--ch", type=int, help="override: base channels (multiple of 32)")
+    g.add_argument("--ch_mult", type=int_list, help="override: channel multipliers per resolution, e.g. 1,2,2")
+    g.add_argument("--num_res_blocks", type=int, help="override: ResNet blocks per encoder resolution")
+    g.add_argument("--attn_resolutions", type=int_list, help="override: resolutions with attention ('' = mid block only)")
+    g.add_argument("--z_channels", type=int, help="override: encoder output channels")
+    g.add_argument("--embed_dim", type=int, help="override: codebook vector size = latent channels")
+    g.add_argument("--n_embed", type=int, help="override: codebook size")
+    g.add_argument("--dropout", type=float, help="override: dropout in ResNet blocks")
+    g.add_argument("--beta", type=float, help="override: commitment loss weight")
+    g.add_argument("--init_ckpt", help="start from these weights: a published model.ckpt (Lightning) or our .safetensors")
+    g.add_argument("--trust_checkpoint", action="store_true", help="allow arbitrary unpickling of .ckpt/.pt files (only for files you trust)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
+    g.add_argument("--split", help="dataset split (default: train for training, test for --eval)")
+    g.add_argument("--image_column", default="image", help="image column of a Hugging Face dataset")
+    g.add_argument("--resolution", type=int, help="image size: resize + random crop (default: the config's resolution)")
+    g.add_argument("--num_workers", type=int, default=1, help="data-loading worker processes")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", help="output folder: state/ (resumable), vqgan.safetensors+json, log.jsonl, samples/")
+    g.add_argument("--resume", help="'auto' (continue OUT/state if present) or a state folder")
+    g.add_argument("--max_steps", type=int, default=20000, help="training steps (0 with --init_ckpt: convert only)")
+    g.add_argument("--batch_size", type=int, default=8, help="images per step")
+    g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of autoencoder and discriminator")
+    g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"], help="perceptual loss network")
+    g.add_argument("--perceptual_weights", help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
+    g.add_argument("--perceptual_weight", type=float, default=1.0, help="weight of the perceptual loss")
+    g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook + commitment loss")
+    g.add_argument("--disc_start", type=int, default=10000, help="step at which the GAN loss starts")
+    g.add_argument("--disc_weight", type=float, default=0.6, help="GAN loss weight (times the adaptive weight)")
+    g.add_argument("--disc_layers", type=int, default=2, help="PatchGAN discriminator layers (2 matches vq-f8)")
+    g.add_argument("--dead_code_steps", type=int, help="restart codes unused this many steps (0 = never; "
+                   "default 200 from scratch, 0 with --init_ckpt)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with bf16 support)")
+    g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
+    g.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints, preview grids and exports")
+    g.add_argument("--scale_images", type=int, default=256, help="images used to measure the latent scale at export")
+    g.add_argument("--export_dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="storage dtype of exported weights")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="evaluate --ckpt on --data: PSNR, SSIM, codebook usage, grid PNG")
+    g.add_argument("--ckpt", help="VQGAN to evaluate (NAME, NAME.safetensors or NAME.json)")
+    g.add_argument("--num_eval", type=int, default=256, help="held-out images to evaluate (the first N of the split)")
+    g.add_argument("--grid", help="grid PNG path (default: next to --ckpt, NAME_eval.png)")
+    g.add_argument("--grid_images", type=int, default=16, help="images in the grid")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = p.parse_args(argv)
+    positive = ["batch_size", "log_every", "ckpt_every", "scale_images", "num_eval", "grid_images"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive")
+    if args.max_steps < 0 or args.num_workers < 0:
+        raise UserError("--max_steps and --num_workers must not be negative")
+    if args.eval and not (args.ckpt and args.data):
+        raise UserError("--eval needs --ckpt and --data")
+    if not args.eval and not args.out:
+        raise UserError("training and conversion need --out")
+    if not args.eval and args.max_steps == 0 and not args.init_ckpt:
+        raise UserError("--max_steps 0 converts a checkpoint: it needs --init_ckpt")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return evaluate(args) if args.eval else train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
