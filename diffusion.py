@@ -1,0 +1,627 @@
+"""Diffusion: noise schedules, the training loss, samplers, classifier-free guidance, the checkpoint format and
+the sampling command.
+
+Notation (Ho et al. 2020): alpha_bar = prod(1 - beta) over the first t+1 steps; x_t = sqrt(alpha_bar) x0 +
+sqrt(1 - alpha_bar) eps. A model predicts eps or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans &
+Ho 2022). Samplers (k-diffusion style) take a `denoiser(x_t, t) -> x0` and a descending list of timesteps, and
+step to alpha_bar = 1 (clean) after the last one.
+
+    python diffusion.py --unet_ckpt_path runs/unet/unet --num_images 16 --sampler dpmpp-2m --steps 20
+    python diffusion.py --prompt "an Impressionism painting of a harbour" --guidance_scale 5
+    python diffusion.py --init_image photo.png --strength 0.6     # img2img (SDEdit)
+    python diffusion.py --interpolate --num_images 8              # slerp from the noise of --seed to --seed + 1
+"""
+import argparse
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import trange
+
+from common import (
+    UserError, autocast, image_to_tensor, load_model, make_grid, model_paths, pick_device, run_cli, save_model,
+    save_png, tensor_to_images,
+)
+from unet import UNet
+from vqgan import VQModel, load_vqgan, load_weights
+
+PREDICTION_TYPES = ("epsilon", "v")
+DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # DDPM; latent diffusion
+BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
+
+# ----------------------------------------------------------------------------------------------
+# Noise schedules
+
+
+def make_betas(kind, num_train_timesteps, beta_start=None, beta_end=None):
+    """betas (float64, length T) of a named schedule:
+    linear (Ho et al. 2020):               beta_t = linspace(beta_start, beta_end)
+    scaled_linear (Rombach et al. 2022):   beta_t = linspace(sqrt(beta_start), sqrt(beta_end)) ** 2
+    cosine (Nichol & Dhariwal 2021):       alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2) ** 2, s = 0.008,
+                                           beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999)"""
+    T = num_train_timesteps
+    if kind == "cosine":
+        s = 0.008
+        alpha_bar = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    if kind not in DEFAULT_BETAS:
+        raise UserError(f"unknown noise schedule {kind!r} (choose linear, scaled_linear or cosine)")
+    start, end = beta_start or DEFAULT_BETAS[kind][0], beta_end or DEFAULT_BETAS[kind][1]
+    if kind == "linear":
+        return torch.linspace(start, end, T, dtype=torch.float64)
+    return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+
+
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so it ends at exactly 0 (the last training
+    step sees pure noise, as sampling starts from) with its first value unchanged."""
+    sqrt_alpha_bar = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_alpha_bar[0].item(), sqrt_alpha_bar[-1].item()
+    alpha_bar = ((sqrt_alpha_bar - last) * first / (first - last)) ** 2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+class NoiseSchedule:
+    """The forward process q(x_t | x0) over T discrete steps: betas and alphas_cumprod (= alpha_bar), float64."""
+
+    def __init__(self, kind="linear", num_train_timesteps=1000, beta_start=None, beta_end=None,
+                 zero_terminal_snr=False):
+        self.config = dict(kind=kind, num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                           beta_end=beta_end, zero_terminal_snr=zero_terminal_snr)
+        self.num_train_timesteps = num_train_timesteps
+        self.betas = make_betas(kind, num_train_timesteps, beta_start, beta_end)
+        if zero_terminal_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+
+    def alpha_bar(self, t):
+        """alpha_bar at timesteps t (any shape; fractional t interpolates linearly between the integers)."""
+        t = torch.as_tensor(t).detach().to("cpu", torch.float64).clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=self.num_train_timesteps - 1)
+        w = t - low
+        return (1 - w) * self.alphas_cumprod[low] + w * self.alphas_cumprod[high]
+
+    def timestep(self, alpha_bar):
+        """The (fractional) timestep at which alpha_bar takes the given values: the inverse of `alpha_bar`."""
+        ascending = self.alphas_cumprod.flip(0).numpy()
+        t = np.interp(np.asarray(alpha_bar, dtype=np.float64), ascending, np.arange(self.num_train_timesteps)[::-1])
+        return torch.from_numpy(t)
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x0) for timesteps t (B)."""
+        return q_sample(x0, noise, self.alpha_bar(t))
+
+    def training_loss(self, model_fn, x0, prediction_type="epsilon", min_snr_gamma=None, t=None, noise=None):
+        """The simplified DDPM loss E ||target - model_fn(x_t, t)||^2 with t ~ U{0..T-1} and eps ~ N(0, I)
+        (unless given), target = eps or v. `min_snr_gamma` weights each sample so that both targets amount to
+        min(SNR, gamma) ||x0 - x0_hat||^2 (Hang et al. 2023)."""
+        check_prediction_type(prediction_type)
+        if t is None:
+            t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        alpha_bar = self.alpha_bar(t)  # B
+        x_t = q_sample(x0, noise, alpha_bar)
+        target = prediction_target(x0, noise, alpha_bar, prediction_type)
+        loss = (model_fn(x_t, t).float() - target.float()).pow(2).flatten(1).mean(1)  # B
+        if min_snr_gamma:
+            loss = loss * min_snr_weight(alpha_bar, min_snr_gamma, prediction_type).to(loss)
+        return loss.mean()
+
+
+def check_prediction_type(prediction_type):
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"unknown prediction type {prediction_type!r} (choose {' or '.join(PREDICTION_TYPES)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths between x0, eps, v and x_t: every formula once. alpha_bar is B (per sample) or a scalar.
+
+
+def _coef(values, x):
+    """float64 coefficients (scalar or B) -> broadcastable over x, in x's dtype and on its device."""
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1, *[1] * (x.ndim - 1))
+    return values.to(x.dtype).to(x.device)
+
+
+def q_sample(x0, noise, alpha_bar):
+    """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return _coef(alpha_bar.sqrt(), x0) * x0 + _coef((1 - alpha_bar).sqrt(), x0) * noise
+
+
+def prediction_target(x0, noise, alpha_bar, prediction_type):
+    """What the model should output: eps itself, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return _coef(alpha_bar.sqrt(), x0) * noise - _coef((1 - alpha_bar).sqrt(), x0) * x0
+
+
+def predicted_x0(x_t, model_output, alpha_bar, prediction_type):
+    """x0 from a model output: (x_t - sqrt(1 - a) eps) / sqrt(a) for eps; sqrt(a) x_t - sqrt(1 - a) v for v
+    (which stays finite at alpha_bar = 0, the last step of a zero-terminal-SNR schedule)."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    if prediction_type == "epsilon":
+        return (x_t - _coef((1 - alpha_bar).sqrt(), x_t) * model_output) / _coef(alpha_bar.sqrt(), x_t)
+    return _coef(alpha_bar.sqrt(), x_t) * x_t - _coef((1 - alpha_bar).sqrt(), x_t) * model_output
+
+
+def predicted_eps(x_t, x0, alpha_bar):
+    """eps = (x_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar)."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return (x_t - _coef(alpha_bar.sqrt(), x_t) * x0) / _coef((1 - alpha_bar).sqrt(), x_t)
+
+
+def min_snr_weight(alpha_bar, gamma, prediction_type):
+    """Min-SNR-gamma loss weights (Hang et al. 2023), SNR = alpha_bar / (1 - alpha_bar):
+    min(SNR, gamma) / SNR for eps targets (1 at SNR = 0), min(SNR, gamma) / (SNR + 1) for v targets."""
+    snr = alpha_bar / (1 - alpha_bar)
+    if prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: sample_xxx(denoiser, latents, schedule, timesteps, generator=None, progress=False, ...) -> x0.
+# `timesteps` descend (fractional values allowed); `generator` is a torch.Generator or a list with one per row.
+
+
+def sampling_timesteps(schedule, steps, karras=False):
+    """`steps` descending timesteps from T-1 to 0, evenly spaced, or (karras) spaced evenly in sigma^(1/7)
+    between the schedule's extreme sigmas, sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022)."""
+    T = schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise UserError(f"steps must be between 1 and {T}, got {steps}")
+    if not karras:
+        return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
+    if schedule.alphas_cumprod[-1] == 0:
+        raise UserError("Karras spacing needs a finite largest sigma; a zero-terminal-SNR schedule has none")
+    sigmas = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
+    rho, ramp = 7.0, torch.linspace(0, 1, steps, dtype=torch.float64)
+    high, low = sigmas[-1] ** (1 / rho), sigmas[0] ** (1 / rho)
+    karras_sigmas = (high + ramp * (low - high)) ** rho
+    return schedule.timestep(1 / (1 + karras_sigmas**2))
+
+
+def randn(shape, generator=None, device="cpu"):
+    """N(0, I) noise drawn on the CPU (the same numbers on every device). With a list of generators, row i
+    comes from generator i alone, so each image of a batch can be reproduced on its own."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator]).to(device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _alpha_bars(schedule, timesteps):
+    """alpha_bar at each step and at the step after it (1 = clean data after the last step), as float lists."""
+    alpha_bar = schedule.alpha_bar(timesteps)
+    return alpha_bar.tolist(), torch.cat([alpha_bar[1:], torch.ones(1, dtype=torch.float64)]).tolist()
+
+
+def _step_range(timesteps, progress, name):
+    return trange(len(timesteps), disable=not progress, desc=name, leave=False)
+
+
+def _timestep_batch(t, x):
+    return torch.full((x.shape[0],), float(t), device=x.device)
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, latents, schedule, timesteps, generator=None, progress=False):
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 6-7):
+    mean = sqrt(a_prev) beta / (1 - a) x0 + sqrt(1 - beta) (1 - a_prev) / (1 - a) x_t,
+    variance = beta (1 - a_prev) / (1 - a), with the respaced beta = 1 - a / a_prev between consecutive
+    timesteps (Nichol & Dhariwal 2021), so it runs the original 1000 steps or fewer."""
+    x = latents
+    alpha_bars, alpha_bars_prev = _alpha_bars(schedule, timesteps)
+    for i in _step_range(timesteps, progress, "ddpm"):
+        a, a_prev = alpha_bars[i], alpha_bars_prev[i]
+        beta = 1 - a / a_prev
+        x0 = denoiser(x, _timestep_batch(timesteps[i], x))
+        x = (a_prev**0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
+        variance = beta * (1 - a_prev) / (1 - a)
+        if variance > 0:
+            x = x + variance**0.5 * randn(x.shape, generator, x.device).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, latents, schedule, timesteps, generator=None, progress=False, eta=0.0):
+    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev). eta = 0 is deterministic; eta = 1 is DDPM."""
+    x = latents
+    alpha_bars, alpha_bars_prev = _alpha_bars(schedule, timesteps)
+    for i in _step_range(timesteps, progress, "ddim"):
+        a, a_prev = alpha_bars[i], alpha_bars_prev[i]
+        x0 = denoiser(x, _timestep_batch(timesteps[i], x))
+        eps = predicted_eps(x, x0, a)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * randn(x.shape, generator, x.device).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, latents, schedule, timesteps, generator=None, progress=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), in half-log-SNR lambda = log(alpha / sigma) with
+    alpha = sqrt(a), sigma = sqrt(1 - a), h = lambda_next - lambda:
+    x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) D, D = (1 + 1/2r) x0 - (1/2r) x0_prev, r = h_prev / h;
+    D = x0 (first order, = DDIM) on the first step and on the last one (to clean data)."""
+    x = latents
+    alpha_bars, alpha_bars_next = _alpha_bars(schedule, timesteps)
+    x0_prev = h_prev = None
+    for i in _step_range(timesteps, progress, "dpmpp-2m"):
+        a, a_next = alpha_bars[i], alpha_bars_next[i]
+        x0 = denoiser(x, _timestep_batch(timesteps[i], x))
+        h = _half_log_snr(a_next) - _half_log_snr(a)
+        if x0_prev is None or a_next == 1:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = ((1 - a_next) / (1 - a)) ** 0.5 * x - a_next**0.5 * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def _half_log_snr(alpha_bar):
+    """lambda = log(sqrt(a) / sqrt(1 - a)): -inf at a = 0 (pure noise), +inf at a = 1 (clean data)."""
+    if alpha_bar in (0, 1):
+        return math.inf if alpha_bar == 1 else -math.inf
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp-2m": 20}
+
+
+def make_denoiser(model_fn, schedule, prediction_type):
+    """model_fn(x_t, t) -> eps or v  ==>  denoiser(x_t, t) -> x0, what every sampler consumes."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon" and schedule.alphas_cumprod[-1] == 0:
+        raise UserError("an epsilon-prediction model cannot sample a zero-terminal-SNR schedule "
+                        "(x0 is undefined at the last step); train with v prediction")
+
+    def denoiser(x_t, t):
+        return predicted_x0(x_t, model_fn(x_t, t).float(), schedule.alpha_bar(t), prediction_type)
+
+    return denoiser
+
+
+def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0):
+    """Classifier-free guidance (Ho & Salimans 2022): out = uncond + scale (cond - uncond), both branches in one
+    batched forward pass. Scale 1 (or no uncond context) is the conditional prediction alone."""
+
+    def model_fn(x, t):
+        if uncond_context is None or guidance_scale == 1:
+            return unet(x, t, context, context_mask)
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]),
+                   torch.cat([context_mask, uncond_mask]))
+        cond, uncond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return model_fn
+
+
+def slerp(a, b, fraction):
+    """Spherical interpolation from a to b: keeps the norm that Gaussian noise has, where a straight line
+    through the middle would shrink it (White 2016)."""
+    cos_omega = (a.flatten() @ b.flatten()) / (a.norm() * b.norm())
+    omega = torch.arccos(cos_omega.clamp(-1, 1)).item()
+    if omega < 1e-4:
+        return (1 - fraction) * a + fraction * b
+    return (math.sin((1 - fraction) * omega) * a + math.sin(fraction * omega) * b) / math.sin(omega)
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained model: UNet + schedule + VQGAN (+ text encoder)
+
+
+class Pipeline:
+    """Sampling from a UNet, its noise schedule and VQGAN, on the UNet's device. `config` is the checkpoint
+    JSON; only "prediction_type" is required ("latent_shape", "latent_scale", "text_encoder" and
+    "max_text_length" default to the UNet's, the VQGAN's and the default encoder)."""
+
+    def __init__(self, unet, schedule, vqgan, config, text_encoder=None, bf16=False, channels_last=False,
+                 compile=False):
+        check_prediction_type(config["prediction_type"])
+        self.unet, self.schedule, self.vqgan, self.config = unet, schedule, vqgan, config
+        self.prediction_type = config["prediction_type"]
+        unet_config = unet.config
+        self.latent_shape = tuple(config.get("latent_shape") or
+                                  (unet_config["in_channels"], unet_config["sample_size"], unet_config["sample_size"]))
+        self.latent_scale = float(config.get("latent_scale") or vqgan.latent_scale)
+        self.conditional = unet.context_dim is not None
+        self.device = next(unet.parameters()).device
+        self.bf16 = bf16
+        self.channels_last = channels_last
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        self.unet_forward = torch.compile(unet) if compile else unet
+        self._text_encoder = text_encoder
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
+
+            self._text_encoder = TextEncoder(self.config.get("text_encoder") or DEFAULT_TEXT_ENCODER, self.device,
+                                             max_length=self.config.get("max_text_length", 32))
+        return self._text_encoder
+
+    def contexts(self, num_images, prompt=None, negative_prompt=None):
+        """(context, mask, uncond_context, uncond_mask) for guided_model_fn. No prompt: the null embedding alone;
+        the uncond branch gets the null embedding, or the negative prompt where one is given."""
+        if not self.conditional:
+            if prompt is not None or negative_prompt is not None:
+                raise UserError("this model is unconditional: it takes no --prompt or --negative_prompt")
+            return None, None, None, None
+        if prompt is None:
+            if negative_prompt is not None:
+                raise UserError("--negative_prompt needs a --prompt")
+            return None, None, None, None
+        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        context, mask = self.text_encoder.encode(prompts)
+        if negative_prompt is not None:
+            uncond, uncond_mask = self.text_encoder.encode([negative_prompt] * num_images)
+        else:
+            uncond, uncond_mask = self.unet.drop_context(context, mask, torch.ones(num_images, dtype=torch.bool,
+                                                                                    device=self.device))
+        return context, mask, uncond, uncond_mask
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images B x 3 x H x W in [-1, 1] -> scaled latents, the space diffusion runs in."""
+        with autocast(self.device, self.bf16):
+            return self.vqgan.encode(images.to(self.device)).float() * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents -> images B x 3 x H x W in [-1, 1]."""
+        with autocast(self.device, self.bf16):
+            return self.vqgan.decode(latents / self.latent_scale).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_latents(self, num_images=1, seed=0, sampler="dpmpp-2m", steps=20, prompt=None, negative_prompt=None,
+                       guidance_scale=5.0, eta=0.0, karras=False, init_images=None, strength=None, noise=None,
+                       progress=True):
+        """Scaled latents of `num_images` samples; image i draws all its noise from torch.Generator(seed + i).
+        init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img, noised to the timestep `strength` of
+        the way along and denoised over the last round(strength * steps) steps. `noise` replaces the start noise."""
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r} (choose {', '.join(SAMPLERS)})")
+        if eta and sampler != "ddim":
+            raise UserError("--eta applies to the ddim sampler only")
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+        if noise is None:
+            noise = randn((num_images, *self.latent_shape), generators)
+        noise = noise.to(self.device)
+        timesteps = sampling_timesteps(self.schedule, steps, karras)
+        if init_images is None:
+            latents = noise
+        else:
+            if strength is None or not 0 < strength <= 1:
+                raise UserError(f"strength must be in (0, 1], got {strength}")
+            timesteps = timesteps[steps - max(1, round(strength * steps)):]
+            latents = self.schedule.q_sample(self.encode(init_images), timesteps[:1].expand(num_images), noise)
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt, negative_prompt),
+                                   guidance_scale=guidance_scale)
+
+        def model_fn_autocast(x, t):
+            with autocast(self.device, self.bf16):
+                return model_fn(x, t).float()
+
+        denoiser = make_denoiser(model_fn_autocast, self.schedule, self.prediction_type)
+        options = {"eta": eta} if sampler == "ddim" else {}
+        return SAMPLERS[sampler](denoiser, latents, self.schedule, timesteps, generators, progress, **options)
+
+    def generate(self, num_images=1, seed=0, **options):
+        """Images B x 3 x H x W in [-1, 1]; options as for sample_latents."""
+        return self.decode(self.sample_latents(num_images, seed, **options))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: NAME.safetensors ("model.*", "ema.*", optionally "vqgan.*") + NAME.json (see DEVELOPERS.md)
+
+
+def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype=None):
+    """Write a self-describing diffusion checkpoint. `config` is the JSON of DEVELOPERS.md ("unet", "schedule",
+    "prediction_type", "latent_shape", "latent_scale", "text_encoder", "max_text_length", "training").
+    `vqgan`: a path to a VQGAN checkpoint (stored relative to the checkpoint's folder), or a VQModel whose
+    weights are embedded under "vqgan.*"; None keeps config["vqgan"] as it is. `dtype` (e.g. torch.float16)
+    is for storage only: loading gives fp32."""
+    config = {**config, "model": "noise2art-unet"}
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors.update({f"ema.{k}": v for k, v in (ema_state or {}).items()})
+    if isinstance(vqgan, VQModel):
+        tensors.update({f"vqgan.{k}": v for k, v in vqgan.state_dict().items()})
+        config.update(vqgan=None, vqgan_config=vqgan.config)
+    elif vqgan is not None:
+        weights_path = model_paths(vqgan)[0].resolve()
+        config["vqgan"] = os.path.relpath(weights_path.with_suffix(""), Path(path).resolve().parent)
+    return save_model(path, tensors, config, dtype=dtype)
+
+
+def _weights(tensors, prefix):
+    return {k[len(prefix):]: v.float() if v.is_floating_point() else v
+            for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
+    """A Pipeline from a checkpoint written by save_diffusion_model, in eval mode, fp32. use_ema picks the EMA
+    weights where the checkpoint has them."""
+    tensors, config = load_model(path, "diffusion checkpoint")
+    if config.get("model") != "noise2art-unet":
+        raise UserError(f"{path} is not a Noise2Art diffusion checkpoint (model: {config.get('model')!r})")
+    try:
+        unet = UNet(**config["unet"])
+        schedule = NoiseSchedule(**config["schedule"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"diffusion checkpoint {path} has a malformed config: {err}") from None
+    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
+    load_weights(unet, _weights(tensors, prefix), f"UNet weights '{prefix}*' of {path}")
+    config["weights"] = prefix[:-1]
+    if config.get("vqgan") is None:
+        if "vqgan_config" not in config:
+            raise UserError(f"diffusion checkpoint {path} names no VQGAN and embeds none")
+        vqgan = VQModel(config["vqgan_config"])
+        load_weights(vqgan, _weights(tensors, "vqgan."), f"VQGAN weights embedded in {path}")
+    else:
+        vqgan = load_vqgan(Path(model_paths(path)[1]).resolve().parent / config["vqgan"])
+    unet = unet.to(device).eval().requires_grad_(False)
+    vqgan = vqgan.to(device).eval().requires_grad_(False)
+    return Pipeline(unet, schedule, vqgan, config, **pipeline_options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def default_checkpoint(conditional):
+    path = BUNDLED_MODELS / ("unet-cond.json" if conditional else "unet-uncond.json")
+    if not path.is_file():
+        raise UserError(f"no bundled model at {path} yet: train one with trainer.py and pass it with --unet_ckpt_path")
+    return path
+
+
+def load_init_image(path, resolution):
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read init image {path}: {err}") from None
+    return image_to_tensor(img, resolution)[None]  # 1 x 3 x R x R
+
+
+def next_image_index(outdir):
+    """Files are numbered 00000.png, 00001.png, ... continuing after what is already in outdir."""
+    numbers = [int(p.stem) for p in Path(outdir).glob("*.png") if re.fullmatch(r"\d{5}", p.stem)]
+    return max(numbers, default=-1) + 1
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Generate paintings with a trained latent diffusion model.")
+    parser.add_argument("--unet_ckpt_path", default=None,
+                        help="diffusion checkpoint (NAME, NAME.json or NAME.safetensors); default: the bundled "
+                             "models/unet-uncond.json, or models/unet-cond.json with --prompt")
+    parser.add_argument("--num_images", type=int, default=16, help="how many images to generate")
+    parser.add_argument("--batch_size", type=int, default=8, help="images denoised together")
+    parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps (default per sampler: {DEFAULT_STEPS})")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
+    parser.add_argument("--karras", action="store_true", help="space the steps as Karras et al. 2022 (rho = 7)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i, so any image can be redone alone")
+    parser.add_argument("--prompt", default=None, help="caption to steer a text-conditioned model")
+    parser.add_argument("--negative_prompt", default=None, help="caption to steer away from (replaces the null "
+                                                                "embedding in classifier-free guidance)")
+    parser.add_argument("--guidance_scale", type=float, default=5.0,
+                        help="classifier-free guidance scale (1 = conditional prediction only)")
+    parser.add_argument("--init_image", default=None, help="img2img: start from this image (SDEdit)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="img2img: how far to noise the init image, in (0, 1] (default 0.75)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="slerp the start noise from --seed to --seed + 1 over --num_images frames")
+    parser.add_argument("--outdir", default="samples", help="folder for the PNGs")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for many images)")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UserError("--num_images and --batch_size must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.strength is not None and args.init_image is None:
+        raise UserError("--strength needs an --init_image")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.interpolate and args.num_images < 2:
+        raise UserError("--interpolate needs --num_images of at least 2")
+
+
+def run_parameters(args, checkpoint, pipeline, steps, seed, num_images):
+    """PNG text chunks: the parameters of `num_images` images from `seed` and the command that makes them."""
+    params = dict(checkpoint=str(checkpoint), weights=pipeline.config.get("weights", "model"), seed=seed,
+                  num_images=num_images, sampler=args.sampler, steps=steps, karras=args.karras, eta=args.eta,
+                  bf16=pipeline.bf16)
+    command = ["python", "diffusion.py", "--unet_ckpt_path", str(checkpoint), "--seed", str(seed),
+               "--num_images", str(num_images), "--sampler", args.sampler, "--steps", str(steps),
+               "--eta", str(args.eta), "--device", args.device, "--precision", args.precision]
+    command += [f"--{flag}" for flag in ("karras", "no_ema", "interpolate") if getattr(args, flag)]
+    if args.prompt is not None:
+        params.update(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)
+        command += ["--prompt", args.prompt, "--guidance_scale", str(args.guidance_scale)]
+        if args.negative_prompt is not None:
+            command += ["--negative_prompt", args.negative_prompt]
+    if args.init_image is not None:
+        params.update(init_image=str(args.init_image), strength=args.strength)
+        command += ["--init_image", str(args.init_image), "--strength", str(args.strength)]
+    return {"parameters": params, "command": shlex.join(command)}
+
+
+def image_parameters(args, checkpoint, pipeline, steps, index):
+    """Image `index` of the run: alone it is seed + index with one image; an interpolation frame needs its run."""
+    if args.interpolate:
+        chunks = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images)
+        chunks["parameters"].update(interpolate=dict(seeds=[args.seed, args.seed + 1], frame=index))
+        return chunks
+    return run_parameters(args, checkpoint, pipeline, steps, args.seed + index, 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    checkpoint = args.unet_ckpt_path or default_checkpoint(conditional=args.prompt is not None)
+    device = pick_device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=bf16,
+                                    channels_last=args.channels_last, compile=args.compile)
+    steps = args.steps or DEFAULT_STEPS[args.sampler]
+    init_image = None
+    if args.init_image is not None:
+        args.strength = 0.75 if args.strength is None else args.strength
+        init_image = load_init_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
+    if args.interpolate:
+        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(args.seed + k)) for k in (0, 1)]
+        frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
+    outdir = Path(args.outdir)
+    first = next_image_index(outdir)
+    all_images, paths = [], []
+    for start in range(0, args.num_images, args.batch_size):
+        n = min(args.batch_size, args.num_images - start)
+        images = pipeline.generate(
+            n, args.seed + start, sampler=args.sampler, steps=steps, prompt=args.prompt,
+            negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, eta=args.eta,
+            karras=args.karras, strength=args.strength,
+            init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
+            noise=frames[start:start + n] if args.interpolate else None)
+        for i, img in enumerate(tensor_to_images(images)):
+            path = outdir / f"{first + start + i:05d}.png"
+            save_png(path, img, image_parameters(args, checkpoint, pipeline, steps, start + i))
+            paths.append(path)
+            all_images.append(img)
+    grid_path = outdir / f"grid-{first:05d}.png"
+    grid_params = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images)
+    grid_params["files"] = [p.name for p in paths]
+    save_png(grid_path, make_grid(all_images, ncols=args.num_images if args.interpolate else None), grid_params)
+    print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

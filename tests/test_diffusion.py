@@ -1,0 +1,306 @@
+"""Diffusion maths checked against closed forms, samplers checked with an exact (analytic) denoiser on Gaussian
+data, the checkpoint format, and the sampling command on a tiny random model."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import diffusion
+from common import UserError
+from diffusion import (
+    SAMPLERS, NoiseSchedule, Pipeline, guided_model_fn, load_diffusion_model, make_denoiser, min_snr_weight,
+    predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps, save_diffusion_model, slerp,
+)
+from unet import UNet
+from vqgan import CONFIGS, VQModel, save_vqgan
+
+MU, STD = 0.5, 0.3  # the Gaussian "data set" of the analytic tests
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensor ops: one thread, which on a shared, busy CPU is up to 100x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gaussian_oracle(schedule, prediction_type):
+    """The exact model for data x0 ~ N(MU, STD^2): x_t ~ N(sqrt(a) MU, a STD^2 + 1 - a), so
+    E[x0 | x_t] = MU + sqrt(a) STD^2 (x_t - sqrt(a) MU) / (a STD^2 + 1 - a) and eps, v follow from it."""
+
+    def model_fn(x_t, t):
+        a = schedule.alpha_bar(t).to(x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
+        x0 = MU + a.sqrt() * STD**2 * (x_t - a.sqrt() * MU) / (a * STD**2 + 1 - a)
+        eps = (1 - a).sqrt() * (x_t - a.sqrt() * MU) / (a * STD**2 + 1 - a)
+        return eps if prediction_type == "epsilon" else prediction_target(x0, eps, schedule.alpha_bar(t), "v")
+
+    return model_fn
+
+
+def sample_gaussian(sampler, steps, prediction_type="epsilon", karras=False, schedule=None, **options):
+    """Samples of the oracle, from 4000 x 4 start noises (seed 0); returns (samples, start noise)."""
+    schedule = schedule or NoiseSchedule("linear")
+    denoiser = make_denoiser(gaussian_oracle(schedule, prediction_type), schedule, prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(4000, 4, generator=generator, dtype=torch.float64)
+    timesteps = sampling_timesteps(schedule, steps, karras)
+    return SAMPLERS[sampler](denoiser, latents, schedule, timesteps, generator, **options), latents
+
+
+def exact_flow(schedule, latents):
+    """Where the probability-flow ODE takes each start noise x_T for Gaussian data: the standardised value
+    (x_t - sqrt(a) MU) / sqrt(a STD^2 + 1 - a) stays constant along every trajectory."""
+    a = schedule.alphas_cumprod[-1].item()
+    return MU + STD * (latents - a**0.5 * MU) / (a * STD**2 + 1 - a) ** 0.5
+
+
+def flow_error(sampler, steps, karras=False, schedule=None, prediction_type="epsilon"):
+    """RMS distance, in units of the data std, between a deterministic sampler's output and the exact flow."""
+    schedule = schedule or NoiseSchedule("linear")
+    samples, latents = sample_gaussian(sampler, steps, prediction_type, karras, schedule)
+    return ((samples - exact_flow(schedule, latents)).pow(2).mean().sqrt() / STD).item()
+
+
+def assert_matches_data(samples, std_tolerance=0.03):
+    # 0.02 = 4 % of the mean: the sample mean's own spread is 0.002 and a schedule whose last step is not pure
+    # noise (scaled_linear: alpha_bar 0.005) shifts it by up to 0.016 (what zero-terminal-SNR rescaling removes)
+    assert abs(samples.mean().item() - MU) < 0.02
+    assert abs(samples.std().item() / STD - 1) < std_tolerance
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and formulas
+
+
+def test_linear_schedule_endpoints_and_monotone():
+    schedule = NoiseSchedule("linear")
+    assert len(schedule.betas) == 1000 and schedule.betas.dtype == torch.float64
+    assert schedule.betas[0].item() == pytest.approx(1e-4) and schedule.betas[-1].item() == pytest.approx(0.02)
+    for kind in ("linear", "scaled_linear", "cosine"):
+        alphas_cumprod = NoiseSchedule(kind).alphas_cumprod
+        assert (alphas_cumprod.diff() < 0).all() and 0 < alphas_cumprod[-1] < 0.01 < 0.99 < alphas_cumprod[0] < 1
+    scaled = NoiseSchedule("scaled_linear")
+    assert scaled.betas[0].item() == pytest.approx(0.00085) and scaled.betas[-1].item() == pytest.approx(0.012)
+    assert scaled.betas[500].sqrt().item() == pytest.approx((0.00085**0.5 + 0.012**0.5) / 2, rel=1e-2)
+    cosine = NoiseSchedule("cosine")
+    t = torch.tensor(500.0)
+    expected = math.cos((501 / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+    assert cosine.alpha_bar(t).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_zero_terminal_snr_schedule():
+    plain, rescaled = NoiseSchedule("scaled_linear"), NoiseSchedule("scaled_linear", zero_terminal_snr=True)
+    assert rescaled.alphas_cumprod[-1].item() == 0
+    assert rescaled.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12)
+    assert (rescaled.alphas_cumprod.diff() < 0).all()
+    with pytest.raises(UserError, match="v prediction"):
+        make_denoiser(lambda x, t: x, rescaled, "epsilon")
+
+
+def test_alpha_bar_interpolates_and_inverts():
+    schedule = NoiseSchedule("linear")
+    assert schedule.alpha_bar(torch.tensor([0, 999])).tolist() == schedule.alphas_cumprod[[0, 999]].tolist()
+    middle = schedule.alpha_bar(torch.tensor(10.5)).item()
+    assert middle == pytest.approx((schedule.alphas_cumprod[10] + schedule.alphas_cumprod[11]).item() / 2)
+    t = torch.tensor([0.0, 3.25, 500.5, 999.0], dtype=torch.float64)
+    assert torch.allclose(schedule.timestep(schedule.alpha_bar(t)), t, atol=1e-6)
+
+
+def test_q_sample_moments():
+    schedule = NoiseSchedule("linear")
+    x0 = torch.full((20000, 4), 2.0)
+    t = torch.full((20000,), 300)
+    x_t = schedule.q_sample(x0, t, torch.randn_like(x0, dtype=torch.float32, device="cpu"))
+    a = schedule.alphas_cumprod[300].item()
+    assert x_t.mean().item() == pytest.approx(2 * a**0.5, abs=0.01)
+    assert x_t.std().item() == pytest.approx((1 - a) ** 0.5, rel=0.01)
+
+
+def test_eps_x0_v_conversions_round_trip():
+    torch.manual_seed(0)
+    x0, noise = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    alpha_bar = NoiseSchedule("cosine", zero_terminal_snr=True).alpha_bar(torch.tensor([0, 1, 250, 500, 998, 999]))
+    x_t = q_sample(x0, noise, alpha_bar)
+    v = prediction_target(x0, noise, alpha_bar, "v")
+    assert torch.allclose(predicted_x0(x_t, v, alpha_bar, "v"), x0, atol=1e-9)  # exact even at alpha_bar = 0
+    assert torch.allclose(predicted_eps(x_t, x0, alpha_bar), noise, atol=1e-7)
+    eps = prediction_target(x0, noise, alpha_bar, "epsilon")
+    assert torch.equal(eps, noise)
+    finite = alpha_bar > 0
+    assert torch.allclose(predicted_x0(x_t, eps, alpha_bar, "epsilon")[finite], x0[finite], atol=1e-6)
+    # v = sqrt(a) eps - sqrt(1 - a) x0, written out
+    a = alpha_bar.reshape(-1, 1, 1, 1)
+    assert torch.allclose(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+
+
+def test_min_snr_weights():
+    alpha_bar = torch.tensor([0.0, 0.5, 5 / 6, 0.99], dtype=torch.float64)  # SNR 0, 1, 5, 99
+    assert min_snr_weight(alpha_bar, 5.0, "epsilon").tolist() == pytest.approx([1, 1, 1, 5 / 99])
+    assert min_snr_weight(alpha_bar, 5.0, "v").tolist() == pytest.approx([0, 1 / 2, 5 / 6, 5 / 100])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
+def test_training_loss_targets_and_min_snr(prediction_type):
+    """A model whose x0 estimate is off by delta costs snr * delta^2 (eps) or (snr + 1) delta^2 (v); with min-SNR
+    weighting both become min(snr, gamma) delta^2."""
+    schedule = NoiseSchedule("linear")
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    t = torch.tensor([5, 100, 400, 900])
+    alpha_bar = schedule.alpha_bar(t)
+
+    def perfect(x_t, t_):
+        assert torch.equal(t_, t)
+        return prediction_target(x0, noise, alpha_bar, prediction_type)
+
+    assert schedule.training_loss(perfect, x0, prediction_type, t=t, noise=noise).item() < 1e-10
+    delta = 0.1
+
+    def off_by_delta(x_t, t_):
+        x0_hat = x0 + delta
+        return prediction_target(x0_hat, predicted_eps(x_t, x0_hat, alpha_bar), alpha_bar, prediction_type)
+
+    snr = alpha_bar / (1 - alpha_bar)
+    plain = schedule.training_loss(off_by_delta, x0, prediction_type, t=t, noise=noise).item()
+    expected = (snr if prediction_type == "epsilon" else snr + 1).mean().item() * delta**2
+    assert plain == pytest.approx(expected, rel=1e-3)
+    weighted = schedule.training_loss(off_by_delta, x0, prediction_type, min_snr_gamma=5.0, t=t, noise=noise).item()
+    assert weighted == pytest.approx(snr.clamp(max=5).mean().item() * delta**2, rel=1e-3)
+
+
+def test_training_loss_draws_t_and_noise_and_backpropagates():
+    schedule = NoiseSchedule("linear")
+    weight = torch.zeros(1, requires_grad=True)
+    loss = schedule.training_loss(lambda x_t, t: weight * x_t, torch.randn(8, 4, 2, 2), "v", min_snr_gamma=5.0)
+    loss.backward()
+    assert loss.item() > 0 and weight.grad.abs().item() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers with the exact denoiser: every sampler reproduces the data distribution
+
+
+def test_ddpm_1000_steps_matches_data():
+    assert_matches_data(sample_gaussian("ddpm", 1000)[0], std_tolerance=0.02)
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
+def test_dpmpp_2m_karras_few_steps_matches_data(kind, prediction_type):
+    schedule = NoiseSchedule(kind)
+    samples, latents = sample_gaussian("dpmpp-2m", 25, prediction_type, karras=True, schedule=schedule)
+    assert_matches_data(samples, std_tolerance=0.05)
+    assert ((samples - exact_flow(schedule, latents)).pow(2).mean().sqrt() / STD).item() < 0.04
+
+
+@pytest.mark.parametrize("sampler,karras,options", [
+    ("ddim", False, {}), ("ddim", True, {}), ("dpmpp-2m", False, {}), ("ddpm", False, {}), ("ddim", False, {"eta": 0.5}),
+])
+def test_25_steps_keep_the_mean_and_roughly_the_std(sampler, karras, options):
+    """At 25 steps on this narrow Gaussian (std 0.3 against unit noise) first-order DDIM shrinks the std by up to
+    16 % and DPM-Solver++ on evenly spaced steps overshoots by up to 26 %: discretisation error, which the
+    convergence tests below pin down. The mean is right at any step count."""
+    samples, _ = sample_gaussian(sampler, 25, karras=karras, **options)
+    assert_matches_data(samples, std_tolerance=0.3)
+
+
+@pytest.mark.parametrize("sampler,karras", [("ddim", False), ("ddim", True), ("dpmpp-2m", False), ("dpmpp-2m", True)])
+def test_v_prediction_gives_the_same_samples(sampler, karras):
+    eps_samples, _ = sample_gaussian(sampler, 12, "epsilon", karras)
+    v_samples, _ = sample_gaussian(sampler, 12, "v", karras)
+    assert torch.allclose(eps_samples, v_samples, atol=1e-6)
+
+
+def test_ddim_converges_to_the_exact_flow_at_first_order():
+    errors = [flow_error("ddim", steps) for steps in (50, 100, 200)]
+    assert errors[-1] < 0.03
+    assert all(1.7 < coarse / fine < 2.3 for coarse, fine in zip(errors, errors[1:]))  # halving per doubling
+
+
+def test_dpmpp_2m_converges_to_the_exact_flow_at_second_order():
+    errors = [flow_error("dpmpp-2m", steps) for steps in (100, 200)]
+    assert errors[-1] < 0.01 and errors[0] / errors[1] > 3.5  # ~4x per doubling
+    assert flow_error("dpmpp-2m", 50, karras=True) < 0.01
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 100), ("dpmpp-2m", 100)])
+def test_zero_terminal_snr_sampling_with_v_prediction(sampler, steps):
+    """The first step sees alpha_bar = 0: x0 = -v there, so sampling stays finite and lands on the data."""
+    schedule = NoiseSchedule("scaled_linear", zero_terminal_snr=True)
+    samples, _ = sample_gaussian(sampler, steps, "v", schedule=schedule)
+    assert torch.isfinite(samples).all()
+    assert_matches_data(samples, std_tolerance=0.06)
+
+
+def test_ddim_eta_1_equals_ddpm():
+    """DDIM with eta = 1 is the DDPM posterior step (Song et al. 2021), here checked with identical noise."""
+    ddpm, _ = sample_gaussian("ddpm", 10)
+    ddim, _ = sample_gaussian("ddim", 10, eta=1.0)
+    assert torch.allclose(ddpm, ddim, atol=1e-10)
+
+
+def test_sampling_timesteps():
+    schedule = NoiseSchedule("linear")
+    timesteps = sampling_timesteps(schedule, 5)
+    assert timesteps.tolist() == [999, 749, 500, 250, 0]  # linspace(999, 0), rounded
+    assert sampling_timesteps(schedule, 1).tolist() == [999]
+    assert sampling_timesteps(schedule, 1000).tolist() == list(range(999, -1, -1))
+    karras = sampling_timesteps(schedule, 10, karras=True)
+    assert karras[0].item() == pytest.approx(999) and karras[-1].item() == pytest.approx(0, abs=1e-9)
+    alpha_bar = schedule.alpha_bar(karras)
+    sigma_root = ((1 - alpha_bar) / alpha_bar) ** (1 / 14)  # sigma^(1/7), evenly spaced by construction
+    assert torch.allclose(sigma_root.diff(), sigma_root.diff()[:1].expand(9), rtol=1e-6)
+    assert (karras.diff() < 0).all()
+    with pytest.raises(UserError, match="steps"):
+        sampling_timesteps(schedule, 0)
+    with pytest.raises(UserError, match="Karras"):
+        sampling_timesteps(NoiseSchedule("linear", zero_terminal_snr=True), 10, karras=True)
+
+
+def test_per_row_generators_make_rows_independent_of_the_batch():
+    schedule = NoiseSchedule("linear")
+    denoiser = make_denoiser(gaussian_oracle(schedule, "epsilon"), schedule, "epsilon")
+    timesteps = sampling_timesteps(schedule, 8)
+
+    def run(seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = diffusion.randn((len(seeds), 4, 2, 2), generators)
+        return SAMPLERS["ddpm"](denoiser, latents, schedule, timesteps, generators)
+
+    batch = run([7, 8, 9])
+    assert torch.equal(run([8])[0], batch[1])
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_guidance_scale_one_is_the_conditional_prediction():
+    calls = []
+
+    def unet(x, t, context, mask):
+        calls.append(x.shape[0])
+        return x * context.mean((1, 2))[:, None, None, None] + mask.float().sum(1)[:, None, None, None]
+
+    x, t = torch.randn(2, 4, 3, 3), torch.tensor([10.0, 10.0])
+    cond, cond_mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    uncond, uncond_mask = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    exact = unet(x, t, cond, cond_mask)
+    calls.clear()
+    assert torch.equal(guided_model_fn(unet, cond, cond_mask, uncond, uncond_mask, 1.0)(x, t), exact)
+    guided = guided_model_fn(unet, cond, cond_mask, uncond, uncond_mask, 3.0)(x, t)
+    assert calls == [2, 4]  # scale 3: one batched pass with both branches
+    expected = unet(x, t, uncond, uncond_mask) + 3.0 * (exact - unet(x, t, uncond, uncond_mask))
+    assert torch.allclose(guided, expected, atol=1e-6)
+
+
+def test_slerp_endpoints_and_norm():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 8, 8), torch.randn(4, 8, 8)
+    assert torch.allclose(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b)
+    b = b * a.norm() / b.norm()
+    middle = slerp(a, b, 0.5)
+    assert middle.norm().item() == pytest.approx(a.norm().item(), rel=1e-5)
+    assert ((a + b) / 2).norm() < 0.8 * a.norm()  # a straight line would shrink it
+    assert torch.allclose(slerp(a, a, 0.3), a)
