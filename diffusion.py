@@ -325,8 +325,8 @@ def slerp(a, b, fraction):
 
 
 class Pipeline:
-    """Sampling from a UNet, its noise schedule and VQGAN, on the UNet's device. `config` is the checkpoint
-    JSON; only "prediction_type" is required ("latent_shape", "latent_scale", "text_encoder" and
+    """Sampling from a UNet (in eval mode), its noise schedule and VQGAN, on the UNet's device. `config` is the
+    checkpoint JSON; only "prediction_type" is required ("latent_shape", "latent_scale", "text_encoder" and
     "max_text_length" default to the UNet's, the VQGAN's and the default encoder)."""
 
     def __init__(self, unet, schedule, vqgan, config, text_encoder=None, bf16=False, channels_last=False,

@@ -214,7 +214,10 @@ class UNet(nn.Module):
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def drop_context(self, context, context_mask, drop):
-        """Rows where `drop` (B bool) is True get the null embedding: one learned token, the rest masked out."""
+        """Rows where `drop` (B bool) is True get the null embedding: one learned token, the rest masked out.
+        A missing mask means every token is real."""
+        if context_mask is None:
+            context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         null = self.null_context.to(context.dtype).expand(context.shape[0], context.shape[1], -1)
         null_mask = torch.zeros_like(context_mask)
         null_mask[:, 0] = True
@@ -255,7 +258,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Print a UNet size's architecture and parameter count.")
     parser.add_argument("--size", default="small", choices=list(UNET_CONFIGS), help="named UNet size")
     parser.add_argument("--context_dim", type=int, default=None,
-                        help="text-embedding width for a conditional UNet (384 for all-MiniLM-L6-v2); none = unconditional")
+                        help="text-embedding width of a conditional UNet (384 for all-MiniLM-L6-v2); "
+                             "default: unconditional")
     parser.add_argument("--sample_size", type=int, default=32, help="latent height/width")
     parser.add_argument("--in_channels", type=int, default=4, help="latent channels")
     parser.add_argument("--full", action="store_true", help="print every layer, not just the summary")

@@ -2,7 +2,10 @@
 data, the checkpoint format, and the sampling command on a tiny random model."""
 import json
 import math
+import shlex
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +16,7 @@ from diffusion import (
     SAMPLERS, NoiseSchedule, Pipeline, guided_model_fn, load_diffusion_model, make_denoiser, min_snr_weight,
     predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps, save_diffusion_model, slerp,
 )
-from unet import UNet
+from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
 
 MU, STD = 0.5, 0.3  # the Gaussian "data set" of the analytic tests
@@ -198,7 +201,8 @@ def test_dpmpp_2m_karras_few_steps_matches_data(kind, prediction_type):
 
 
 @pytest.mark.parametrize("sampler,karras,options", [
-    ("ddim", False, {}), ("ddim", True, {}), ("dpmpp-2m", False, {}), ("ddpm", False, {}), ("ddim", False, {"eta": 0.5}),
+    ("ddim", False, {}), ("ddim", True, {}), ("dpmpp-2m", False, {}), ("ddpm", False, {}),
+    ("ddim", False, {"eta": 0.5}),
 ])
 def test_25_steps_keep_the_mean_and_roughly_the_std(sampler, karras, options):
     """At 25 steps on this narrow Gaussian (std 0.3 against unit noise) first-order DDIM shrinks the std by up to
@@ -304,3 +308,238 @@ def test_slerp_endpoints_and_norm():
     assert middle.norm().item() == pytest.approx(a.norm().item(), rel=1e-5)
     assert ((a + b) / 2).norm() < 0.8 * a.norm()  # a straight line would shrink it
     assert torch.allclose(slerp(a, a, 0.3), a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, Pipeline and the sampling command, on a tiny random model (4x8x8 latents, 32x32 images)
+
+
+def tiny_unet(context_dim=None):
+    """The tiny UNet with its zero-initialised layers given small random values (as if briefly trained)."""
+    torch.manual_seed(0)
+    unet = UNet(**{**UNET_CONFIGS["tiny"], "sample_size": 8, "attention_resolutions": [8], "context_dim": context_dim})
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return unet.eval()
+
+
+def write_checkpoint(folder, context_dim=None, embed_vqgan=False, prediction_type="v", dtype=None):
+    """A diffusion checkpoint whose EMA weights differ slightly from its raw ones."""
+    torch.manual_seed(0)
+    vqgan = VQModel(CONFIGS["vq-f4-tiny"]).eval()
+    unet = tiny_unet(context_dim)
+    ema_state = {k: v + 0.01 * torch.randn_like(v) for k, v in unet.state_dict().items()}
+    config = dict(unet=unet.config, schedule=NoiseSchedule("linear").config, prediction_type=prediction_type,
+                  latent_shape=[4, 8, 8], latent_scale=0.7, max_text_length=8, training={"steps": 0},
+                  text_encoder="sentence-transformers/all-MiniLM-L6-v2" if context_dim else None)
+    if not embed_vqgan:
+        save_vqgan(vqgan, folder / "vqgan")
+    save_diffusion_model(folder / "unet", unet.state_dict(), ema_state, config,
+                         vqgan=vqgan if embed_vqgan else folder / "vqgan", dtype=dtype)
+    return folder / "unet"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def png_text(path):
+    with Image.open(path) as img:
+        return dict(img.text), img.size
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
+
+
+def run(checkpoint, outdir, *flags):
+    return diffusion.main(["--unet_ckpt_path", str(checkpoint), "--outdir", str(outdir), *map(str, flags)])
+
+
+def test_checkpoint_round_trip_ema_fp16_and_relative_vqgan(tmp_path, monkeypatch):
+    path = write_checkpoint(tmp_path / "a", dtype=torch.float16)
+    config = json.loads(path.with_suffix(".json").read_text())
+    assert config["model"] == "noise2art-unet" and config["vqgan"] == "vqgan"  # relative to the checkpoint
+    from safetensors.torch import load_file
+
+    stored = load_file(str(path.with_suffix(".safetensors")))
+    assert {k.split(".")[0] for k in stored} == {"model", "ema"}
+    assert all(v.dtype == torch.float16 for v in stored.values())
+    monkeypatch.chdir(tmp_path)  # the VQGAN is found relative to the checkpoint, not the working directory
+    ema = load_diffusion_model("a/unet.json", "cpu")
+    raw = load_diffusion_model("a/unet.safetensors", "cpu", use_ema=False)
+    assert ema.config["weights"] == "ema" and raw.config["weights"] == "model"
+    weight = "conv_in.weight"
+    assert ema.unet.state_dict()[weight].dtype == torch.float32
+    assert torch.equal(ema.unet.state_dict()[weight], stored[f"ema.{weight}"].float())
+    assert not torch.equal(ema.unet.state_dict()[weight], raw.unet.state_dict()[weight])
+    assert not ema.unet.training and ema.latent_shape == (4, 8, 8) and ema.latent_scale == 0.7
+
+
+def test_embedded_vqgan_and_in_memory_pipeline_agree(tmp_path, checkpoint):
+    embedded = load_diffusion_model(write_checkpoint(tmp_path, embed_vqgan=True), "cpu")
+    assert json.loads((tmp_path / "unet.json").read_text())["vqgan"] is None and not (tmp_path / "vqgan.json").exists()
+    loaded = load_diffusion_model(checkpoint, "cpu")
+    options = dict(sampler="ddim", steps=3, progress=False)
+    assert torch.equal(embedded.generate(2, seed=1, **options), loaded.generate(2, seed=1, **options))
+    # what the trainer does: a Pipeline straight from objects in memory, no files
+    in_memory = Pipeline(loaded.unet, NoiseSchedule("linear"), loaded.vqgan, {"prediction_type": "v",
+                                                                                "latent_scale": 0.7})
+    assert in_memory.latent_shape == (4, 8, 8)
+    assert torch.equal(in_memory.generate(2, seed=1, **options), loaded.generate(2, seed=1, **options))
+
+
+def test_cli_writes_images_grid_and_metadata(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    assert run(checkpoint, out, "--num_images", 3, "--batch_size", 2, "--sampler", "ddim", "--steps", 3,
+               "--seed", 5) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid-00000.png"]
+    assert str(out) in capsys.readouterr().out
+    text, size = png_text(out / "00001.png")
+    assert size == (32, 32)
+    params = json.loads(text["parameters"])
+    assert params["seed"] == 6 and params["num_images"] == 1 and params["sampler"] == "ddim" and params["steps"] == 3
+    assert params["checkpoint"] == str(checkpoint) and params["weights"] == "ema" and params["eta"] == 0.0
+    assert "--seed 6 --num_images 1" in text["command"]
+    grid_text, grid_size = png_text(out / "grid-00000.png")
+    assert grid_size == (64, 64) and json.loads(grid_text["parameters"])["seed"] == 5
+    assert json.loads(grid_text["files"]) == ["00000.png", "00001.png", "00002.png"]
+    # a second run into the same folder adds files instead of overwriting
+    assert run(checkpoint, out, "--num_images", 1, "--steps", 2) == 0
+    assert (out / "00003.png").is_file() and (out / "grid-00003.png").is_file()
+
+
+def test_same_seed_same_images_and_any_image_alone(tmp_path, checkpoint):
+    flags = ("--num_images", 3, "--batch_size", 3, "--sampler", "ddpm", "--steps", 4, "--seed", 11)
+    run(checkpoint, tmp_path / "a", *flags)
+    run(checkpoint, tmp_path / "b", *flags)
+    for i in range(3):
+        assert torch.equal(pixels(tmp_path / "a" / f"{i:05d}.png"), pixels(tmp_path / "b" / f"{i:05d}.png"))
+    assert not torch.equal(pixels(tmp_path / "a" / "00000.png"), pixels(tmp_path / "a" / "00001.png"))
+    # image 2 again, alone, from the command stored in its PNG (ancestral noise included)
+    command = shlex.split(png_text(tmp_path / "a" / "00002.png")[0]["command"])
+    assert command[:2] == ["python", "diffusion.py"]
+    assert diffusion.main(command[2:] + ["--outdir", str(tmp_path / "alone")]) == 0
+    alone, batched = pixels(tmp_path / "alone" / "00000.png"), pixels(tmp_path / "a" / "00002.png")
+    assert (alone.int() - batched.int()).abs().max() <= 1  # batched vs single matmuls may round differently
+
+
+@pytest.mark.parametrize("flags", [("--sampler", "dpmpp-2m", "--karras"), ("--sampler", "ddim", "--eta", 0.5),
+                                   ("--no_ema", "--precision", "bf16", "--channels_last")])
+def test_cli_sampler_options(tmp_path, checkpoint, flags):
+    assert run(checkpoint, tmp_path, "--num_images", 2, "--steps", 3, *flags) == 0
+    params = json.loads(png_text(tmp_path / "00001.png")[0]["parameters"])
+    assert params["karras"] == ("--karras" in flags) and params["bf16"] == ("bf16" in flags)
+    assert params["weights"] == ("model" if "--no_ema" in flags else "ema")
+
+
+def test_img2img(tmp_path, checkpoint):
+    from conftest import make_painting
+
+    make_painting(3, size=(48, 32)).save(tmp_path / "init.png")
+    pipeline = load_diffusion_model(checkpoint, "cpu")
+    init = diffusion.load_init_image(tmp_path / "init.png", 32)
+    assert init.shape == (1, 3, 32, 32)
+    init_latents = pipeline.encode(init)
+    options = dict(init_images=init.expand(2, -1, -1, -1), sampler="ddim", steps=20, progress=False)
+    light = pipeline.sample_latents(2, seed=0, strength=0.05, **options)
+    full = pipeline.sample_latents(2, seed=0, strength=1.0, **options)
+    light_error, full_error = (light - init_latents).abs().mean(), (full - init_latents).abs().mean()
+    assert light_error < 0.1 * init_latents.abs().mean() and light_error < full_error / 5
+    assert run(checkpoint, tmp_path / "out", "--init_image", tmp_path / "init.png", "--strength", 0.5,
+               "--num_images", 2, "--steps", 4) == 0
+    params = json.loads(png_text(tmp_path / "out" / "00000.png")[0]["parameters"])
+    assert params["strength"] == 0.5 and params["init_image"] == str(tmp_path / "init.png")
+
+
+def test_interpolate_runs_from_seed_to_seed_plus_one(tmp_path, checkpoint):
+    assert run(checkpoint, tmp_path / "frames", "--interpolate", "--num_images", 4, "--batch_size", 3,
+               "--sampler", "ddim", "--steps", 3, "--seed", 20) == 0
+    assert png_text(tmp_path / "frames" / "grid-00000.png")[1] == (4 * 32, 32)  # one row
+    params = json.loads(png_text(tmp_path / "frames" / "00002.png")[0]["parameters"])
+    assert params["interpolate"] == {"seeds": [20, 21], "frame": 2}
+    run(checkpoint, tmp_path / "ends", "--num_images", 2, "--sampler", "ddim", "--steps", 3, "--seed", 20)
+    assert torch.equal(pixels(tmp_path / "frames" / "00000.png"), pixels(tmp_path / "ends" / "00000.png"))
+    assert (pixels(tmp_path / "frames" / "00003.png").int() - pixels(tmp_path / "ends" / "00001.png").int()
+            ).abs().max() <= 1
+
+
+def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
+    path = write_checkpoint(tmp_path, context_dim=384, embed_vqgan=True, prediction_type="epsilon")
+    pipeline = load_diffusion_model(path, "cpu")
+    options = dict(sampler="ddim", steps=3, progress=False)
+    plain = pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=1.0, **options)
+    guided = pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=4.0, **options)
+    other = pipeline.sample_latents(2, seed=0, prompt="a Cubist still life", guidance_scale=1.0, **options)
+    negative = pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", negative_prompt="dark",
+                                       guidance_scale=4.0, **options)
+    unconditional = pipeline.sample_latents(2, seed=0, **options)
+    for a, b in [(plain, guided), (plain, other), (guided, negative), (plain, unconditional)]:
+        assert (a - b).abs().max() > 1e-4
+    # guidance 1 is the conditional prediction alone, with the null embedding's branch never run
+    assert torch.equal(plain, pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=1.0,
+                                                      **options))
+    assert run(path, tmp_path / "out", "--prompt", "a Baroque painting", "--negative_prompt", "dark",
+               "--guidance_scale", 3, "--num_images", 1, "--steps", 2) == 0
+    params = json.loads(png_text(tmp_path / "out" / "00000.png")[0]["parameters"])
+    assert params["prompt"] == "a Baroque painting" and params["negative_prompt"] == "dark"
+    assert params["guidance_scale"] == 3.0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--steps", 0), "--steps"),
+    (("--init_image", "INIT", "--strength", 0), "strength"),
+    (("--init_image", "INIT", "--strength", 1.5), "strength"),
+    (("--strength", 0.5), "--init_image"),
+    (("--init_image", "BAD"), "cannot read init image"),
+    (("--init_image", "MISSING"), "cannot read init image"),
+    (("--interpolate", "--num_images", 1), "interpolate"),
+    (("--prompt", "a painting"), "unconditional"),
+    (("--steps", 1001), "steps"),
+    (("--sampler", "ddpm", "--eta", 0.5), "eta"),
+    (("--num_images", 0), "num_images"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, checkpoint, flags, message):
+    from conftest import make_painting
+
+    make_painting(0).save(tmp_path / "init.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    names = {"INIT": tmp_path / "init.png", "BAD": tmp_path / "bad.png", "MISSING": tmp_path / "missing.png"}
+    with pytest.raises(UserError, match=message):
+        run(checkpoint, tmp_path / "out", *[names.get(f, f) for f in flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_mismatched_checkpoint(tmp_path, checkpoint):
+    with pytest.raises(UserError, match="not found"):
+        load_diffusion_model(tmp_path / "nothing", "cpu")
+    with pytest.raises(UserError, match="not a Noise2Art diffusion checkpoint"):
+        load_diffusion_model(checkpoint.parent / "vqgan", "cpu")
+    write_checkpoint(tmp_path)
+    config = json.loads((tmp_path / "unet.json").read_text())
+    config["unet"]["model_channels"] = 64
+    (tmp_path / "unet.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="does not match"):
+        load_diffusion_model(tmp_path / "unet", "cpu")
+    write_checkpoint(tmp_path / "b")
+    (tmp_path / "b" / "vqgan.safetensors").unlink()
+    with pytest.raises(UserError, match="VQGAN weights not found"):
+        load_diffusion_model(tmp_path / "b" / "unet", "cpu")
+
+
+def test_missing_bundled_model_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    bundled = diffusion.BUNDLED_MODELS / "unet-uncond.json"
+    if bundled.exists():
+        pytest.skip("a bundled model exists")
+    result = subprocess.run([sys.executable, str(Path(diffusion.__file__)), "--outdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "unet-uncond.json" in result.stderr
+    assert "--unet_ckpt_path" in result.stderr
