@@ -535,7 +535,8 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA ones")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 elsewhere")
+                        help="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 elsewhere (bf16 is ~2x faster on "
+                             "CPUs with AMX / AVX512-BF16, at slightly different pixels)")
     parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for many images)")
     return parser.parse_args(argv)
