@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import random
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from common import (
     ImageSource, ImageTensorDataset, UserError, atomic_write, autocast, collate_skip_none, load_model,
@@ -207,7 +209,7 @@ class VectorQuantizer(nn.Module):
             z = z.float()
             b, c, h, w = z.shape
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # N x C
-            codebook = self.embedding.weight  # K x C
+            codebook = self.embedding.weight.float()  # K x C
             distances = z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ codebook.t() + codebook.pow(2).sum(1)
             indices = distances.argmin(dim=1)  # N
             z_q = codebook[indices].view(b, h, w, c).permute(0, 3, 1, 2)
@@ -412,7 +414,8 @@ def load_lpips(weights_path, init_tensors, trust):
 
     def add(tensors):
         for key, value in tensors.items():
-            found.setdefault(key.removeprefix("loss.perceptual_loss."), value)
+            key = re.sub(r"^lins\.(\d+)\.", r"lin\1.", key.removeprefix("loss.perceptual_loss."))  # lpips' ModuleList alias
+            found.setdefault(key, value)
 
     if weights_path:
         add(read_checkpoint_tensors(weights_path, trust))
@@ -572,10 +575,13 @@ def measure_latent_scale(model, source, resolution, num_images, batch_size, devi
 def reconstruction_grid(originals, reconstructions, columns=8):
     """Rows of originals, each followed by the row of their reconstructions."""
     originals, reconstructions = tensor_to_images(originals), tensor_to_images(reconstructions)
+    columns = min(columns, len(originals))
+    blank = [Image.new("RGB", originals[0].size, "white")] * (-len(originals) % columns)  # fills the last rows
+    originals, reconstructions = originals + blank, reconstructions + blank
     tiles = []
     for start in range(0, len(originals), columns):
         tiles += originals[start:start + columns] + reconstructions[start:start + columns]
-    return make_grid(tiles, ncols=min(columns, len(originals)))
+    return make_grid(tiles, ncols=columns)
 
 
 def code_statistics(code_counts):
@@ -611,7 +617,9 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, args, de
         reconstructions, codebook_loss, indices, latents = model(images)
         reconstructions = reconstructions.float()
         l1 = (images - reconstructions).abs().mean()
-        p_loss = perceptual(images, reconstructions).float().mean() if perceptual is not None else torch.zeros((), device=device)
+        p_loss = torch.zeros((), device=device)
+        if perceptual is not None:
+            p_loss = perceptual(images, reconstructions).float().mean()
         nll_loss = l1 + args.perceptual_weight * p_loss
         loss = nll_loss + args.codebook_weight * codebook_loss
         metrics = {"l1": l1.item(), "perceptual": p_loss.item(), "codebook": codebook_loss.item()}
@@ -639,7 +647,8 @@ def build_config(args):
     if args.config not in CONFIGS:
         raise UserError(f"unknown --config {args.config!r} (choose {', '.join(CONFIGS)})")
     config = copy.deepcopy(CONFIGS[args.config])
-    for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed", "dropout", "beta"):
+    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed", "dropout", "beta")
+    for key in overridable:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     # From scratch, attention resolutions refer to the training image size; a checkpoint keeps its own.
@@ -651,7 +660,8 @@ def build_config(args):
 def resolve_resume(resume, state_path):
     if resume is None:
         if state_path.exists():
-            raise UserError(f"{state_path} already holds a training state: pass --resume auto to continue it, or another --out")
+            raise UserError(f"{state_path} already holds a training state: pass --resume auto to continue it, "
+                            "or choose another --out")
         return None
     if resume == "auto":
         return state_path if state_path.exists() else None
@@ -685,7 +695,8 @@ def train(args):
     seed_everything(args.seed)
     model = VQModel(state["config"] if state else build_config(args))
     disc = NLayerDiscriminator(n_layers=args.disc_layers)
-    init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if args.init_ckpt else {}
+    needs_init = args.init_ckpt and (not state or args.perceptual == "lpips-vgg")  # LPIPS weights may live in it
+    init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if needs_init else {}
     if init_tensors and not state:
         disc_loaded = load_init(model, disc, init_tensors, args.init_ckpt)
         print(f"loaded {args.init_ckpt} (discriminator {'loaded' if disc_loaded else 'not in it or other shapes: fresh'})")
@@ -709,7 +720,7 @@ def train(args):
     opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     # Step each code was last picked at. From scratch every code starts "dead", so the first batch
     # initialises the codebook from encoder outputs; fine-tuning keeps the given codebook.
-    patience = args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 200)
+    patience = args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 20)
     last_used = torch.full((model.config["n_embed"],), -patience if not args.init_ckpt else 0, dtype=torch.long)
     step = 0
     if state:
@@ -740,7 +751,8 @@ def train(args):
     for step, images in enumerate(loader, start=step):
         if images is not None:
             window["skipped"] += args.batch_size - len(images)
-            metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device), step, args, device)
+            metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device), step, args,
+                                                   device)
             for key, value in metrics.items():
                 window["sums"][key] = window["sums"].get(key, 0.0) + value
             window["steps"] += 1
@@ -756,12 +768,12 @@ def train(args):
             write_log(log_path, done, window, bar)
         if done % args.ckpt_every == 0 or done == args.max_steps:
             checkpoint_start = time.perf_counter()
-            save_checkpoint(state_path, model, disc, opt_ae, opt_disc, done, last_used, args)
-            with torch.no_grad():
-                model.eval()
-                grid = reconstruction_grid(preview, model(preview)[0].float())
-                model.train()
-            save_png(out / "samples" / f"step_{done:07d}.png", grid, {"step": done})
+            save_state_dir(state_path, {
+                "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
+                "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
+                "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args),
+            })
+            save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
             path = export(model, out, source, resolution, args, device)
             bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
             window["start"] += time.perf_counter() - checkpoint_start  # keep steps/s about training
@@ -777,17 +789,18 @@ def write_log(log_path, step, window, bar):
              "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
     with open(log_path, "a") as f:
         f.write(json.dumps(entry) + "\n")
-    bar.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity") if k in entry})
+    shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
+    bar.set_postfix({k: f"{entry[k]:.3g}" for k in shown if k in entry})
     window.update(sums={}, steps=0, restarted=0, skipped=0, start=time.perf_counter())
     window["codes"].zero_()
 
 
-def save_checkpoint(state_path, model, disc, opt_ae, opt_disc, step, last_used, args):
-    save_state_dir(state_path, {
-        "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
-        "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": step,
-        "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args),
-    })
+@torch.no_grad()
+def save_preview(path, model, preview, step):
+    model.eval()
+    grid = reconstruction_grid(preview, model(preview)[0].float())
+    model.train()
+    save_png(path, grid, {"step": step})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,7 +842,8 @@ def evaluate(args):
     psnrs, ssims = torch.cat(psnrs), torch.cat(ssims)
     report = {"psnr": psnrs.mean().item(), "ssim": ssims.mean().item(), "code_usage": usage, "perplexity": perplexity,
               "images": len(psnrs), "resolution": resolution, "ckpt": str(args.ckpt), "data": str(args.data)}
-    grid_path = Path(args.grid) if args.grid else model_paths(args.ckpt)[0].with_name(model_paths(args.ckpt)[0].stem + "_eval.png")
+    weights_path = model_paths(args.ckpt)[0]
+    grid_path = Path(args.grid) if args.grid else weights_path.with_name(weights_path.stem + "_eval.png")
     grid = reconstruction_grid(torch.cat(originals)[:args.grid_images], torch.cat(reconstructions)[:args.grid_images])
     save_png(grid_path, grid, report)
     print(f"PSNR {report['psnr']:.2f} dB  SSIM {report['ssim']:.4f}  codebook usage {usage:.1%} "
@@ -850,7 +864,8 @@ def int_list(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train, fine-tune, convert or evaluate a VQGAN (taming-transformers / LDM first stage).")
+    p = argparse.ArgumentParser(
+        description="Train, fine-tune, convert or evaluate a VQGAN (taming-transformers / LDM first stage).")
     g = p.add_argument_group("model")
     g.add_argument("--config", default="vq-f4-small", help=f"named architecture: {', '.join(CONFIGS)}")
     g.add_argument("--ch", type=int, help="override: base channels (multiple of 32)")
@@ -863,33 +878,37 @@ def parse_args(argv):
     g.add_argument("--dropout", type=float, help="override: dropout in ResNet blocks")
     g.add_argument("--beta", type=float, help="override: commitment loss weight")
     g.add_argument("--init_ckpt", help="start from these weights: a published model.ckpt (Lightning) or our .safetensors")
-    g.add_argument("--trust_checkpoint", action="store_true", help="allow arbitrary unpickling of .ckpt/.pt files (only for files you trust)")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow arbitrary unpickling of .ckpt/.pt files (only for files you trust)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
     g.add_argument("--split", help="dataset split (default: train for training, test for --eval)")
     g.add_argument("--image_column", default="image", help="image column of a Hugging Face dataset")
     g.add_argument("--resolution", type=int, help="image size: resize + random crop (default: the config's resolution)")
-    g.add_argument("--num_workers", type=int, default=1, help="data-loading worker processes")
+    g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes (raise it on a GPU)")
     g = p.add_argument_group("training")
     g.add_argument("--out", help="output folder: state/ (resumable), vqgan.safetensors+json, log.jsonl, samples/")
     g.add_argument("--resume", help="'auto' (continue OUT/state if present) or a state folder")
     g.add_argument("--max_steps", type=int, default=20000, help="training steps (0 with --init_ckpt: convert only)")
     g.add_argument("--batch_size", type=int, default=8, help="images per step")
-    g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of autoencoder and discriminator")
+    g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate of autoencoder and discriminator "
+                   "(from scratch; fine-tuning vq-f8 wants ~2e-5)")
     g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"], help="perceptual loss network")
     g.add_argument("--perceptual_weights", help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
-    g.add_argument("--perceptual_weight", type=float, default=1.0, help="weight of the perceptual loss")
+    g.add_argument("--perceptual_weight", type=float, help="weight of the perceptual loss (default 1.0 for lpips-vgg as in "
+                   "taming; 0.1 for effnet, whose distance sums six stages and runs ~10x larger)")
     g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook + commitment loss")
     g.add_argument("--disc_start", type=int, default=10000, help="step at which the GAN loss starts")
     g.add_argument("--disc_weight", type=float, default=0.6, help="GAN loss weight (times the adaptive weight)")
     g.add_argument("--disc_layers", type=int, default=2, help="PatchGAN discriminator layers (2 matches vq-f8)")
     g.add_argument("--dead_code_steps", type=int, help="restart codes unused this many steps (0 = never; "
-                   "default 200 from scratch, 0 with --init_ckpt)")
+                   "default 20 from scratch, 0 with --init_ckpt)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with bf16 support)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
     g.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints, preview grids and exports")
     g.add_argument("--scale_images", type=int, default=256, help="images used to measure the latent scale at export")
-    g.add_argument("--export_dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="storage dtype of exported weights")
+    g.add_argument("--export_dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="storage dtype of exported weights")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="evaluate --ckpt on --data: PSNR, SSIM, codebook usage, grid PNG")
@@ -903,6 +922,8 @@ def parse_args(argv):
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")
+    if args.perceptual_weight is None:
+        args.perceptual_weight = 0.1 if args.perceptual == "effnet" else 1.0
     if args.max_steps < 0 or args.num_workers < 0:
         raise UserError("--max_steps and --num_workers must not be negative")
     if args.eval and not (args.ckpt and args.data):

@@ -1,15 +1,80 @@
-"""VQGAN: architecture matches the published checkpoints, save/load round-trips, training CLI."""
+"""VQGAN: architecture matches the published checkpoints, save/load and conversion round-trip,
+training, exact resume, evaluation, safe loading and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
-from common import UserError
-from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
+import vqgan
+from common import UserError, load_state_dir, save_model
+from vqgan import CONFIGS, LPIPS, NLayerDiscriminator, VQModel, load_init, load_lpips, load_vqgan, save_vqgan
+
+# Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
+# from the reference architecture rather than from our model.
+PUBLISHED_VQ_F8_SHAPES = {
+    "encoder.conv_in.weight": (128, 3, 3, 3),
+    "encoder.down.0.block.0.norm1.weight": (128,),
+    "encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+    "encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+    "encoder.down.3.block.0.nin_shortcut.weight": (512, 256, 1, 1),
+    "encoder.down.3.attn.1.proj_out.weight": (512, 512, 1, 1),
+    "encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+    "encoder.conv_out.weight": (4, 512, 3, 3),
+    "decoder.conv_in.weight": (512, 4, 3, 3),
+    "decoder.up.3.attn.2.k.weight": (512, 512, 1, 1),
+    "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+    "decoder.up.2.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+    "decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
+    "decoder.norm_out.weight": (128,),
+    "decoder.conv_out.weight": (3, 128, 3, 3),
+    "quantize.embedding.weight": (16384, 4),
+    "quant_conv.weight": (4, 4, 1, 1),
+    "post_quant_conv.weight": (4, 4, 1, 1),
+}
+PUBLISHED_DISCRIMINATOR_SHAPES = {  # taming NLayerDiscriminator(n_layers=2), stored under loss.discriminator.
+    "main.0.weight": (64, 3, 4, 4), "main.2.weight": (128, 64, 4, 4), "main.3.running_var": (128,),
+    "main.5.weight": (256, 128, 4, 4), "main.6.weight": (256,), "main.8.weight": (1, 256, 4, 4), "main.8.bias": (1,),
+}
+
+
+def random_like(state_dict, generator):
+    return {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
+            for k, v in state_dict.items()}
+
+
+def lightning_checkpoint(path, config_name, drop=None, reshape=None):
+    """A checkpoint in the published layout: {"state_dict": autoencoder + loss.* entries, "global_step", ...}."""
+    generator = torch.Generator().manual_seed(0)
+    state_dict = random_like(VQModel(CONFIGS[config_name]).state_dict(), generator)
+    disc = random_like(NLayerDiscriminator(n_layers=2).state_dict(), generator)
+    state_dict.update({f"loss.discriminator.{k}": v for k, v in disc.items()})
+    state_dict["loss.perceptual_loss.lin0.model.1.weight"] = torch.randn(1, 64, 1, 1, generator=generator)
+    if drop:
+        del state_dict[drop]
+    if reshape:
+        state_dict[reshape] = torch.zeros(7)
+    torch.save({"state_dict": state_dict, "global_step": 123, "epoch": 4, "pytorch-lightning_version": "1.4.2"}, path)
+    return state_dict
+
+
+def train_args(data, out, *extra):
+    return ["--config", "vq-f4-tiny", "--data", str(data), "--out", str(out), "--batch_size", "4", "--lr", "2e-3",
+            "--log_every", "2", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def test_tiny_config_is_small_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = VQModel(CONFIGS["vq-f4-tiny"]).eval()
-    assert sum(p.numel() for p in model.parameters()) < 500_000
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
     model.latent_scale = 0.5
     save_vqgan(model, tmp_path / "vq")
     loaded = load_vqgan(tmp_path / "vq", "cpu")
@@ -19,12 +84,188 @@ def test_tiny_config_is_small_and_round_trips(tmp_path):
         latents = model.encode(images)
         assert latents.shape == (2, 4, 8, 8) and model.downsample_factor == 4
         assert torch.equal(loaded.encode(images), latents)
-        assert torch.equal(loaded.decode(latents), model.decode(latents))
+        decoded = loaded.decode(latents)
+        assert decoded.shape == images.shape and torch.equal(decoded, model.decode(latents))
 
 
 def test_load_vqgan_rejects_wrong_model_file(tmp_path):
-    from common import save_model
-
     save_model(tmp_path / "unet", {"w": torch.zeros(1)}, {"model": "noise2art-unet"})
     with pytest.raises(UserError, match="not a VQGAN"):
         load_vqgan(tmp_path / "unet")
+
+
+def test_vq_f4_small_gives_4x32x32_latents_for_128px():
+    model = VQModel(CONFIGS["vq-f4-small"]).eval()
+    with torch.no_grad():
+        latents = model.encode(torch.zeros(1, 3, 128, 128))
+        assert latents.shape == (1, 4, 32, 32)
+        assert model.decode(latents).shape == (1, 3, 128, 128)
+
+
+def test_published_vq_f8_checkpoint_converts_bit_exactly_and_encodes_256px_to_4x32x32(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    published = lightning_checkpoint(ckpt, "vq-f8")
+    for key, shape in PUBLISHED_VQ_F8_SHAPES.items():
+        assert tuple(published[key].shape) == shape, key
+    for key, shape in PUBLISHED_DISCRIMINATOR_SHAPES.items():
+        assert tuple(published[f"loss.discriminator.{key}"].shape) == shape, key
+
+    assert vqgan.main(["--config", "vq-f8", "--init_ckpt", str(ckpt), "--max_steps", "0", "--out", str(tmp_path / "f8")]) == 0
+    exported = load_file(str(tmp_path / "f8" / "vqgan.safetensors"))
+    assert set(exported) == {k for k in published if not k.startswith("loss.")}
+    assert all(torch.equal(exported[k], published[k]) for k in exported)
+    config = json.loads((tmp_path / "f8" / "vqgan.json").read_text())
+    assert config["model"] == "vqgan" and config["n_embed"] == 16384 and config["latent_scale"] == 1.0
+
+    model = load_vqgan(tmp_path / "f8" / "vqgan")
+    assert model.downsample_factor == 8
+    with torch.no_grad():
+        assert model.encode(torch.zeros(1, 3, 256, 256)).shape == (1, 4, 32, 32)
+
+
+@pytest.mark.parametrize("problem", ["drop", "reshape"])
+def test_mismatched_checkpoint_is_an_error_naming_the_key(tmp_path, problem):
+    ckpt = tmp_path / "model.ckpt"
+    key = "decoder.up.1.block.0.conv1.weight"
+    lightning_checkpoint(ckpt, "vq-f4-tiny", **{problem: key})
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        vqgan.main(["--config", "vq-f4-tiny", "--init_ckpt", str(ckpt), "--max_steps", "0", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "vqgan.safetensors").exists()
+
+
+def test_published_discriminator_is_mapped_when_shapes_match(tmp_path):
+    published = lightning_checkpoint(tmp_path / "model.ckpt", "vq-f4-tiny")
+    model, disc = VQModel(CONFIGS["vq-f4-tiny"]), NLayerDiscriminator(n_layers=2)
+    assert load_init(model, disc, published, "model.ckpt")
+    assert torch.equal(disc.state_dict()["main.5.weight"], published["loss.discriminator.main.5.weight"])
+    assert torch.equal(model.state_dict()["quantize.embedding.weight"], published["quantize.embedding.weight"])
+    deeper = NLayerDiscriminator(n_layers=3)
+    before = deeper.state_dict()["main.0.weight"].clone()
+    assert not load_init(model, deeper, published, "model.ckpt")
+    assert torch.equal(deeper.state_dict()["main.0.weight"], before)
+
+
+def test_code_executing_pickle_is_refused_and_never_runs(tmp_path, image_folder):
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"encoder.conv_in.weight": Payload()}}, evil)
+    for flag in ("--init_ckpt", "--perceptual_weights"):
+        argv = ["--config", "vq-f4-tiny", flag, str(evil), "--max_steps", "0", "--out", str(tmp_path / "o")]
+        if flag == "--perceptual_weights":
+            argv = train_args(image_folder, tmp_path / "o", "--perceptual", "lpips-vgg", flag, str(evil))
+        with pytest.raises(UserError, match="--trust_checkpoint"):
+            vqgan.main(argv)
+    assert not marker.exists()
+
+
+def test_lpips_needs_weights_and_loads_them_from_a_published_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setitem(sys.modules, "lpips", None)  # as if the optional package were absent
+    with pytest.raises(UserError, match="--perceptual effnet"):
+        load_lpips(None, {}, False)
+    weights = random_like(LPIPS().state_dict(), torch.Generator().manual_seed(1))
+    weights = {k: v.abs() if k.startswith("lin") else v for k, v in weights.items()}  # LPIPS linear weights are >= 0
+    ckpt = tmp_path / "ldm.ckpt"
+    torch.save({"state_dict": {f"loss.perceptual_loss.{k}": v for k, v in weights.items()}}, ckpt)
+    lpips = load_lpips(str(ckpt), {}, False)
+    assert torch.equal(lpips.net.slice3.state_dict()["10.weight"], weights["net.slice3.10.weight"])
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert lpips(a, a).abs().max() < 1e-6 and (lpips(a, b) > 0).all()
+
+
+def test_training_loss_falls_skips_unreadable_images_and_eval_writes_grid(tmp_path, image_folder, capsys):
+    (image_folder / "broken.png").write_bytes(b"not a png")
+    with open(image_folder / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "broken.png", "style": "Baroque"}) + "\n")
+    out = tmp_path / "run"
+    assert vqgan.main(train_args(image_folder, out, "--max_steps", "100", "--perceptual", "none", "--ckpt_every", "100",
+                                 "--log_every", "20", "--disc_start", "80")) == 0
+    log = read_log(out)
+    assert [entry["step"] for entry in log] == [20, 40, 60, 80, 100]
+    assert min(log[-2]["l1"], log[-1]["l1"]) < 0.92 * log[0]["l1"]
+    assert sum(entry["skipped_images"] for entry in log) > 0
+    assert "d_loss" in log[-1] and "d_loss" not in log[-2] and 0 < log[-1]["code_usage"] <= 1 and log[-1]["perplexity"] > 1
+    assert (out / "samples" / "step_0000100.png").is_file()
+    model = load_vqgan(out / "vqgan")
+    assert model.latent_scale != 1.0 and model.latent_scale > 0
+
+    def evaluate(ckpt, grid):
+        capsys.readouterr()
+        assert vqgan.main(["--eval", "--ckpt", str(ckpt), "--data", str(image_folder), "--grid", str(grid)]) == 0
+        printed = capsys.readouterr().out
+        assert "codebook usage" in printed
+        return float(printed.split("PSNR ")[1].split()[0]), float(printed.split("SSIM ")[1].split()[0])
+
+    torch.manual_seed(0)  # the initialisation training started from (same seed)
+    save_vqgan(VQModel(CONFIGS["vq-f4-tiny"]), tmp_path / "untrained")
+    psnr_before, _ = evaluate(tmp_path / "untrained", tmp_path / "before.png")
+    grid = tmp_path / "grid.png"
+    psnr, ssim = evaluate(out / "vqgan", grid)
+    assert psnr > psnr_before + 1.0 and -1 < ssim <= 1
+    with Image.open(grid) as img:  # 12 readable images: rows of 8 and 4 originals, each above its reconstructions
+        assert img.size == (8 * 32, 4 * 32)
+        assert json.loads(img.text["psnr"]) == pytest.approx(psnr, abs=0.01)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, image_folder):
+    common = ["--max_steps", "6", "--ckpt_every", "3", "--perceptual", "effnet", "--disc_start", "2", "--scale_images", "8"]
+    assert vqgan.main(train_args(image_folder, tmp_path / "a", *common)) == 0
+    assert vqgan.main(train_args(image_folder, tmp_path / "b", *common[2:], "--max_steps", "3")) == 0
+    assert load_state_dir(tmp_path / "b" / "state")["step"] == 3
+    with pytest.raises(UserError, match="--resume auto"):  # an existing run is never silently overwritten
+        vqgan.main(train_args(image_folder, tmp_path / "b", *common))
+    assert vqgan.main(train_args(image_folder, tmp_path / "b", *common, "--resume", "auto")) == 0
+
+    state_a, state_b = load_state_dir(tmp_path / "a" / "state"), load_state_dir(tmp_path / "b" / "state")
+    assert state_a["step"] == state_b["step"] == 6
+    for part in ("model", "disc"):
+        assert all(torch.equal(state_a[part][k], state_b[part][k]) for k in state_a[part]), part
+    assert torch.equal(state_a["opt_ae"]["state"][0]["exp_avg"], state_b["opt_ae"]["state"][0]["exp_avg"])
+    assert [e["step"] for e in read_log(tmp_path / "b")] == [2, 3, 4, 6]  # lines after step 3 were not duplicated
+    exported_a, exported_b = (load_file(str(tmp_path / run / "vqgan.safetensors")) for run in ("a", "b"))
+    assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+
+
+def test_dead_codes_restart_from_encoder_outputs():
+    codebook = torch.zeros(6, 4)
+    last_used = torch.tensor([10, 10, 0, 0, 9, 3])
+    latents = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).view(2, 4, 2, 2) + 1
+    assert vqgan.restart_dead_codes(codebook, last_used, latents, step=10, patience=5) == 3
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, 4)
+    for code in (2, 3, 5):
+        assert any(torch.equal(codebook[code], v) for v in vectors) and last_used[code] == 10
+    assert codebook[[0, 1, 4]].abs().sum() == 0
+    usage, perplexity = vqgan.code_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+    assert usage == 0.5 and perplexity == pytest.approx(2.0)
+
+
+def test_batch_plan_is_a_function_of_the_step():
+    full = list(vqgan.batch_plan(10, 4, seed=3, start_step=0, end_step=6))
+    assert list(vqgan.batch_plan(10, 4, seed=3, start_step=4, end_step=6)) == full[4:]
+    first_epoch = [index for batch in full[:5] for index, _ in batch][:10]
+    assert sorted(first_epoch) == list(range(10))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "vq-f99", "--out", "o", "--data", "d"], "unknown --config"),
+    (["--eval", "--ckpt", "x"], "--eval needs"),
+    (["--max_steps", "0", "--out", "o"], "needs --init_ckpt"),
+    (["--config", "vq-f4-tiny", "--resolution", "30", "--out", "o", "--data", "d"], "not a multiple"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        vqgan.main(argv)
+
+
+def test_cli_exits_2_with_one_line_on_missing_data(tmp_path):
+    result = subprocess.run([sys.executable, str(vqgan.__file__), "--config", "vq-f4-tiny", "--data", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "o"), "--perceptual", "none"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
