@@ -8,7 +8,6 @@ median of --repeats timed runs after one warm-up run. Peak memory is the process
 size (CPU) or torch's peak allocation (CUDA) after the section.
 """
 import argparse
-import json
 import resource
 import statistics
 import time

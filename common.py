@@ -306,7 +306,7 @@ class ImageSource:
                 if p.suffix.lower() in IMAGE_EXTENSIONS
             ]
         else:
-            self._dataset = _load_hf_dataset(path, split)
+            self._dataset = load_hf_dataset(path, split)
             if image_column not in self._dataset.column_names:
                 raise UserError(
                     f"dataset {path} has no column {image_column!r} (columns: {', '.join(self._dataset.column_names)})"
@@ -315,7 +315,7 @@ class ImageSource:
             from datasets import Image as ImageFeature
 
             self._dataset = self._dataset.cast_column(image_column, ImageFeature(decode=False))
-            self._class_names = _class_label_names(self._dataset.features)
+            self._class_names = class_label_names(self._dataset.features)
         self.folder = folder
         if len(self) == 0:
             raise UserError(f"no images found in {path}")
@@ -381,17 +381,20 @@ def _looks_like_hf_dataset(folder):
     ).is_file()
 
 
-def _load_hf_dataset(path, split):
-    """`datasets.load_dataset(path, split=split)` with one-line errors for the usual mistakes."""
+def load_hf_dataset(path, split, streaming=False):
+    """`datasets.load_dataset(path, split=split)` for a hub name, a local folder or parquet file(s)
+    (a path ending in .parquet, globs allowed), with one-line errors for the usual mistakes."""
     import datasets
 
     try:
-        if Path(path).is_dir() and (Path(path) / "dataset_info.json").is_file():
+        if not streaming and Path(path).is_dir() and (Path(path) / "dataset_info.json").is_file():
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(path), split=split)
+        if str(path).endswith(".parquet"):
+            return datasets.load_dataset("parquet", data_files=str(path), split=split, streaming=streaming)
+        return datasets.load_dataset(str(path), split=split, streaming=streaming)
     except ValueError as err:
         if "split" in str(err).lower():
-            raise UserError(f"dataset {path} has no split {split!r}") from None
+            raise UserError(f"dataset {path} has no split {split!r} ({err})") from None
         raise UserError(f"cannot load dataset {path}: {err}") from None
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         raise UserError(f"dataset not found: {path} ({str(err).splitlines()[0] if str(err) else ''})") from None
@@ -399,7 +402,7 @@ def _load_hf_dataset(path, split):
         raise UserError(f"cannot reach the Hugging Face hub for {path}: {err}") from None
 
 
-def _class_label_names(features):
+def class_label_names(features):
     from datasets import ClassLabel
 
     return {name: feature.names for name, feature in features.items() if isinstance(feature, ClassLabel)}

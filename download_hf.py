@@ -46,7 +46,7 @@ import requests
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import UserError, _class_label_names, atomic_write, run_cli
+from common import UserError, atomic_write, class_label_names, load_hf_dataset, run_cli
 
 METADATA = "metadata.jsonl"
 SAVE_OPTIONS = {"jpg": {"format": "JPEG", "quality": 95, "subsampling": 0}, "png": {"format": "PNG"}}
@@ -118,18 +118,7 @@ def open_stream(name, split):
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     huggingface_hub.logging.set_verbosity_error()  # "Repo card metadata block was not found" on local folders
-    try:
-        if name.endswith(".parquet"):
-            return datasets.load_dataset("parquet", data_files=name, split=split, streaming=True)
-        return datasets.load_dataset(name, split=split, streaming=True)
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise UserError(f"dataset {name} has no split {split!r} ({err})") from None
-        raise UserError(f"cannot load dataset {name}: {err}") from None
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise UserError(f"dataset not found: {name} ({str(err).splitlines()[0] if str(err) else ''})") from None
-    except ConnectionError as err:
-        raise UserError(f"cannot reach the Hugging Face hub for {name}: {err}") from None
+    return load_hf_dataset(name, split, streaming=True)
 
 
 def find_column(columns, name):
@@ -381,7 +370,7 @@ def main(argv=None):
     filters = score_filters(args, columns)
     size_columns = [find_column(columns, "width"), find_column(columns, "height")]
     size_columns = size_columns if args.min_side and None not in size_columns else []
-    class_names = _class_label_names(features or {})
+    class_names = class_label_names(features or {})
     if features is not None and isinstance(features.get(image_key), datasets.Image):
         dataset = dataset.cast_column(image_key, datasets.Image(decode=False))  # bytes, decoded once by us
     wanted = [image_key, *args.metadata_columns, *[f[1] for f in filters], *size_columns]

