@@ -1,0 +1,338 @@
+"""trainer.py on a tiny VQGAN (vq-f4-tiny, 32 px -> 4x8x8 latents) and the tiny UNet, over the 12-image
+`image_folder`: the loss falls, resume is bit-exact, the latent cache is reused and invalidated, text conditioning
+samples through diffusion.py, torchrun runs two CPU processes, SIGTERM and NaN leave loadable checkpoints, and bad
+input is one clear line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import diffusion
+import trainer
+from common import UserError, image_to_tensor, load_state_dir, seed_everything
+from conftest import ROOT
+from diffusion import load_diffusion_model
+from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
+
+FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16", "--lr", "1e-3",
+        "--warmup_steps", "0", "--sample_every", "0", "--log_every", "1", "--save_every", "1000"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared, busy CPU: one thread is ~10x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_vqgan(path, seed=0, latent_scale=1.0):
+    torch.manual_seed(seed)
+    save_vqgan(VQModel({**CONFIGS["vq-f4-tiny"], "latent_scale": latent_scale}), path)
+    return path
+
+
+@pytest.fixture
+def vqgan(tmp_path):
+    return write_vqgan(tmp_path / "vqgan")
+
+
+def train(data, vqgan, out, *flags):
+    return trainer.main(["--dataset_path", str(data), "--vqgan_ckpt", str(vqgan), "--output_dir", str(out), *FAST,
+                         *map(str, flags)])
+
+
+def checkpoints(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def log_entries(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_lr_warmup_then_cosine_and_ema_warmup():
+    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--lr", "1e-3", "--warmup_steps", "4",
+                               "--max_steps", "14", "--lr_schedule", "cosine", "--min_lr", "1e-4"])
+    factors = [trainer.lr_factor(step, args) for step in range(16)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert factors[14] == factors[15] == pytest.approx(0.1)  # min_lr / lr at the end and after
+    args.lr_schedule = "constant"
+    assert [trainer.lr_factor(step, args) for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
+    assert trainer.ema_decay(0, 0.9999) == pytest.approx(0.1) and trainer.ema_decay(90, 0.9999) == pytest.approx(0.91)
+    assert trainer.ema_decay(10**6, 0.9999) == 0.9999
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = 0.9 * ema.weight.detach() + 0.1 * model.weight.detach()
+    trainer.update_ema(ema, model, 0.9)
+    assert torch.allclose(ema.weight, expected)
+
+
+def test_data_order_is_a_permutation_per_epoch_and_shards_ranks():
+    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--batch_size", "3", "--grad_accum", "2"])
+    num_rows, world_size = 10, 2
+    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, args, world_size))
+                      for step in range(5) for micro in range(2) for rank in range(world_size)])  # 60 samples
+    for epoch in range(6):  # every epoch is a permutation, each a different one
+        assert sorted(seen[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:20])
+    assert torch.equal(trainer.batch_rows(num_rows, 60, 7, 0), seen)  # a pure function of (seed, position)
+    assert not torch.equal(trainer.batch_rows(num_rows, 60, 8, 0), seen)
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        trainer.parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--dataset_path", "--vqgan_ckpt", "--unet_size", "--schedule", "--prediction_type", "--min_snr_gamma",
+                 "--zero_terminal_snr", "--latent_cache", "--caption_template", "--cond_drop", "--resume", "--keep_last",
+                 "--sample_every", "--grad_accum", "--ema_decay", "--bf16", "--device"):
+        assert flag in text
+    assert "(default: 0.1)" in text and "(default: small)" in text and "(default: 0.9999)" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_loss_falls_and_run_writes_checkpoints_samples_log_and_export(tmp_path, image_folder, vqgan):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 50, "--save_every", 20, "--keep_last", 2,
+                 "--sample_every", 25, "--num_samples", 2, "--sample_steps", 3) == 0
+    log = log_entries(out)
+    assert [e["step"] for e in log] == list(range(1, 51))
+    assert {"step", "loss", "lr", "samples_per_s", "steps_per_s", "grad_norm", "epoch"} <= set(log[0])
+    first, last = (sum(e["loss"] for e in part) / 10 for part in (log[:10], log[-10:]))
+    assert 0.8 < first < 1.2 and last < 0.75 * first  # zero-initialised output: loss starts at E[eps^2] = 1
+    assert checkpoints(out) == ["step_0000040", "step_0000050"]  # every 20 steps and at the end, last 2 kept
+    for name in ("step_0000025.png", "step_0000050.png"):
+        with Image.open(out / "samples" / name) as grid:
+            assert grid.size == (64, 32) and grid.text["step"] == name[5:12].lstrip("0")
+    with Image.open(out / "loss.png") as curve:
+        assert curve.format == "PNG"
+
+    state = load_state_dir(out / "checkpoints" / "step_0000050")
+    assert state["step"] == 50 and len(state["rng"]) == 1 and state["lr_scheduler"]["last_epoch"] == 50
+    assert state["config"]["training"]["args"]["max_steps"] == 50 and state["optimizer"]["state"]
+    export = json.loads((out / "unet.json").read_text())
+    assert export["vqgan"] == "../vqgan" and export["training"]["step"] == 50  # relative to the checkpoint's folder
+    assert export["latent_shape"] == [4, 8, 8] and export["prediction_type"] == "epsilon"
+    pipeline = load_diffusion_model(out / "unet", "cpu")
+    weight = "conv_out.weight"
+    assert pipeline.config["weights"] == "ema" and torch.equal(pipeline.unet.state_dict()[weight], state["ema"][weight])
+    assert not torch.equal(state["ema"][weight], state["model"][weight])
+    assert pipeline.generate(1, seed=0, sampler="ddim", steps=2, progress=False).shape == (1, 3, 32, 32)
+
+
+def test_resume_continues_bit_exactly(tmp_path, image_folder, vqgan):
+    """6 steps straight vs 3 steps + resume from that checkpoint + 3 steps (cosine LR, warm-up, accumulation over
+    epoch boundaries, v prediction, min-SNR, bf16): the same weights, EMA and optimizer state, bit for bit."""
+    flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5, "--lr_schedule", "cosine", "--warmup_steps", 2,
+             "--grad_accum", 2, "--prediction_type", "v", "--min_snr_gamma", 5, "--bf16"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # the straight run also samples: sampling must not disturb the training's random streams
+    assert train(image_folder, vqgan, straight, *flags, "--sample_every", 2, "--num_samples", 1,
+                 "--sample_steps", 2) == 0
+    assert train(image_folder, vqgan, resumed, *flags, "--resume", straight / "checkpoints" / "step_0000003",
+                 "--latent_cache", straight / "latent_cache") == 0
+    a = load_state_dir(straight / "checkpoints" / "step_0000006")
+    b = load_state_dir(resumed / "checkpoints" / "step_0000006")
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for index, moments in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][index][k]) for k, v in moments.items())
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+    assert [e["loss"] for e in log_entries(straight)[3:]] == [e["loss"] for e in log_entries(resumed)]
+    halfway = load_state_dir(straight / "checkpoints" / "step_0000003")
+    assert not torch.equal(halfway["model"]["conv_out.weight"], a["model"]["conv_out.weight"])
+
+
+def test_latent_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, image_folder, vqgan, capsys,
+                                                                   monkeypatch):
+    cache_path = tmp_path / "cache"
+
+    def run(name, *flags):
+        assert train(image_folder, vqgan, tmp_path / name, "--max_steps", 1, "--latent_cache", cache_path, *flags) == 0
+        return load_state_dir(cache_path), capsys.readouterr().out
+
+    cache, output = run("a")
+    assert "encoded 12 images" in output
+    latents = cache["latents"]
+    assert latents.shape == (12, 2, 4, 8, 8) and latents.dtype == torch.float16
+    model = load_vqgan(vqgan)
+    with Image.open(image_folder / "00000003.png") as img:
+        image = image_to_tensor(img.convert("RGB"), 32)[None]
+    with torch.no_grad():
+        expected = model.encode(torch.cat([image, image.flip(-1)]))  # the image and its mirror image
+    assert torch.allclose(latents[3].float(), expected, atol=2e-3)
+    assert cache["latent_scale_source"] == "measured"
+    assert cache["latent_scale"] == pytest.approx(1 / latents.double().std().item())
+    written = (cache_path / "tensors.safetensors").stat().st_mtime_ns
+
+    def no_encoding(*_):
+        raise AssertionError("the VQGAN encoder ran although the cache is valid")
+
+    monkeypatch.setattr(VQModel, "encode", no_encoding)
+    _, output = run("b")
+    assert f"reusing {cache_path}" in output and (cache_path / "tensors.safetensors").stat().st_mtime_ns == written
+    monkeypatch.undo()
+
+    write_vqgan(vqgan, seed=1, latent_scale=0.5)  # another VQGAN, with a latent scale of its own
+    cache, output = run("c")
+    assert "built for another vqgan: re-encoding" in output
+    assert not torch.equal(cache["latents"], latents)
+    assert cache["latent_scale"] == 0.5 and cache["latent_scale_source"] == "vqgan"
+
+    cache, output = run("d", "--max_images", 6)
+    assert "built for another max_images" in output and len(cache["latents"]) == 6
+    (image_folder / "00000000.png").write_bytes(b"not a png")  # an edited data set; that image is now unreadable
+    cache, output = run("e", "--max_images", 6)
+    assert "built for another dataset" in output and len(cache["latents"]) == 5 and cache["skipped"] == 1
+
+
+def test_conditional_training_with_template_captions_samples_with_a_prompt(tmp_path, image_folder, vqgan):
+    out = tmp_path / "cond"
+    assert train(image_folder, vqgan, out, "--max_steps", 4, "--conditional", "--caption_template",
+                 "a {style} painting", "--cond_drop", 0.5, "--max_text_length", 8, "--sample_every", 4,
+                 "--num_samples", 2, "--sample_steps", 2) == 0
+    cache = load_state_dir(out / "latent_cache")
+    assert cache["captions"] == ["a Baroque painting", "a Impressionism painting", "a Expressionism painting"]
+    assert cache["caption_ids"].tolist() == [0, 1, 2] * 4
+    assert cache["context"].shape == (3, 8, 384) and cache["context_mask"].dtype == torch.bool
+    with Image.open(out / "samples" / "step_0000004.png") as grid:
+        assert json.loads(grid.text["prompts"]) == ["a Baroque painting", "a Impressionism painting"]
+    export = json.loads((out / "unet.json").read_text())
+    assert export["unet"]["context_dim"] == 384 and export["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER
+    # the null embedding only learns from dropped captions: it moved, so --cond_drop dropped some
+    seed_everything(0)
+    initial = trainer.make_unet(trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"]),
+                                4, 8, 384)
+    trained = load_state_dir(out / "checkpoints" / "step_0000004")["model"]
+    assert not torch.equal(initial.null_context.detach(), trained["null_context"])
+
+    samples = tmp_path / "samples"
+    assert diffusion.main(["--unet_ckpt_path", str(out / "unet"), "--prompt", "a Baroque painting", "--guidance_scale",
+                           "3", "--num_images", "1", "--steps", "2", "--outdir", str(samples), "--device", "cpu"]) == 0
+    with Image.open(samples / "00000.png") as img:
+        assert img.size == (32, 32) and json.loads(img.text["parameters"])["prompt"] == "a Baroque painting"
+
+
+def test_torchrun_two_cpu_processes_train_and_write_one_checkpoint(tmp_path, image_folder, vqgan):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainer.py",
+               "--dataset_path", str(image_folder), "--vqgan_ckpt", str(vqgan), "--output_dir", str(out), *FAST,
+               "--max_steps", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x 2 processes = 8" in result.stdout
+    assert checkpoints(out) == ["step_0000002"] and [e["step"] for e in log_entries(out)] == [1, 2]
+    state = load_state_dir(out / "checkpoints" / "step_0000002")
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert load_diffusion_model(out / "unet", "cpu").config["training"]["step"] == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_auto_continues_it(tmp_path, image_folder, vqgan):
+    out = tmp_path / "run"
+    command = [sys.executable, "trainer.py", "--dataset_path", str(image_folder), "--vqgan_ckpt", str(vqgan),
+               "--output_dir", str(out), *FAST, "--max_steps", "100000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not ((out / "log.jsonl").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
+            assert process.poll() is None and time.time() < deadline, process.stderr.read()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout
+    (saved,) = checkpoints(out)
+    step = int(saved[5:])
+    assert step >= 3 and log_entries(out)[-1]["step"] == step
+    assert load_state_dir(out / "checkpoints" / saved)["step"] == step
+    assert load_diffusion_model(out / "unet", "cpu").config["training"]["step"] == step
+    assert train(image_folder, vqgan, out, "--resume", "auto", "--max_steps", step + 2) == 0
+    assert checkpoints(out)[-1] == f"step_{step + 2:07d}"
+    assert [e["step"] for e in log_entries(out)] == list(range(1, step + 3))
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, image_folder, vqgan):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"loss is (nan|inf) at step (\d+): training diverged") as err:
+        train(image_folder, vqgan, out, "--lr", "1e30", "--max_steps", 20, "--save_every", 1, "--keep_last", 50)
+    failed = int(err.value.args[0].split(" at step ")[1].split(":")[0])
+    saved = checkpoints(out)
+    assert saved and saved[-1] == f"step_{failed - 1:07d}" and str(out / "checkpoints" / saved[-1]) in str(err.value)
+    assert load_state_dir(out / "checkpoints" / saved[-1])["step"] == failed - 1
+    assert load_diffusion_model(out / "unet", "cpu").config["training"]["step"] == failed - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset_path", "MISSING"], "dataset not found"),
+    (["--vqgan_ckpt", "MISSING"], "VQGAN weights not found"),
+    (["--dataset_path", "EMPTY"], "no images found"),
+    (["--conditional", "--caption_column", "caption"], r"'caption' is not in the dataset \(columns: style\)"),
+    (["--conditional", "--caption_template", "a {style} by {artist}"], r"artist, not in the dataset \(columns: style\)"),
+    (["--conditional"], "exactly one of --caption_column and --caption_template"),
+    (["--caption_column", "style"], "need --conditional"),
+    (["--resolution", "30"], "--resolution 30 is not a multiple of the VQGAN's downsampling factor 4"),
+    (["--resolution", "24", "--unet_size", "small"], "cannot be halved"),  # 6x6 latents, 3 halvings
+    (["--zero_terminal_snr"], "needs --prediction_type v"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--cond_drop", "1"], "--cond_drop"),
+    (["--resume", "MISSING"], "no such checkpoint folder"),
+])
+def test_bad_input_is_one_clear_error_before_training(tmp_path, image_folder, vqgan, flags, message):
+    (tmp_path / "empty").mkdir()
+    replace = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty")}
+    flags = [replace.get(f, f) for f in flags]
+    base = {"--dataset_path": str(image_folder), "--vqgan_ckpt": str(vqgan)}
+    for flag in base:
+        if flag in flags:
+            base[flag] = flags.pop(flags.index(flag) + 1)
+            flags.remove(flag)
+    argv = [x for pair in base.items() for x in pair] + ["--output_dir", str(tmp_path / "out"), *FAST, *flags]
+    with pytest.raises(UserError, match=message) as err:
+        trainer.main(argv)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_guards_other_architectures_and_existing_runs(tmp_path, image_folder, vqgan):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 1) == 0
+    with pytest.raises(UserError, match="already holds checkpoints: pass --resume auto"):
+        train(image_folder, vqgan, out, "--max_steps", 2)
+    with pytest.raises(UserError, match="different UNet \\(model_channels 64 here, 32 there\\)"):
+        train(image_folder, vqgan, out, "--max_steps", 2, "--resume", "auto", "--model_channels", 64)
+    with pytest.raises(UserError, match="not a trainer.py checkpoint|not a latent cache"):
+        train(image_folder, vqgan, tmp_path / "other", "--max_steps", 2, "--resume", out / "latent_cache")
+    with pytest.raises(UserError, match="is not a latent cache"):  # never overwrite a folder that is not a cache
+        train(image_folder, vqgan, tmp_path / "other", "--max_steps", 2, "--latent_cache", image_folder)
+    assert checkpoints(out) == ["step_0000001"] and (image_folder / "metadata.jsonl").is_file()
+
+
+def test_command_line_bad_input_exits_2_with_one_line(tmp_path, image_folder):
+    result = subprocess.run([sys.executable, "trainer.py", "--dataset_path", str(image_folder), "--vqgan_ckpt",
+                             str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: VQGAN weights not found: {tmp_path / 'missing'}.safetensors"]

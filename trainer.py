@@ -1,0 +1,783 @@
+"""Train the denoising UNet in the latent space of a frozen VQGAN (Rombach et al. 2022) with the simplified DDPM
+loss (Ho et al. 2020): predict the noise (or v) that was added to VQGAN latents.
+
+The VQGAN encodes the data set once, every image and its mirror image, into a latent cache that later runs reuse;
+the cache is keyed by the VQGAN's weights, the resolution, the data set, --max_images and the captions, and is
+rebuilt when any of them changes. Training reads latents, never pixels. With --conditional, captions (a metadata
+column or a template over columns) are encoded once by the frozen text encoder and cached with the latents; they
+are dropped with probability --cond_drop during training so that one model serves classifier-free guidance.
+
+    python trainer.py --dataset_path ../shared/wikiart-mini --vqgan_ckpt runs/vq/vqgan --output_dir runs/unet
+    python trainer.py ... --conditional --caption_template "a {style} painting"      # text conditioning
+    python trainer.py ... --resume auto            # continue the latest checkpoint in --output_dir, exactly
+    torchrun --nproc_per_node 4 trainer.py ...     # DistributedDataParallel, one process per GPU
+    python diffusion.py --unet_ckpt_path runs/unet/unet --prompt "a Baroque painting"   # sample the result
+
+Output folder: latent_cache/ (unless --latent_cache), checkpoints/step_NNNNNNN/ (resumable training state, the last
+--keep_last), unet.safetensors + unet.json (the sampling checkpoint diffusion.py reads, EMA weights included),
+samples/step_NNNNNNN.png (EMA samples, fixed seeds and prompts), log.jsonl, loss.png.
+"""
+import argparse
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import string
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from common import (
+    ImageSource, ImageTensorDataset, UserError, atomic_write, autocast, collate_skip_none, load_state_dir,
+    make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir, seed_everything,
+    set_rng_state, tensor_to_images,
+)
+from diffusion import PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, save_diffusion_model
+from text_encoder import DEFAULT_TEXT_ENCODER
+from unet import UNET_CONFIGS, build_unet
+from vqgan import int_list, load_vqgan, load_weights, trim_log
+
+UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
+CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
+
+
+def say(message):
+    """Print on the main process only, without breaking a tqdm bar."""
+    if is_main():
+        tqdm.write(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: one per GPU under torchrun (DistributedDataParallel); plain `python trainer.py` is one process.
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device). Under torchrun (RANK is set) joins the process group: nccl on GPUs, gloo on
+    CPUs; each process takes the GPU of its LOCAL_RANK."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"multi-process training runs on cuda or cpu, not {device.type}")
+    # Rank 0 may encode the latent cache for a long time while the others wait at a barrier.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(value):
+    """The mean of a 0-dim tensor over all processes, as a float."""
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value.item()
+
+
+def any_rank(flag, device):
+    """True on every process if `flag` is True on any of them (so all stop at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def gather_rng_states():
+    """rng_state() of every process, in rank order (all_gather_object pickles, but only between our processes)."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent cache: a save_state_dir folder (tensors.safetensors + state.json), written atomically by rank 0.
+# latents: N x 2 x C x h x w float16, unscaled VQGAN latents of each image ([:, 0]) and its mirror image ([:, 1]);
+# with captions: captions (the U distinct ones), caption_ids N, context U x L x D float16, context_mask U x L bool.
+
+
+def file_digest(paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_identity(args, source):
+    """What the data set is: its name or resolved path, split, column and size, and for a local folder a digest
+    of every file's path, size and modification time (so edited, added or replaced files are noticed)."""
+    path = Path(args.dataset_path)
+    identity = dict(path=str(path.resolve()) if path.exists() else args.dataset_path, split=args.split,
+                    image_column=args.image_column, rows=len(source))
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        identity["files"] = digest.hexdigest()
+    return identity
+
+
+def cache_identity(args, source, resolution, bf16):
+    """Everything the cached tensors depend on; its hash is the cache key."""
+    captions = None
+    if args.conditional:
+        captions = dict(column=args.caption_column, template=args.caption_template, text_encoder=args.text_encoder,
+                        max_text_length=args.max_text_length)
+    return dict(format=CACHE_FORMAT, vqgan=file_digest(model_paths(args.vqgan_ckpt)),
+                dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
+                bf16=bf16, captions=captions)
+
+
+def cache_key(identity):
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def caption_function(args, columns):
+    """metadata dict -> caption, from --caption_column or --caption_template; checks the columns exist."""
+    available = ", ".join(columns) or "none"
+    if args.caption_column is not None:
+        if args.caption_column not in columns:
+            raise UserError(f"--caption_column {args.caption_column!r} is not in the dataset (columns: {available})")
+        return lambda metadata: str(metadata.get(args.caption_column) or "")
+    fields = [field for _, field, _, _ in string.Formatter().parse(args.caption_template) if field is not None]
+    if not fields or "" in fields:
+        raise UserError(f"--caption_template needs named fields like {{style}}, got {args.caption_template!r}")
+    missing = sorted(set(fields) - set(columns))
+    if missing:
+        raise UserError(f"--caption_template uses {', '.join(missing)}, not in the dataset (columns: {available})")
+    return lambda metadata: args.caption_template.format(**{k: "" if v is None else v for k, v in metadata.items()})
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(row, centre-cropped image 3 x R x R) for chosen rows of an ImageSource; None where unreadable."""
+
+    def __init__(self, source, rows, resolution):
+        self.images = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        image = self.images[self.rows[i]]
+        return None if image is None else (self.rows[i], image)
+
+
+@torch.no_grad()
+def encode_captions(captions, text_encoder, batch_size=256):
+    """Captions (one per cached image) -> distinct captions, caption_ids, their token embeddings and masks."""
+    distinct = list(dict.fromkeys(captions))
+    ids = {caption: i for i, caption in enumerate(distinct)}
+    contexts, masks = zip(*(text_encoder.encode(distinct[i:i + batch_size])
+                            for i in range(0, len(distinct), batch_size)))
+    return dict(captions=distinct, caption_ids=torch.tensor([ids[c] for c in captions]),
+                context=torch.cat(contexts).half().cpu(), context_mask=torch.cat(masks).cpu())
+
+
+@torch.no_grad()
+def build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16=False, caption_of=None,
+                       text_encoder=None, num_workers=0, progress=True):
+    """Encode `rows` of `source` (centre crop and its mirror image) with the frozen VQGAN; unreadable images are
+    skipped. The latent scale is the VQGAN's own when it has one (latent_scale != 1, measured when it was trained),
+    else the measured 1 / std of these latents: diffusion runs on latents * latent_scale (about unit variance)."""
+    loader = torch.utils.data.DataLoader(IndexedImages(source, rows, resolution), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=collate_skip_none)
+    kept, chunks = [], []
+    for batch in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        batch_rows, images = batch
+        images = images.to(device)
+        with autocast(device, bf16):
+            latents = vqgan.encode(torch.cat([images, images.flip(-1)])).float()  # 2B x C x h x w
+        chunks.append(torch.stack(latents.chunk(2), dim=1).half().cpu())  # B x 2 x C x h x w
+        kept += batch_rows.tolist()
+    if not kept:
+        raise UserError(f"none of the {len(rows)} images of {source.path} could be read")
+    latents = torch.cat(chunks)
+    measured = 1.0 / latents.double().std().item()
+    from_vqgan = vqgan.latent_scale != 1.0
+    cache = dict(latents=latents, skipped=len(rows) - len(kept), measured_latent_scale=measured,
+                 latent_scale=vqgan.latent_scale if from_vqgan else measured,
+                 latent_scale_source="vqgan" if from_vqgan else "measured")
+    if caption_of is not None:
+        cache.update(encode_captions([caption_of(source.metadata(row)) for row in kept], text_encoder))
+    return cache
+
+
+def read_latent_cache(path, identity):
+    """The cache at `path` if it was built for `identity`; None (saying why) if absent or built for other inputs."""
+    if not path.exists():
+        return None
+    if not (path / "state.json").is_file():
+        raise UserError(f"--latent_cache {path} exists and is not a latent cache: choose another path")
+    cache = load_state_dir(path)
+    if not isinstance(cache, dict) or "key" not in cache:
+        raise UserError(f"--latent_cache {path} is not a latent cache (a checkpoint?): choose another path")
+    if cache["key"] != cache_key(identity):
+        old = cache.get("identity", {})
+        changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
+        say(f"latent cache {path} was built for another {', '.join(changed)}: re-encoding")
+        return None
+    return cache
+
+
+def load_or_build_cache(path, identity, build):
+    """Rank 0 reuses the cache at `path` or calls build() and writes it; the other ranks wait, then read it."""
+    cache = None
+    if is_main():
+        cache = read_latent_cache(path, identity)
+        if cache is None:
+            cache = {"key": cache_key(identity), "identity": identity, **build()}
+            save_state_dir(path, cache)
+            say(f"latent cache: encoded {len(cache['latents'])} images into {path}")
+        else:
+            say(f"latent cache: reusing {path} ({len(cache['latents'])} images)")
+    barrier()
+    if cache is None:
+        cache = read_latent_cache(path, identity)
+        if cache is None:
+            raise UserError(f"cannot read the latent cache {path} written by rank 0: multi-node training needs "
+                            "--latent_cache on a filesystem all nodes share")
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order: the run is one stream of samples, a fresh permutation of the cache each epoch, a pure function of
+# (seed, epoch). Micro-batch m of optimizer step s on rank r starts at a fixed position, so a resumed run (or one
+# with another number of steps between checkpoints) sees exactly the samples a straight run would.
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_rows, seed, epoch):
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def stream_position(step, micro, rank, args, world_size):
+    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`."""
+    return ((step * args.grad_accum + micro) * world_size + rank) * args.batch_size
+
+
+def batch_rows(num_rows, batch_size, seed, position):
+    """Cache rows of the `batch_size` samples from `position` on in the sample stream."""
+    positions = torch.arange(position, position + batch_size)
+    epochs, offsets = positions // num_rows, positions % num_rows
+    rows = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        here = epochs == epoch
+        rows[here] = epoch_order(num_rows, seed, epoch)[offsets[here]]
+    return rows
+
+
+def cache_batch(cache, rows, device):
+    """(scaled latents B x C x h x w, context B x L x D or None, mask B x L or None) for cache rows; each sample
+    is the image or its mirror image at random."""
+    flips = torch.randint(0, 2, (len(rows),))
+    latents = cache["latents"][rows, flips].to(device).float() * cache["latent_scale"]
+    if "caption_ids" not in cache:
+        return latents, None, None
+    ids = cache["caption_ids"][rows]
+    return latents, cache["context"][ids].to(device).float(), cache["context_mask"][ids].to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, EMA
+
+
+def make_unet(args, latent_channels, latent_size, context_dim):
+    """The UNet of --unet_size with the command line's overrides, for latents C x h x h."""
+    overrides = {name: getattr(args, name) for name in UNET_OVERRIDES if getattr(args, name) is not None}
+    channel_mult = overrides.get("channel_mult", UNET_CONFIGS[args.unet_size]["channel_mult"])
+    if latent_size % 2 ** (len(channel_mult) - 1):
+        raise UserError(f"latents of {latent_size}x{latent_size} cannot be halved {len(channel_mult) - 1} times by "
+                        f"the UNet (channel_mult {channel_mult}): change --resolution or --channel_mult")
+    try:
+        return build_unet(args.unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
+                          sample_size=latent_size, context_dim=context_dim)
+    except ValueError as err:
+        raise UserError(f"bad UNet configuration: {err}") from None
+
+
+def lr_factor(step, args):
+    """Multiplier of --lr at optimizer step `step` (from 0): linear warm-up over --warmup_steps, then constant, or
+    a half cosine from --lr down to --min_lr at --max_steps."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    floor = args.min_lr / args.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay(step, max_decay):
+    """EMA decay at optimizer step `step` (from 0): min(max_decay, (1 + step) / (10 + step)), so the early average
+    forgets the random initialisation quickly."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def build_training(args, unet, device):
+    """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
+    (in eval mode, what sampling uses), AdamW (weight decay on matrices and convolutions only), the LR schedule,
+    the noise schedule and the optimizer step count."""
+    unet = unet.to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    model = unet
+    if dist.is_initialized():
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    groups = [{"params": [p for p in unet.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in unet.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
+    schedule = NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
+                             args.zero_terminal_snr)
+    return argparse.Namespace(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                              schedule=schedule, device=device, step=0)
+
+
+def diffusion_loss(run, latents, context, context_mask, args):
+    """The DDPM loss of one micro-batch of scaled latents; captions are swapped for the null embedding with
+    probability --cond_drop (classifier-free guidance training)."""
+    if context is not None:
+        drop = torch.rand(latents.shape[0], device=latents.device) < args.cond_drop
+        context, context_mask = run.unet.drop_context(context, context_mask, drop)
+
+    def model_fn(x_t, t):
+        return run.model(x_t, t, context, context_mask)
+
+    return run.schedule.training_loss(model_fn, latents, args.prediction_type, args.min_snr_gamma)
+
+
+def train_step(run, micro_batches, args):
+    """One optimizer step over micro-batches [(latents, context, mask)] (gradient accumulation; under DDP the
+    gradients are averaged across processes on the last one): bf16 autocast, clipping, AdamW, LR schedule, EMA.
+    Returns (loss averaged over micro-batches and processes, gradient norm). A non-finite loss changes nothing
+    and is returned as it is, for the caller to stop on."""
+    total = torch.zeros((), device=run.device)
+    for i, (latents, context, context_mask) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or run.model is run.unet else run.model.no_sync()
+        with sync:
+            with autocast(run.device, args.bf16):
+                loss = diffusion_loss(run, latents, context, context_mask, args)
+            (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    loss = mean_over_ranks(total / len(micro_batches))
+    if not math.isfinite(loss):
+        run.optimizer.zero_grad(set_to_none=True)
+        return loss, float("nan")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), args.grad_clip or float("inf")).item()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()
+    update_ema(run.ema, run.unet, ema_decay(run.step, args.ema_decay))
+    run.step += 1
+    return loss, grad_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: OUTDIR/checkpoints/step_NNNNNNN (save_state_dir) + the exported sampling checkpoint OUTDIR/unet
+
+
+def list_checkpoints(folder):
+    """Checkpoint folders in `folder`, oldest first."""
+    found = [p for p in Path(folder).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def find_resume(args, checkpoints):
+    """The checkpoint to continue from: None for a fresh run, the newest one for --resume auto, or the given one."""
+    existing = list_checkpoints(checkpoints)
+    if args.resume is None:
+        if existing:
+            raise UserError(f"{checkpoints} already holds checkpoints: pass --resume auto to continue them, "
+                            "or choose another --output_dir")
+        return None
+    if args.resume == "auto":
+        return existing[-1] if existing else None
+    if not Path(args.resume).is_dir():
+        raise UserError(f"--resume {args.resume}: no such checkpoint folder")
+    return Path(args.resume)
+
+
+def check_same_architecture(state, unet, path):
+    saved = state.get("config", {}).get("unet") if isinstance(state, dict) else None
+    if saved is None:
+        raise UserError(f"{path} is not a trainer.py checkpoint (it holds no UNet configuration)")
+    different = [f"{k} {unet.config.get(k)} here, {saved.get(k)} there" for k in sorted(set(saved) | set(unet.config))
+                 if saved.get(k) != unet.config.get(k)]
+    if different:
+        raise UserError(f"{path} was trained with a different UNet ({'; '.join(different)}): pass the same "
+                        "--unet_size, overrides, --resolution and VQGAN, or start a new --output_dir")
+
+
+def restore(run, state, path, rank, world_size):
+    load_weights(run.unet, state["model"], f"UNet weights of {path}")
+    load_weights(run.ema, state["ema"], f"EMA weights of {path}")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    run.step = state["step"]
+    if len(state["rng"]) == world_size:
+        set_rng_state(state["rng"][rank])
+    else:
+        seed_everything(state["step"] * 1_000_003 + rank)
+        say(f"{path} was saved by {len(state['rng'])} processes, this run has {world_size}: "
+            "random streams restart (the continuation is not bit-exact)")
+
+
+def sampling_config(args, run, cache):
+    """The JSON of a diffusion checkpoint (DEVELOPERS.md), less the VQGAN reference save_diffusion_model adds."""
+    return dict(unet=run.unet.config, schedule=run.schedule.config, prediction_type=args.prediction_type,
+                latent_shape=list(cache["latents"].shape[2:]), latent_scale=cache["latent_scale"],
+                text_encoder=args.text_encoder if args.conditional else None, max_text_length=args.max_text_length,
+                training=dict(step=run.step, images=len(cache["latents"]),
+                              latent_scale_source=cache["latent_scale_source"], args=vars(args)))
+
+
+def save_checkpoint(run, args, cache, vqgan, out):
+    """Every process contributes its RNG state; rank 0 writes checkpoints/step_N, prunes to --keep_last and
+    exports OUTDIR/unet. Returns the checkpoint folder."""
+    rng_states = gather_rng_states()
+    path = out / "checkpoints" / f"step_{run.step:07d}"
+    if not is_main():
+        return path
+    config = sampling_config(args, run, cache)
+    save_state_dir(path, dict(step=run.step, config=config, model=run.unet.state_dict(), ema=run.ema.state_dict(),
+                              optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
+                              rng=rng_states))
+    for old in list_checkpoints(out / "checkpoints")[:-args.keep_last]:
+        shutil.rmtree(old)
+    save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config,
+                         vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Feedback: log.jsonl, sample grids, loss curve
+
+
+def sample_prompts(args, cache):
+    """--num_samples prompts for the sample grids: --sample_prompts, else the dataset's first distinct captions."""
+    if not args.conditional:
+        return None
+    prompts = args.sample_prompts or cache["captions"]
+    return [prompts[i % len(prompts)] for i in range(args.num_samples)]
+
+
+def save_samples(path, pipeline, args, prompts, step):
+    """A grid of EMA samples from fixed seeds (image i from seed i) and fixed prompts."""
+    images = pipeline.generate(args.num_samples, seed=0, sampler=args.sampler, steps=args.sample_steps,
+                               prompt=prompts, guidance_scale=args.guidance_scale, progress=False)
+    text = dict(step=step, sampler=args.sampler, steps=args.sample_steps, seeds=f"0..{args.num_samples - 1}")
+    if prompts is not None:
+        text.update(prompts=prompts, guidance_scale=args.guidance_scale)
+    save_png(path, make_grid(tensor_to_images(images)), text)
+
+
+def write_log(log_path, entry):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def plot_loss_curve(log_path, png_path):
+    """loss.png from log.jsonl (matplotlib's Agg renderer through Figure, no GUI backend)."""
+    from matplotlib.figure import Figure
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not entries:
+        return
+    fig = Figure(figsize=(7, 4), tight_layout=True)
+    ax = fig.add_subplot()
+    ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], lw=1)
+    ax.set(xlabel="step", ylabel="loss (mean per log interval)", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits. A second
+    signal gives up at once (atomic writes keep the last checkpoint whole)."""
+
+    def __init__(self):
+        self.name = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args, rank, world_size, device):
+    out = Path(args.output_dir)
+    bf16 = args.bf16 if args.bf16 is not None else device.type in ("cpu", "cuda")
+    args.bf16 = bf16
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    resume_path = find_resume(args, out / "checkpoints")
+    vqgan = load_vqgan(args.vqgan_ckpt, device)
+    resolution = args.resolution or vqgan.config["resolution"]
+    if resolution % vqgan.downsample_factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's downsampling factor "
+                        f"{vqgan.downsample_factor}")
+    source = ImageSource(args.dataset_path, args.split, args.image_column)
+    rows = list(range(min(len(source), args.max_images or len(source))))
+    caption_of = caption_function(args, source.columns) if args.conditional else None
+    state = load_state_dir(resume_path) if resume_path else None
+    text_encoder = None
+    if args.conditional:
+        from text_encoder import TextEncoder
+
+        text_encoder = TextEncoder(args.text_encoder, device, args.max_text_length)
+    seed_everything(args.seed)  # the initial weights depend on the seed alone
+    unet = make_unet(args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
+                     text_encoder.dim if text_encoder else None)
+    if state is not None:
+        check_same_architecture(state, unet, resume_path)
+
+    cache_path = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
+    identity = cache_identity(args, source, resolution, bf16)
+    cache = load_or_build_cache(cache_path, identity, lambda: build_latent_cache(
+        source, rows, vqgan, resolution, args.batch_size, device, bf16, caption_of, text_encoder, args.num_workers))
+    if cache["skipped"]:
+        say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
+
+    seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
+    run = build_training(args, unet, device)
+    if state is not None:
+        restore(run, state, resume_path, rank, world_size)
+        say(f"resumed from {resume_path} at step {run.step}")
+    del state
+    log_path = out / "log.jsonl"
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if run.step:
+            trim_log(log_path, run.step)
+        else:
+            log_path.unlink(missing_ok=True)
+    pipeline = Pipeline(run.ema, run.schedule, vqgan, sampling_config(args, run, cache), text_encoder=text_encoder,
+                        bf16=bf16)
+    prompts = sample_prompts(args, cache)
+    num_rows = len(cache["latents"])
+    samples_per_step = args.batch_size * args.grad_accum * world_size
+    params = sum(p.numel() for p in unet.parameters())
+    say(f"UNet {args.unet_size}: {params / 1e6:.2f}M parameters; latents {tuple(cache['latents'].shape[2:])}, scale "
+        f"{cache['latent_scale']:.4f} ({cache['latent_scale_source']}); {num_rows} images x 2 flips; batch "
+        f"{args.batch_size} x {args.grad_accum} accumulation x {world_size} processes = {samples_per_step}; "
+        f"{device}{', bf16' if bf16 else ''}")
+
+    checkpoint = resume_path
+    window = dict(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
+    bar = tqdm(total=args.max_steps, initial=run.step, desc="train", unit="step", disable=not is_main(),
+               dynamic_ncols=True)
+    with StopSignal() as stop:
+        while run.step < args.max_steps:
+            step = run.step
+            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed,
+                                                           stream_position(step, m, rank, args, world_size)), device)
+                             for m in range(args.grad_accum)]
+            lr = run.optimizer.param_groups[0]["lr"]
+            loss, grad_norm = train_step(run, micro_batches, args)
+            if not math.isfinite(loss):
+                bar.close()
+                raise UserError(f"loss is {loss} at step {step + 1}: training diverged (lower --lr, keep --grad_clip "
+                                f"on); the last good checkpoint is {checkpoint or 'none (nothing saved yet)'}")
+            window.update(loss=window["loss"] + loss, grad_norm=window["grad_norm"] + grad_norm,
+                          steps=window["steps"] + 1)
+            bar.update(1)
+            done = run.step
+            if is_main() and (done % args.log_every == 0 or done == args.max_steps):
+                elapsed = time.perf_counter() - window["start"]
+                entry = dict(step=done, epoch=round(done * samples_per_step / num_rows, 3),
+                             loss=window["loss"] / window["steps"], lr=lr,
+                             grad_norm=window["grad_norm"] / window["steps"], steps_per_s=window["steps"] / elapsed,
+                             samples_per_s=window["steps"] * samples_per_step / elapsed)
+                write_log(log_path, entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
+                window.update(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
+            stopping = any_rank(stop.name is not None, device)
+            paused = time.perf_counter()
+            if done % args.save_every == 0 or done == args.max_steps or stopping:
+                checkpoint = save_checkpoint(run, args, cache, vqgan, out)
+            if is_main() and args.sample_every and done % args.sample_every == 0:
+                save_samples(out / "samples" / f"step_{done:07d}.png", pipeline, args, prompts, done)
+            window["start"] += time.perf_counter() - paused  # steps/s measures training alone
+            if stopping:
+                bar.close()
+                say(f"stopped by {stop.name or 'a signal to another process'} after step {done}: saved {checkpoint}; "
+                    "continue with --resume auto")
+                break
+    bar.close()
+    if is_main() and log_path.is_file():
+        plot_loss_curve(log_path, out / "loss.png")
+        say(f"step {run.step}: checkpoint {checkpoint}, sampling checkpoint {out / 'unet'}.safetensors, "
+            f"log {log_path}, loss curve {out / 'loss.png'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_path", required=True,
+                   help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
+    g.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
+    g.add_argument("--image_column", default="image", help="image column (Hugging Face datasets)")
+    g.add_argument("--max_images", type=int, default=None, help="use only the first N images (default: all)")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="image size (shorter side resized, centre crop); default: the VQGAN's training resolution")
+    g.add_argument("--vqgan_ckpt", required=True, help="frozen VQGAN exported by vqgan.py (NAME[.safetensors|.json])")
+    g.add_argument("--latent_cache", default=None,
+                   help="latent cache folder (default: OUTPUT_DIR/latent_cache); rebuilt when its inputs change")
+    g.add_argument("--num_workers", type=int, default=2, help="image-decoding processes while the cache is built")
+    g = p.add_argument_group("model")
+    g.add_argument("--unet_size", default="small", choices=list(UNET_CONFIGS), help="named UNet size (unet.py)")
+    g.add_argument("--model_channels", type=int, default=None, help="override: base width (multiple of 32)")
+    g.add_argument("--channel_mult", type=int_list, default=None, help="override: width multipliers per level, e.g. 1,2,2")
+    g.add_argument("--num_res_blocks", type=int, default=None, help="override: ResNet blocks per level")
+    g.add_argument("--attention_resolutions", type=int_list, default=None,
+                   help="override: latent sizes with attention blocks, e.g. 16,8")
+    g.add_argument("--num_heads", type=int, default=None, help="override: attention heads")
+    g.add_argument("--dropout", type=float, default=None, help="override: dropout in the ResNet blocks")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
+                   help="noise schedule (diffusion.py)")
+    g.add_argument("--num_train_timesteps", type=int, default=1000, help="diffusion steps T")
+    g.add_argument("--beta_start", type=float, default=None, help="first beta (default: the schedule's)")
+    g.add_argument("--beta_end", type=float, default=None, help="last beta (default: the schedule's)")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the schedule to end at pure noise (Lin et al. 2023; needs --prediction_type v)")
+    g.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES, help="what the UNet predicts")
+    g.add_argument("--min_snr_gamma", type=float, default=None,
+                   help="min-SNR loss weighting (Hang et al. 2023), e.g. 5; default: unweighted")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_steps", type=int, default=20000, help="optimizer steps")
+    g.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch per process")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up")
+    g.add_argument("--warmup_steps", type=int, default=500, help="linear learning-rate warm-up")
+    g.add_argument("--min_lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (weights, not biases/norms)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay, reached after a warm-up")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast; default: on for cpu and cuda")
+    g.add_argument("--seed", type=int, default=0, help="random seed (initial weights, data order, noise)")
+    g = p.add_argument_group("text conditioning")
+    g.add_argument("--conditional", action="store_true", help="train a text-conditioned UNet")
+    g.add_argument("--caption_column", default=None, help="metadata column holding the captions")
+    g.add_argument("--caption_template", default=None,
+                   help='captions made from metadata columns, e.g. "a {style} painting by {artist}"')
+    g.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="frozen Hugging Face text encoder")
+    g.add_argument("--max_text_length", type=int, default=32, help="tokens per caption")
+    g.add_argument("--cond_drop", type=float, default=0.1,
+                   help="probability of dropping a caption in training (classifier-free guidance)")
+    g = p.add_argument_group("checkpoints and feedback")
+    g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
+    g.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints (and at the end)")
+    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--resume", default=None, help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder")
+    g.add_argument("--embed_vqgan", action="store_true",
+                   help="embed the VQGAN in the exported unet.safetensors instead of referencing its path")
+    g.add_argument("--log_every", type=int, default=10, help="steps between log.jsonl lines")
+    g.add_argument("--sample_every", type=int, default=1000, help="steps between EMA sample grids (0 = never)")
+    g.add_argument("--num_samples", type=int, default=8, help="images per sample grid")
+    g.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampler for the grids")
+    g.add_argument("--sample_steps", type=int, default=20, help="sampler steps for the grids")
+    g.add_argument("--sample_prompts", nargs="+", default=None,
+                   help="prompts of the grids (conditional; default: the dataset's first distinct captions)")
+    g.add_argument("--guidance_scale", type=float, default=4.0, help="classifier-free guidance of the grids")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    at_least_one = ["max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "num_samples",
+                    "sample_steps", "num_train_timesteps", "max_text_length"]
+    for name in at_least_one + ["max_images", "resolution"]:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    for name in ("sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "min_lr"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.cond_drop < 1:
+        raise UserError(f"--cond_drop must be in [0, 1), got {args.cond_drop}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.min_snr_gamma is not None and args.min_snr_gamma <= 0:
+        raise UserError(f"--min_snr_gamma must be positive, got {args.min_snr_gamma}")
+    if args.zero_terminal_snr and args.prediction_type != "v":
+        raise UserError("--zero_terminal_snr needs --prediction_type v (an epsilon model cannot sample from pure noise)")
+    captioned = args.caption_column is not None or args.caption_template is not None
+    if args.conditional and (args.caption_column is None) == (args.caption_template is None):
+        raise UserError("--conditional needs exactly one of --caption_column and --caption_template")
+    if not args.conditional and (captioned or args.sample_prompts):
+        raise UserError("--caption_column, --caption_template and --sample_prompts need --conditional")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    rank, world_size, device = setup_distributed(args.device)
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
