@@ -11,6 +11,8 @@ are dropped with probability --cond_drop during training so that one model serve
     python trainer.py ... --conditional --caption_template "a {style} painting"      # text conditioning
     python trainer.py ... --resume auto            # continue the latest checkpoint in --output_dir, exactly
     torchrun --nproc_per_node 4 trainer.py ...     # DistributedDataParallel, one process per GPU
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 trainer.py ...   # and on each node
+                                                   # (multi-node: --output_dir on a filesystem all nodes share)
     python diffusion.py --unet_ckpt_path runs/unet/unet --prompt "a Baroque painting"   # sample the result
 
 Output folder: latent_cache/ (unless --latent_cache), checkpoints/step_NNNNNNN/ (resumable training state, the last
@@ -143,7 +145,7 @@ def dataset_identity(args, source):
     return identity
 
 
-def cache_identity(args, source, resolution, bf16):
+def cache_identity(args, source, resolution):
     """Everything the cached tensors depend on; its hash is the cache key."""
     captions = None
     if args.conditional:
@@ -151,7 +153,7 @@ def cache_identity(args, source, resolution, bf16):
                         max_text_length=args.max_text_length)
     return dict(format=CACHE_FORMAT, vqgan=file_digest(model_paths(args.vqgan_ckpt)),
                 dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
-                bf16=bf16, captions=captions)
+                bf16=args.bf16, captions=captions)
 
 
 def cache_key(identity):
@@ -553,12 +555,11 @@ class StopSignal:
 # Training
 
 
-def train(args, rank, world_size, device):
+def prepare(args, rank, world_size, device):
+    """Check the inputs (before any training), load the frozen VQGAN and text encoder, read or build the latent
+    cache, build the UNet and its optimizer and restore a checkpoint. Returns (run, cache, vqgan, text_encoder,
+    checkpoint resumed from or None)."""
     out = Path(args.output_dir)
-    bf16 = args.bf16 if args.bf16 is not None else device.type in ("cpu", "cuda")
-    args.bf16 = bf16
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     resume_path = find_resume(args, out / "checkpoints")
     vqgan = load_vqgan(args.vqgan_ckpt, device)
     resolution = args.resolution or vqgan.config["resolution"]
@@ -581,9 +582,9 @@ def train(args, rank, world_size, device):
         check_same_architecture(state, unet, resume_path)
 
     cache_path = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
-    identity = cache_identity(args, source, resolution, bf16)
-    cache = load_or_build_cache(cache_path, identity, lambda: build_latent_cache(
-        source, rows, vqgan, resolution, args.batch_size, device, bf16, caption_of, text_encoder, args.num_workers))
+    cache = load_or_build_cache(cache_path, cache_identity(args, source, resolution), lambda: build_latent_cache(
+        source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
+        args.num_workers))
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
 
@@ -592,7 +593,25 @@ def train(args, rank, world_size, device):
     if state is not None:
         restore(run, state, resume_path, rank, world_size)
         say(f"resumed from {resume_path} at step {run.step}")
-    del state
+    return run, cache, vqgan, text_encoder, resume_path
+
+
+def log_entry(window, step, lr, samples_per_step, num_rows):
+    """A log.jsonl line: means over the steps since the last one."""
+    elapsed = time.perf_counter() - window["start"]
+    n = window["steps"]
+    return dict(step=step, epoch=round(step * samples_per_step / num_rows, 3), loss=window["loss"] / n, lr=lr,
+                grad_norm=window["grad_norm"] / n, steps_per_s=n / elapsed,
+                samples_per_s=n * samples_per_step / elapsed)
+
+
+def train(args, rank, world_size, device):
+    out = Path(args.output_dir)
+    if args.bf16 is None:
+        args.bf16 = device.type in ("cpu", "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    run, cache, vqgan, text_encoder, checkpoint = prepare(args, rank, world_size, device)
     log_path = out / "log.jsonl"
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -601,55 +620,46 @@ def train(args, rank, world_size, device):
         else:
             log_path.unlink(missing_ok=True)
     pipeline = Pipeline(run.ema, run.schedule, vqgan, sampling_config(args, run, cache), text_encoder=text_encoder,
-                        bf16=bf16)
+                        bf16=args.bf16)
     prompts = sample_prompts(args, cache)
     num_rows = len(cache["latents"])
     samples_per_step = args.batch_size * args.grad_accum * world_size
-    params = sum(p.numel() for p in unet.parameters())
-    say(f"UNet {args.unet_size}: {params / 1e6:.2f}M parameters; latents {tuple(cache['latents'].shape[2:])}, scale "
-        f"{cache['latent_scale']:.4f} ({cache['latent_scale_source']}); {num_rows} images x 2 flips; batch "
-        f"{args.batch_size} x {args.grad_accum} accumulation x {world_size} processes = {samples_per_step}; "
-        f"{device}{', bf16' if bf16 else ''}")
+    say(f"UNet {args.unet_size}: {sum(p.numel() for p in run.unet.parameters()) / 1e6:.2f}M parameters; latents "
+        f"{tuple(cache['latents'].shape[2:])}, scale {cache['latent_scale']:.4f} ({cache['latent_scale_source']}); "
+        f"{num_rows} images x 2 flips; batch {args.batch_size} x {args.grad_accum} accumulation x {world_size} "
+        f"processes = {samples_per_step}; {device}{', bf16' if args.bf16 else ''}")
 
-    checkpoint = resume_path
     window = dict(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
     bar = tqdm(total=args.max_steps, initial=run.step, desc="train", unit="step", disable=not is_main(),
                dynamic_ncols=True)
     with StopSignal() as stop:
         while run.step < args.max_steps:
-            step = run.step
-            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed,
-                                                           stream_position(step, m, rank, args, world_size)), device)
-                             for m in range(args.grad_accum)]
+            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, stream_position(
+                run.step, micro, rank, args, world_size)), device) for micro in range(args.grad_accum)]
             lr = run.optimizer.param_groups[0]["lr"]
             loss, grad_norm = train_step(run, micro_batches, args)
             if not math.isfinite(loss):
                 bar.close()
-                raise UserError(f"loss is {loss} at step {step + 1}: training diverged (lower --lr, keep --grad_clip "
-                                f"on); the last good checkpoint is {checkpoint or 'none (nothing saved yet)'}")
+                raise UserError(f"loss is {loss} at step {run.step + 1}: training diverged (lower --lr, keep "
+                                f"--grad_clip on); the last good checkpoint is {checkpoint or 'none (nothing saved)'}")
             window.update(loss=window["loss"] + loss, grad_norm=window["grad_norm"] + grad_norm,
                           steps=window["steps"] + 1)
             bar.update(1)
-            done = run.step
-            if is_main() and (done % args.log_every == 0 or done == args.max_steps):
-                elapsed = time.perf_counter() - window["start"]
-                entry = dict(step=done, epoch=round(done * samples_per_step / num_rows, 3),
-                             loss=window["loss"] / window["steps"], lr=lr,
-                             grad_norm=window["grad_norm"] / window["steps"], steps_per_s=window["steps"] / elapsed,
-                             samples_per_s=window["steps"] * samples_per_step / elapsed)
+            step = run.step
+            if is_main() and (step % args.log_every == 0 or step == args.max_steps):
+                entry = log_entry(window, step, lr, samples_per_step, num_rows)
                 write_log(log_path, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
                 window.update(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
             stopping = any_rank(stop.name is not None, device)
             paused = time.perf_counter()
-            if done % args.save_every == 0 or done == args.max_steps or stopping:
+            if step % args.save_every == 0 or step == args.max_steps or stopping:
                 checkpoint = save_checkpoint(run, args, cache, vqgan, out)
-            if is_main() and args.sample_every and done % args.sample_every == 0:
-                save_samples(out / "samples" / f"step_{done:07d}.png", pipeline, args, prompts, done)
+            if is_main() and args.sample_every and step % args.sample_every == 0:
+                save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args, prompts, step)
             window["start"] += time.perf_counter() - paused  # steps/s measures training alone
             if stopping:
-                bar.close()
-                say(f"stopped by {stop.name or 'a signal to another process'} after step {done}: saved {checkpoint}; "
+                say(f"stopped by {stop.name or 'a signal to another process'} after step {step}: saved {checkpoint}; "
                     "continue with --resume auto")
                 break
     bar.close()
@@ -682,7 +692,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--unet_size", default="small", choices=list(UNET_CONFIGS), help="named UNet size (unet.py)")
     g.add_argument("--model_channels", type=int, default=None, help="override: base width (multiple of 32)")
-    g.add_argument("--channel_mult", type=int_list, default=None, help="override: width multipliers per level, e.g. 1,2,2")
+    g.add_argument("--channel_mult", type=int_list, default=None, help="override: width multipliers per level, "
+                   "e.g. 1,2,2")
     g.add_argument("--num_res_blocks", type=int, default=None, help="override: ResNet blocks per level")
     g.add_argument("--attention_resolutions", type=int_list, default=None,
                    help="override: latent sizes with attention blocks, e.g. 16,8")
@@ -726,7 +737,8 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
     g.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
-    g.add_argument("--resume", default=None, help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder")
     g.add_argument("--embed_vqgan", action="store_true",
                    help="embed the VQGAN in the exported unet.safetensors instead of referencing its path")
     g.add_argument("--log_every", type=int, default=10, help="steps between log.jsonl lines")
@@ -760,7 +772,8 @@ def check_args(args):
     if args.min_snr_gamma is not None and args.min_snr_gamma <= 0:
         raise UserError(f"--min_snr_gamma must be positive, got {args.min_snr_gamma}")
     if args.zero_terminal_snr and args.prediction_type != "v":
-        raise UserError("--zero_terminal_snr needs --prediction_type v (an epsilon model cannot sample from pure noise)")
+        raise UserError("--zero_terminal_snr needs --prediction_type v (an epsilon model cannot sample from pure "
+                        "noise)")
     captioned = args.caption_column is not None or args.caption_template is not None
     if args.conditional and (args.caption_column is None) == (args.caption_template is None):
         raise UserError("--conditional needs exactly one of --caption_column and --caption_template")

@@ -20,17 +20,8 @@ from conftest import ROOT
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 
-FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16", "--lr", "1e-3",
-        "--warmup_steps", "0", "--sample_every", "0", "--log_every", "1", "--save_every", "1000"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared, busy CPU: one thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",
+        "--lr", "1e-3", "--warmup_steps", "0", "--sample_every", "0", "--log_every", "1", "--save_every", "1000"]
 
 
 def write_vqgan(path, seed=0, latent_scale=1.0):
@@ -94,9 +85,9 @@ def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         trainer.parse_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--dataset_path", "--vqgan_ckpt", "--unet_size", "--schedule", "--prediction_type", "--min_snr_gamma",
-                 "--zero_terminal_snr", "--latent_cache", "--caption_template", "--cond_drop", "--resume", "--keep_last",
-                 "--sample_every", "--grad_accum", "--ema_decay", "--bf16", "--device"):
+    for flag in ("--dataset_path", "--vqgan_ckpt", "--unet_size", "--schedule", "--prediction_type",
+                 "--min_snr_gamma", "--zero_terminal_snr", "--latent_cache", "--caption_template", "--cond_drop",
+                 "--resume", "--keep_last", "--sample_every", "--grad_accum", "--ema_decay", "--bf16", "--device"):
         assert flag in text
     assert "(default: 0.1)" in text and "(default: small)" in text and "(default: 0.9999)" in text
 
@@ -290,7 +281,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, image_fol
     (["--vqgan_ckpt", "MISSING"], "VQGAN weights not found"),
     (["--dataset_path", "EMPTY"], "no images found"),
     (["--conditional", "--caption_column", "caption"], r"'caption' is not in the dataset \(columns: style\)"),
-    (["--conditional", "--caption_template", "a {style} by {artist}"], r"artist, not in the dataset \(columns: style\)"),
+    (["--conditional", "--caption_template", "a {style} by {artist}"],
+     r"artist, not in the dataset \(columns: style\)"),
     (["--conditional"], "exactly one of --caption_column and --caption_template"),
     (["--caption_column", "style"], "need --conditional"),
     (["--resolution", "30"], "--resolution 30 is not a multiple of the VQGAN's downsampling factor 4"),
@@ -323,7 +315,7 @@ def test_resume_guards_other_architectures_and_existing_runs(tmp_path, image_fol
         train(image_folder, vqgan, out, "--max_steps", 2)
     with pytest.raises(UserError, match="different UNet \\(model_channels 64 here, 32 there\\)"):
         train(image_folder, vqgan, out, "--max_steps", 2, "--resume", "auto", "--model_channels", 64)
-    with pytest.raises(UserError, match="not a trainer.py checkpoint|not a latent cache"):
+    with pytest.raises(UserError, match="not a trainer.py checkpoint"):
         train(image_folder, vqgan, tmp_path / "other", "--max_steps", 2, "--resume", out / "latent_cache")
     with pytest.raises(UserError, match="is not a latent cache"):  # never overwrite a folder that is not a cache
         train(image_folder, vqgan, tmp_path / "other", "--max_steps", 2, "--latent_cache", image_folder)
