@@ -1,9 +1,47 @@
-"""Evaluation metrics for Noise2Art: reconstruction metrics (PSNR, SSIM) and set metrics.
+"""Evaluation metrics for Noise2Art: reconstruction metrics (PSNR, SSIM) and set metrics (Fréchet distance, KID).
 
 Images are float tensors B x 3 x H x W in [-1, 1].
+
+    # Fréchet distance and KID between generated PNGs and a real set, with offline EfficientNet-Lite0 features
+    python evaluate.py --real ../shared/wikiart-mini --fake samples --n 1000 --resolution 128 --out results.json
+    # the standard FID Inception (pytorch-fid's pt_inception-2015-12-05 weights, a separate download)
+    python evaluate.py --real ../shared/wikiart-mini --fake samples --features inception \
+        --inception_weights pt_inception-2015-12-05-6726825d.pth
+    # generate the fake set from a diffusion checkpoint first (resumable), then score it
+    python evaluate.py --samples_from runs/unet/unet.json --n 1000 --real ../shared/wikiart-mini --resolution 128
+    # a VQGAN's reconstructions: PSNR, SSIM and reconstruction FD / KID (originals vs reconstructions)
+    python evaluate.py --vqgan_ckpt runs/vq-f4-small/vqgan --real ../shared/wikiart-mini --n 256 --resolution 128
 """
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.models import inception
+from tqdm import tqdm, trange
+
+from common import (
+    ImageSource, ImageTensorDataset, UserError, atomic_write, atomic_write_json, collate_skip_none, image_to_tensor,
+    model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load, save_png, tensor_to_images,
+)
+from diffusion import DEFAULT_STEPS, SAMPLERS, load_diffusion_model
+from features import EFFNET_IMAGE_SIZE, EfficientNetLite0Features
+from vqgan import load_vqgan, load_weights
+
+FEATURE_SIZES = {"effnet-lite0": EFFNET_IMAGE_SIZE, "inception": 299}  # network -> input size
+FID_INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+RESIZE_POLICY = ("every image (real, generated or reconstructed) is first brought to R x R with --resolution R "
+                 "(shorter side resized to R, bicubic, then centre crop; kept as 8-bit RGB, like a saved PNG), then "
+                 "to the feature network's input the same way (224 x 224 EfficientNet-Lite0, 299 x 299 Inception); "
+                 "without --resolution only the second step is done")
+STATS_CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction metrics
 
 
 def psnr(images, references):
@@ -37,3 +75,477 @@ def ssim(images, references, window_size=11, sigma=1.5):
     cov_xy = blur(x * y) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Set metrics on features N x d
+
+
+def mean_and_covariance(features):
+    """Features N x d -> (mean d, covariance d x d) in float64; unbiased (N - 1) covariance as in the FID code."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise UserError(f"the statistics need at least 2 images, got {len(features)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def drop_rounding_noise(eigenvalues):
+    """Eigenvalues of a symmetric PSD matrix with those at rounding-error level (negative ones included) set to 0,
+    the tolerance np.linalg.matrix_rank uses: singular covariances (fewer images than dimensions) stay exact."""
+    tolerance = eigenvalues.max(initial=0) * len(eigenvalues) * np.finfo(eigenvalues.dtype).eps
+    return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
+
+
+def symmetric_sqrt(matrix):
+    """Square root of a symmetric positive semi-definite matrix."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(drop_rounding_noise(eigenvalues))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 C),
+    C = (sigma1 sigma2)^1/2. tr C is the sum of the square roots of the eigenvalues of sigma1 sigma2, which are
+    those of the symmetric PSD matrix sigma1^1/2 sigma2 sigma1^1/2: symmetric eigendecompositions only, so no
+    complex parts and no eps offset (scipy.linalg.sqrtm needs one for singular covariances)."""
+    sqrt_sigma1 = symmetric_sqrt(sigma1)
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    trace_sqrt_product = np.sqrt(drop_rounding_noise(np.linalg.eigvalsh((product + product.T) / 2))).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
+
+
+def polynomial_kernel(x, y):
+    """k(x, y) = (x.y / d + 1)^3, the KID kernel (Binkowski et al. 2018): N x d, M x d -> N x M."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x, y):
+    """Unbiased estimate of the squared MMD between the distributions of x and y (m x d each, m >= 2)."""
+    m = len(x)
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    same = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return same - 2 * k_xy.mean()
+
+
+def kid(features_a, features_b, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance: mean and std of mmd2_unbiased over `subsets` random subsets of
+    m = min(subset_size, N_a, N_b) rows of each set (rows drawn without replacement within a subset).
+    Unbiased, so it scatters around 0, negative values included, when both sets come from one distribution."""
+    features_a, features_b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    m = min(subset_size, len(features_a), len(features_b))
+    if m < 2:
+        raise UserError(f"KID needs at least 2 images in each set, got {len(features_a)} and {len(features_b)}")
+    rng = np.random.default_rng(seed)
+    values = [mmd2_unbiased(features_a[rng.choice(len(features_a), m, replace=False)],
+                            features_b[rng.choice(len(features_b), m, replace=False)]) for _ in range(subsets)]
+    return float(np.mean(values)), float(np.std(values))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature networks: images B x 3 x S x S in [-1, 1] -> B x d
+
+
+def fid_pool(x, kind="avg"):
+    """The pool branch of the TF Inception graph the FID weights come from: 3x3 average pooling that leaves the
+    zero padding out of the count (torchvision counts it), or 3x3 max pooling in the last block."""
+    if kind == "max":
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(inception.InceptionA):
+    def _forward(self, x):
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(fid_pool(x))]
+
+
+class FIDInceptionC(inception.InceptionC):
+    def _forward(self, x):
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                      self.branch7x7dbl_5):
+            branch7x7dbl = layer(branch7x7dbl)
+        return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(fid_pool(x))]
+
+
+class FIDInceptionE(inception.InceptionE):
+    pool = "avg"  # FIDInceptionV3 sets "max" in Mixed_7c
+
+    def _forward(self, x):
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(fid_pool(x, self.pool))]
+
+
+class FIDInceptionV3(inception.Inception3):
+    """Inception-v3 laid out as the TF graph of the original FID code, so that pytorch-fid's port of its weights
+    (pt_inception-2015-12-05-6726825d.pth) loads key for key: torchvision's architecture with 1008 classes, no aux
+    head, and the FID pool branches. forward: images B x 3 x 299 x 299 in [-1, 1] -> B x 2048 pool3 features."""
+
+    LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+    def __init__(self):
+        blocks = [inception.BasicConv2d, FIDInceptionA, inception.InceptionB, FIDInceptionC, inception.InceptionD,
+                  FIDInceptionE, inception.InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+        self.Mixed_7c.pool = "max"
+
+    def forward(self, images):
+        x = images
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        for name in self.LAYERS:
+            x = getattr(self, name)(x)
+        return x.mean(dim=(2, 3))  # B x 2048
+
+
+def find_inception_weights(path=None):
+    """--inception_weights, else the file in the torch hub cache (where pytorch-fid downloads it)."""
+    if path:
+        return require_file(path, "Inception weights")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_INCEPTION_WEIGHTS
+    if not cached.is_file():
+        raise UserError(f"--features inception needs the FID Inception weights {FID_INCEPTION_WEIGHTS} (released with "
+                        f"pytorch-fid): pass --inception_weights PATH or put the file in {cached.parent}")
+    return cached
+
+
+def load_feature_network(name, device="cpu", inception_weights=None):
+    """A frozen network: images B x 3 x S x S in [-1, 1] (S = FEATURE_SIZES[name]) -> B x d features
+    (1280 effnet-lite0, 2048 inception). Channels-last: 1.5-2x faster on CPU."""
+    if name == "effnet-lite0":
+        model = EfficientNetLite0Features()
+        network = model.pooled
+    elif name == "inception":
+        path = find_inception_weights(inception_weights)
+        state_dict = safe_torch_load(path)
+        if not isinstance(state_dict, dict):
+            raise UserError(f"{path} is not a state dict of Inception weights")
+        model = network = FIDInceptionV3()
+        # BatchNorm step counters are unused in eval mode and absent from files saved by older PyTorch versions
+        counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+        load_weights(model, {**counters, **state_dict}, f"Inception weights {path}")
+    else:
+        raise UserError(f"unknown feature network {name!r} (choose {', '.join(FEATURE_SIZES)})")
+    model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    return network
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sets -> features
+
+
+def prepare(img, size, resolution=None):
+    """PIL image -> 3 x size x size in [-1, 1] for a feature network, as RESIZE_POLICY says."""
+    if resolution:
+        img = tensor_to_images(image_to_tensor(img, resolution)[None])[0]
+    return image_to_tensor(img, size)
+
+
+class PreparedImages(torch.utils.data.Dataset):
+    """Rows `indices` of an ImageSource, prepared for a feature network; unreadable images give None."""
+
+    def __init__(self, source, indices, size, resolution=None):
+        self.source, self.indices, self.size, self.resolution = source, indices, size, resolution
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img = self.source.image(self.indices[i])
+        return None if img is None else prepare(img, self.size, self.resolution)
+
+
+def pick_indices(count, n=None):
+    """The rows of a set of `count` images to score: all of them, or a fixed random subset of n (seed 0), in order."""
+    if n is None or n >= count:
+        return list(range(count))
+    return sorted(np.random.default_rng(0).choice(count, n, replace=False).tolist())
+
+
+@torch.no_grad()
+def extract_features(network, batches, device):
+    """Features N x d (float32 numpy) of an iterable of image batches; None batches (all unreadable) are skipped."""
+    features = [network(images.to(device, memory_format=torch.channels_last)).float().cpu()
+                for images in batches if images is not None]
+    return torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
+
+
+def set_features(source, n, network, size, args, what):
+    """Features of (a subset of n images of) an ImageSource; at least 2 readable images are required."""
+    dataset = PreparedImages(source, pick_indices(len(source), n), size, args.resolution)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
+                                         num_workers=args.num_workers)
+    features = extract_features(network, tqdm(loader, desc=f"{what} features", dynamic_ncols=True), args.device)
+    if len(features) < 2:
+        raise UserError(f"{what} set {source.path} has {len(features)} readable image(s); "
+                        "the statistics need at least 2")
+    return features
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-set statistics, cached as .npz (mu, sigma as pytorch-fid writes them, plus the features for KID)
+
+
+def real_stats_key(args, count, network_name):
+    """Everything the real-set features depend on."""
+    real = Path(args.real).resolve() if Path(args.real).exists() else args.real
+    key = dict(version=STATS_CACHE_VERSION, real=str(real), split=args.real_split, image_column=args.image_column,
+               images_in_set=count, n=len(pick_indices(count, args.n)), seed_of_subset=0, resolution=args.resolution,
+               features=network_name, input_size=FEATURE_SIZES[network_name], resize=RESIZE_POLICY)
+    if network_name == "inception":
+        key["weights"] = file_digest(find_inception_weights(args.inception_weights))
+    return key
+
+
+def stats_cache_path(cache_dir, key):
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / f"{key['features']}-{Path(key['real']).name}-{digest}.npz"
+
+
+def load_cached_stats(path, key):
+    """The cached statistics at `path` if it holds those of `key`, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if json.loads(str(data["key"])) != key:
+                return None
+            return {name: data[name] for name in ("mu", "sigma", "features")}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def save_stats(path, key, stats):
+    atomic_write(path, lambda f: np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **stats))
+
+
+def real_statistics(args, network, network_name):
+    """{"mu", "sigma", "features"} of the real set, from the cache where it holds them."""
+    source = ImageSource(args.real, args.real_split, args.image_column)
+    key = real_stats_key(args, len(source), network_name)
+    path = None if args.no_cache else stats_cache_path(args.cache_dir, key)
+    stats = load_cached_stats(path, key) if path is not None and path.is_file() else None
+    if stats is not None:
+        print(f"real-set statistics from {path}")
+        return stats
+    features = set_features(source, args.n, network, FEATURE_SIZES[network_name], args, "real")
+    mu, sigma = mean_and_covariance(features)
+    stats = {"mu": mu, "sigma": sigma, "features": features}
+    if path is not None:
+        save_stats(path, key, stats)
+        print(f"wrote real-set statistics to {path}")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The three jobs: score a fake set, generate one first, score a VQGAN's reconstructions
+
+
+def set_metrics(real_features, fake_features, real_mu, real_sigma, args, prefix=""):
+    """{FD_<net>, KID_<net>, KID_<net>_std} between two feature sets (names carry the feature network)."""
+    mu, sigma = mean_and_covariance(fake_features)
+    kid_mean, kid_std = kid(real_features, fake_features, args.kid_subsets, args.kid_subset_size, args.seed)
+    return {f"{prefix}FD_{args.features}": frechet_distance(real_mu, real_sigma, mu, sigma),
+            f"{prefix}KID_{args.features}": kid_mean, f"{prefix}KID_{args.features}_std": kid_std,
+            "kid_subset_size": min(args.kid_subset_size, len(real_features), len(fake_features)),
+            "kid_subsets": args.kid_subsets}
+
+
+def score_sets(args, network):
+    fake_dir = Path(args.fake)
+    real = real_statistics(args, network, args.features)
+    fake_features = set_features(ImageSource(fake_dir), args.n, network, FEATURE_SIZES[args.features], args, "fake")
+    results = {"real": str(args.real), "real_split": args.real_split, "fake": str(fake_dir),
+               "n_real": len(real["features"]), "n_fake": len(fake_features), "resolution": args.resolution}
+    return {**results, **set_metrics(real["features"], fake_features, real["mu"], real["sigma"], args)}
+
+
+def sample_settings(args):
+    return {"checkpoint": str(Path(args.samples_from).resolve()), "sampler": args.sampler,
+            "steps": args.steps or DEFAULT_STEPS[args.sampler], "seed": args.seed, "prompt": args.prompt,
+            "guidance_scale": args.guidance_scale, "ema": not args.no_ema, "bf16": args.bf16}
+
+
+def generate_samples(args):
+    """Write images 00000.png ... of --samples_from into --fake (image i from seed + i), skipping those already
+    there, so an interrupted run resumes; samples.json records the settings and guards against mixing runs."""
+    settings = sample_settings(args)
+    fake_dir = Path(args.fake)
+    record = fake_dir / "samples.json"
+    if record.is_file() and read_json(record, "samples record") != settings:
+        raise UserError(f"{fake_dir} holds samples made with other settings (see {record}); pass another --fake")
+    atomic_write_json(record, settings)
+    paths = [fake_dir / f"{i:05d}.png" for i in range(args.n)]
+    if all(p.is_file() for p in paths):
+        return
+    pipeline = load_diffusion_model(args.samples_from, args.device, use_ema=not args.no_ema, bf16=args.bf16)
+    for start in trange(0, args.n, args.batch_size, desc="sampling", dynamic_ncols=True):
+        batch_paths = paths[start:start + args.batch_size]
+        if all(p.is_file() for p in batch_paths):
+            continue
+        images = pipeline.generate(len(batch_paths), args.seed + start, sampler=settings["sampler"],
+                                   steps=settings["steps"], prompt=args.prompt, guidance_scale=args.guidance_scale,
+                                   progress=False)
+        for i, (path, img) in enumerate(zip(batch_paths, tensor_to_images(images))):
+            save_png(path, img, {"parameters": {**settings, "seed": args.seed + start + i}})
+
+
+@torch.no_grad()
+def score_vqgan(args, network):
+    """PSNR and SSIM of the reconstructions at --resolution, and FD / KID of originals vs reconstructions."""
+    model = load_vqgan(args.vqgan_ckpt, args.device)
+    resolution = args.resolution or model.config["resolution"]
+    if resolution % model.downsample_factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's factor {model.downsample_factor}")
+    source = ImageSource(args.real, args.real_split, args.image_column)
+    dataset = torch.utils.data.Subset(ImageTensorDataset(source, resolution, random_crop=False, flip=False),
+                                      pick_indices(len(source), args.n))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
+                                         num_workers=args.num_workers)
+    size = FEATURE_SIZES[args.features]
+    psnrs, ssims, original_features, reconstruction_features = [], [], [], []
+    for images in tqdm(loader, desc="reconstructions", dynamic_ncols=True):
+        if images is None:
+            continue
+        images = images.to(args.device)
+        reconstructions = model(images)[0].float().clamp(-1, 1)
+        psnrs.append(psnr(reconstructions, images).cpu())
+        ssims.append(ssim(reconstructions, images).cpu())
+        for batch, out in ((images, original_features), (reconstructions, reconstruction_features)):
+            prepared = torch.stack([prepare(img, size) for img in tensor_to_images(batch)])
+            out.append(extract_features(network, [prepared], args.device))
+    if sum(len(p) for p in psnrs) < 2:
+        raise UserError(f"{args.real} has fewer than 2 readable images; the statistics need at least 2")
+    originals, reconstructions = np.concatenate(original_features), np.concatenate(reconstruction_features)
+    mu, sigma = mean_and_covariance(originals)
+    results = {"vqgan_ckpt": str(args.vqgan_ckpt), "real": str(args.real), "real_split": args.real_split,
+               "n": len(originals), "resolution": resolution,
+               "PSNR": torch.cat(psnrs).mean().item(), "SSIM": torch.cat(ssims).mean().item()}
+    return {**results, **set_metrics(originals, reconstructions, mu, sigma, args, prefix="r")}
+
+
+def print_table(results, features):
+    """The metrics, one per line; every set metric's name carries the feature network it was computed with."""
+    print(f"{'metric':<28}value")
+    for name, value in results.items():
+        if name in ("PSNR", "SSIM") or name.endswith(f"FD_{features}"):
+            print(f"{name + (' (FID)' if name == 'FD_inception' else ''):<28}{value:.4f}")
+        elif name.endswith(f"KID_{features}"):
+            print(f"{name:<28}{value:.6f} ± {results[name + '_std']:.6f}")
+    print(f"({', '.join(f'{k} {results[k]}' for k in ('n', 'n_real', 'n_fake') if k in results)}; "
+          f"features {features}; KID over {results['kid_subsets']} subsets of {results['kid_subset_size']})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Fréchet distance and KID between a real and a generated image set; optionally generate the set "
+                    "from a diffusion checkpoint first; or PSNR, SSIM and reconstruction FD / KID of a VQGAN.",
+        epilog=f"Resizing: {RESIZE_POLICY}. The metric names carry the feature network (FD_effnet-lite0, "
+               "FD_inception = the standard FID), so numbers from different networks are never mixed.")
+    data = parser.add_argument_group("image sets")
+    data.add_argument("--real", required=True,
+                      help="real images: an image folder, an ImageFolder (metadata.jsonl) or a dataset name/path "
+                           "that datasets.load_dataset reads")
+    data.add_argument("--real_split", default=None,
+                      help="split of a --real dataset (default: test with --vqgan_ckpt, train otherwise)")
+    data.add_argument("--image_column", default="image", help="image column of a --real dataset")
+    data.add_argument("--fake", default=None,
+                      help="folder of generated images (with --samples_from: where they are written, default "
+                           "CKPT_samples_SAMPLER_STEPS_seedSEED next to the checkpoint)")
+    data.add_argument("--n", type=int, default=None,
+                      help="images per set; a set with more uses a fixed random subset of N (default: every image; "
+                           "1000 with --samples_from; 256 with --vqgan_ckpt)")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="bring every image to R x R first (the generation resolution; with --vqgan_ckpt the size it "
+                           "reconstructs, default its training resolution)")
+    metric = parser.add_argument_group("metrics")
+    metric.add_argument("--features", default="effnet-lite0", choices=list(FEATURE_SIZES),
+                        help="feature network: effnet-lite0 (offline, 1280-d, 224 px) or inception (the standard FID "
+                             "Inception-v3, 2048-d, 299 px; needs its weights)")
+    metric.add_argument("--inception_weights", default=None,
+                        help=f"path to {FID_INCEPTION_WEIGHTS} (default: the torch hub cache, "
+                             "~/.cache/torch/hub/checkpoints/)")
+    metric.add_argument("--kid_subsets", type=int, default=100, help="number of random subsets KID averages over")
+    metric.add_argument("--kid_subset_size", type=int, default=1000,
+                        help="images per KID subset (capped at the set sizes)")
+    metric.add_argument("--cache_dir", default="~/.cache/noise2art/stats",
+                        help="folder for cached real-set statistics (.npz: mu, sigma, features)")
+    metric.add_argument("--no_cache", action="store_true", help="neither read nor write cached real-set statistics")
+    metric.add_argument("--out", default=None, help="write the results to this JSON file")
+    gen = parser.add_argument_group("generating the fake set")
+    gen.add_argument("--samples_from", default=None, help="diffusion checkpoint to sample --n images from first")
+    gen.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: as diffusion.py)")
+    gen.add_argument("--prompt", default=None, help="caption for a text-conditioned model")
+    gen.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale with --prompt")
+    gen.add_argument("--seed", type=int, default=0, help="image i comes from seed + i; also seeds KID subsets")
+    gen.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA ones")
+    gen.add_argument("--bf16", action="store_true", help="bf16 autocast for sampling (features stay fp32)")
+    parser.add_argument("--vqgan_ckpt", default=None, help="score this VQGAN's reconstructions of --real instead")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per batch (features, sampling, VQGAN)")
+    parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if args.samples_from and args.vqgan_ckpt:
+        raise UserError("--samples_from and --vqgan_ckpt are separate jobs: give one")
+    if args.vqgan_ckpt and args.fake:
+        raise UserError("--fake does not apply with --vqgan_ckpt (the reconstructions are the second set)")
+    if not (args.fake or args.samples_from or args.vqgan_ckpt):
+        raise UserError("nothing to compare --real with: give --fake DIR, --samples_from CKPT or --vqgan_ckpt CKPT")
+    if args.n is not None and args.n < 2:
+        raise UserError(f"--n must be at least 2 (the statistics need 2 images), got {args.n}")
+    if args.kid_subsets < 1 or args.kid_subset_size < 2:
+        raise UserError("--kid_subsets must be at least 1 and --kid_subset_size at least 2")
+    for flag in ("batch_size", "resolution", "steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    args.device = pick_device(args.device)
+    args.real_split = args.real_split or ("test" if args.vqgan_ckpt else "train")
+    if args.samples_from:
+        checkpoint = require_file(model_paths(args.samples_from)[1], "diffusion checkpoint config").with_suffix("")
+        args.n = args.n or 1000
+        settings = sample_settings(args)
+        args.fake = args.fake or f"{checkpoint}_samples_{settings['sampler']}_{settings['steps']}_seed{args.seed}"
+    elif args.fake and not Path(args.fake).is_dir():
+        raise UserError(f"fake image folder not found: {args.fake}")
+    if args.vqgan_ckpt:
+        args.n = args.n or 256
+    network = load_feature_network(args.features, args.device, args.inception_weights)
+    if args.samples_from:
+        generate_samples(args)
+    results = score_vqgan(args, network) if args.vqgan_ckpt else score_sets(args, network)
+    results.update(features=args.features, resize=RESIZE_POLICY)
+    print_table(results, args.features)
+    if args.out:
+        atomic_write_json(args.out, results)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,457 @@
+"""Set metrics checked against closed forms (Fréchet distance) and their statistics (KID is unbiased), PSNR/SSIM
+against hand-computed values, the real-set cache, the FID Inception plumbing (random weights), the three command
+jobs (score two folders, sample a diffusion checkpoint first, score a VQGAN) and bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageFilter
+from torchvision.models import inception
+
+import evaluate
+from common import ImageSource, ImageTensorDataset, UserError
+from conftest import make_painting
+from diffusion import NoiseSchedule, save_diffusion_model
+from evaluate import (
+    FIDInceptionA, FIDInceptionE, FIDInceptionV3, extract_features, frechet_distance, kid, load_feature_network,
+    mean_and_covariance, mmd2_unbiased, psnr, real_stats_key, ssim, stats_cache_path,
+)
+from unet import UNET_CONFIGS, UNet
+from vqgan import CONFIGS, VQModel, save_vqgan
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on a shared, busy CPU: one thread is faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_images(folder, seeds, edit=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        img = make_painting(seed)
+        (edit(img) if edit else img).save(folder / f"{seed:05d}.png")
+    return folder
+
+
+def degrade(img):
+    """Blurred and washed out: what a worse generator gives."""
+    return ImageEnhance.Color(img.filter(ImageFilter.GaussianBlur(3))).enhance(0.3)
+
+
+def mean_colour_features(images):
+    """A cheap stand-in feature network (B x 12): mean colour of each image quadrant."""
+    return F.adaptive_avg_pool2d(images, 2).flatten(1)
+
+
+@pytest.fixture
+def cheap_features(monkeypatch):
+    """Replace the feature network by mean_colour_features, for tests of the plumbing around it."""
+    monkeypatch.setattr(evaluate, "load_feature_network", lambda name, device="cpu", weights=None: mean_colour_features)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """Randomly initialised FIDInceptionV3 weights saved as the real file is: a plain torch state dict."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / evaluate.FID_INCEPTION_WEIGHTS
+    torch.save(FIDInceptionV3().state_dict(), path)
+    return path
+
+
+def run(argv, capsys):
+    assert evaluate.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def diagonal_fd(mu1, s1, mu2, s2):
+    return ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+
+
+MU1, S1 = np.array([0.0, 1.0, 2.0, -1.0]), np.array([1.0, 4.0, 9.0, 0.5])
+MU2, S2 = np.array([1.0, 1.0, 0.0, -1.0]), np.array([4.0, 1.0, 0.25, 0.5])
+
+
+def test_frechet_distance_of_exact_diagonal_moments_is_the_closed_form():
+    fd = frechet_distance(MU1, np.diag(S1), MU2, np.diag(S2))
+    assert fd == pytest.approx(diagonal_fd(MU1, S1, MU2, S2), rel=1e-12)  # 5 + 8.25 = 13.25
+    assert fd == pytest.approx(13.25, rel=1e-12)
+
+
+def test_frechet_distance_of_full_covariances_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    sigma1, sigma2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * scipy.linalg.sqrtm(sigma1 @ sigma2).real)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-9)
+
+
+def test_frechet_distance_of_sampled_gaussians_is_near_the_closed_form():
+    rng = np.random.default_rng(1)
+    x = MU1 + np.sqrt(S1) * rng.normal(size=(20000, 4))
+    y = MU2 + np.sqrt(S2) * rng.normal(size=(20000, 4))
+    fd = frechet_distance(*mean_and_covariance(x), *mean_and_covariance(y))
+    assert fd == pytest.approx(13.25, abs=0.25)  # sampling error of the moments of 20k draws: about 0.1
+
+
+@pytest.mark.parametrize("n, d", [(500, 8), (10, 32)])  # full rank, and singular (fewer images than dimensions)
+def test_frechet_distance_of_a_set_with_itself_is_zero(n, d):
+    features = np.random.default_rng(2).normal(size=(n, d)) * np.linspace(0.1, 3, d)
+    mu, sigma = mean_and_covariance(features)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-12 * np.trace(sigma)
+    shifted = frechet_distance(mu, sigma, mu + 1, sigma)
+    assert shifted == pytest.approx(d, rel=1e-6)
+
+
+def test_statistics_need_two_images():
+    with pytest.raises(UserError, match="at least 2"):
+        mean_and_covariance(np.zeros((1, 4)))
+
+
+# ----------------------------------------------------------------------------------------------
+# KID
+
+
+def test_mmd2_unbiased_is_the_u_statistic():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) + 0.3
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / 20
+                - 2 * sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25)
+    assert mmd2_unbiased(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_is_unbiased_on_one_distribution_and_positive_on_shifted_ones():
+    rng = np.random.default_rng(4)
+    same = np.array([kid(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)), subsets=1)[0] for _ in range(400)])
+    standard_error = same.std() / np.sqrt(len(same))
+    assert abs(same.mean()) < 4 * standard_error  # a biased (V-statistic) estimate sits well above 0
+    assert (same < 0).mean() > 0.2  # unbiased: negative values are common
+    shifted = np.array([kid(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 0.5, subsets=1)[0]
+                        for _ in range(100)])
+    assert shifted.mean() > same.mean() + 20 * standard_error and (shifted > 0).mean() > 0.9
+
+
+def test_kid_averages_over_subsets_of_the_capped_size():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(30, 4)), rng.normal(size=(12, 4)) + 1
+    mean, std = kid(a, b, subsets=50, subset_size=1000, seed=0)
+    assert std > 0  # 12-row subsets of the 30-row set differ
+    assert kid(a, b, subsets=50, subset_size=1000, seed=0) == (mean, std)  # seeded
+    full = kid(a[:12], b, subsets=3, subset_size=12)
+    assert full[0] == pytest.approx(mmd2_unbiased(a[:12], b)) and full[1] < 1e-12  # subsets of the whole set
+
+
+# ----------------------------------------------------------------------------------------------
+# PSNR / SSIM
+
+
+def test_psnr_of_identical_images_is_capped_and_of_a_constant_offset_exact():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(psnr(x, x), torch.tensor(100.0))
+    # +0.1 in [-1, 1] is 0.05 in [0, 1]: PSNR = -20 log10(0.05)
+    assert torch.allclose(psnr(x + 0.1, x), torch.tensor(-20 * np.log10(0.05), dtype=torch.float32), atol=1e-3)
+
+
+def test_ssim_of_identical_images_is_one_and_noise_lowers_both_metrics():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(np.asarray(make_painting(0, (48, 48)), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    noise = torch.randn(x.shape, generator=generator)
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    scores = [(psnr(x + s * noise, x).item(), ssim(x + s * noise, x).item()) for s in (0.02, 0.1, 0.3)]
+    assert scores[0][0] > scores[1][0] > scores[2][0] and 1 > scores[0][1] > scores[1][1] > scores[2][1]
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    a, b = 0.2, 0.6  # [0, 1] intensities; no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    x, y = torch.full((1, 3, 16, 16), 2 * a - 1), torch.full((1, 3, 16, 16), 2 * b - 1)
+    c1 = 0.01**2
+    # fp32 blurs leave variances of about 1e-8 (not 0) against C2 = 9e-4: agreement to about 3e-5
+    assert ssim(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-4)
+
+
+def test_ssim_matches_a_direct_window_by_window_computation():
+    rng = np.random.default_rng(6)
+    x = rng.uniform(size=(3, 14, 15))
+    y = np.clip(x + rng.normal(scale=0.1, size=x.shape), 0, 1) ** 1.5
+    coords = np.arange(11) - 5
+    w = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for c in range(3):
+        for i in range(14 - 10):
+            for j in range(15 - 10):
+                px, py = x[c, i:i + 11, j:j + 11], y[c, i:i + 11, j:j + 11]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * px * px).sum() - mx**2, (w * py * py).sum() - my**2
+                cov = (w * px * py).sum() - mx * my
+                values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    to_tensor = lambda a: torch.from_numpy(a * 2 - 1).float()[None]  # noqa: E731
+    assert ssim(to_tensor(y), to_tensor(x)).item() == pytest.approx(np.mean(values), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature networks and real images
+
+
+def test_degraded_images_score_worse_than_clean_ones_with_effnet_features(tmp_path):
+    network = load_feature_network("effnet-lite0")
+    sets = {"real": (range(40), None), "clean": (range(100, 140), None), "degraded": (range(100, 140), degrade)}
+    features = {}
+    for name, (seeds, edit) in sets.items():
+        folder = write_images(tmp_path / name, seeds, edit)
+        dataset = evaluate.PreparedImages(ImageSource(folder), list(range(40)), 224)
+        features[name] = extract_features(network, torch.utils.data.DataLoader(dataset, batch_size=20), "cpu")
+    assert features["real"].shape == (40, 1280)
+    real_stats = mean_and_covariance(features["real"])
+    fd = {name: frechet_distance(*real_stats, *mean_and_covariance(features[name])) for name in ("clean", "degraded")}
+    kids = {name: kid(features["real"], features[name], subsets=20, subset_size=30)[0] for name in ("clean", "degraded")}
+    assert fd["degraded"] > 1.5 * fd["clean"]
+    assert kids["degraded"] > kids["clean"] + 0.05
+
+
+def test_fid_blocks_differ_from_torchvision_only_where_the_pool_sees_padding():
+    torch.manual_seed(0)
+    x = torch.randn(1, 192, 7, 7)
+    for fid_block, block in ((FIDInceptionA(192, pool_features=32), inception.InceptionA(192, pool_features=32)),
+                             (FIDInceptionE(192), inception.InceptionE(192))):
+        block.load_state_dict(fid_block.state_dict())
+        with torch.no_grad():
+            diff = (fid_block.eval()(x) - block.eval()(x)).abs().amax(dim=1)[0]  # 7 x 7
+        assert diff[1:-1, 1:-1].max() < 1e-5 and diff[0].min() > 0 and diff[:, 0].min() > 0
+    max_block = FIDInceptionE(192)
+    max_block.pool = "max"
+    avg_block = FIDInceptionE(192)
+    avg_block.load_state_dict(max_block.state_dict())
+    with torch.no_grad():  # Mixed_7c's max pool changes the pool branch (its last 192 channels) everywhere
+        assert not torch.allclose(max_block.eval()(x)[:, -192:, 3, 3], avg_block.eval()(x)[:, -192:, 3, 3])
+
+
+def test_inception_loads_weights_from_a_file_and_gives_2048_features(inception_weights):
+    network = load_feature_network("inception", "cpu", inception_weights)
+    reference = FIDInceptionV3().eval()
+    reference.load_state_dict(torch.load(inception_weights, weights_only=True))
+    images = torch.rand(2, 3, 299, 299) * 2 - 1
+    with torch.no_grad():
+        features = network(images.contiguous(memory_format=torch.channels_last))
+        assert features.shape == (2, 2048)
+        assert torch.allclose(features, reference(images), atol=1e-4)
+        assert network(images[:, :, :200, :250]).shape == (2, 2048)  # other sizes are resized to 299 x 299
+
+
+def test_inception_weights_missing_or_mismatched_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(UserError, match="--inception_weights"):
+        load_feature_network("inception")
+    with pytest.raises(UserError, match="Inception weights not found"):
+        load_feature_network("inception", inception_weights=tmp_path / "nope.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(UserError, match="does not match"):
+        load_feature_network("inception", inception_weights=wrong)
+    with pytest.raises(UserError, match="unknown feature network"):
+        load_feature_network("resnet")
+
+
+def test_inception_is_found_in_the_torch_hub_cache_and_named_in_the_output(
+        tmp_path, monkeypatch, capsys, inception_weights):
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / inception_weights.name).symlink_to(inception_weights)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    real, fake = write_images(tmp_path / "real", range(3)), write_images(tmp_path / "fake", range(10, 13))
+    out = run(["--real", real, "--fake", fake, "--features", "inception", "--no_cache", "--out", tmp_path / "r.json"],
+              capsys)
+    assert "FD_inception (FID)" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["features"] == "inception" and results["FD_inception"] > 0 and "FD_effnet-lite0" not in results
+
+
+# ----------------------------------------------------------------------------------------------
+# The command: two folders, the real-set cache
+
+
+def test_cli_scores_two_folders_names_the_network_and_writes_json(tmp_path, capsys, image_folder):
+    fake = write_images(tmp_path / "fake", range(100, 112), degrade)
+    out = run(["--real", image_folder, "--fake", fake, "--cache_dir", tmp_path / "cache", "--out", tmp_path / "r.json"],
+              capsys)
+    assert "FD_effnet-lite0" in out and "KID_effnet-lite0" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["features"] == "effnet-lite0" and results["n_real"] == results["n_fake"] == 12
+    assert results["FD_effnet-lite0"] > 0 and results["KID_effnet-lite0"] > 0 and "224" in results["resize"]
+    assert f"{results['FD_effnet-lite0']:.4f}" in out
+
+
+def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypatch, cheap_features,
+                                                     inception_weights):
+    real, fake = write_images(tmp_path / "real", range(10)), write_images(tmp_path / "fake", range(20, 30))
+    computed = []
+
+    def counting_set_features(source, n, network, size, args, what):
+        computed.append(what)
+        return set_features(source, n, network, size, args, what)
+
+    set_features = evaluate.set_features
+    monkeypatch.setattr(evaluate, "set_features", counting_set_features)
+    cache = tmp_path / "cache"
+    argv = ["--real", real, "--fake", fake, "--cache_dir", cache, "--out", tmp_path / "r.json"]
+    run(argv, capsys)
+    first = json.loads((tmp_path / "r.json").read_text())
+    (path,) = cache.glob("*.npz")
+    mtime = path.stat().st_mtime_ns
+    with np.load(path, allow_pickle=False) as data:
+        assert data["features"].shape == (10, 12) and data["sigma"].shape == (12, 12)
+        assert np.allclose(data["mu"], data["features"].mean(axis=0))
+
+    out = run(argv, capsys)
+    assert computed == ["real", "fake", "fake"] and "real-set statistics from" in out
+    assert path.stat().st_mtime_ns == mtime
+    assert json.loads((tmp_path / "r.json").read_text())["FD_effnet-lite0"] == first["FD_effnet-lite0"]
+
+    run(argv + ["--n", "6"], capsys)  # another n: another file
+    assert computed[3:] == ["real", "fake"] and len(list(cache.glob("*.npz"))) == 2
+    run(argv + ["--resolution", "16"], capsys)  # another resize: another file
+    assert len(list(cache.glob("*.npz"))) == 3
+    run(argv + ["--no_cache"], capsys)
+    assert computed[-2:] == ["real", "fake"] and len(list(cache.glob("*.npz"))) == 3
+
+    args = evaluate.parse_args(["--real", str(real), "--fake", str(fake), "--inception_weights", str(inception_weights)])
+    args.real_split = "train"
+    paths = {net: stats_cache_path(cache, real_stats_key(args, 10, net)) for net in ("effnet-lite0", "inception")}
+    assert paths["effnet-lite0"] == path and paths["inception"] != path  # another feature network: another file
+
+
+def test_a_cache_file_holding_other_statistics_is_recomputed(tmp_path, capsys, cheap_features):
+    real, fake = write_images(tmp_path / "real", range(4)), write_images(tmp_path / "fake", range(20, 24))
+    argv = ["--real", real, "--fake", fake, "--cache_dir", tmp_path / "cache"]
+    run(argv, capsys)
+    (path,) = (tmp_path / "cache").glob("*.npz")
+    path.write_bytes(b"not an npz")
+    out = run(argv, capsys)
+    assert "wrote real-set statistics" in out
+    with np.load(path, allow_pickle=False) as data:
+        assert data["features"].shape == (4, 12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling a diffusion checkpoint first, and VQGAN reconstructions
+
+
+@pytest.fixture(scope="module")
+def diffusion_checkpoint(tmp_path_factory):
+    """A tiny random unconditional model (8x8 latents -> 32x32 images) with its VQGAN embedded."""
+    torch.manual_seed(0)
+    unet = UNet(**{**UNET_CONFIGS["tiny"], "sample_size": 8, "attention_resolutions": [8]})
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    config = dict(unet=unet.config, schedule=NoiseSchedule("linear").config, prediction_type="epsilon",
+                  latent_shape=[4, 8, 8], latent_scale=1.0, text_encoder=None, training={})
+    path = tmp_path_factory.mktemp("diffusion") / "unet"
+    save_diffusion_model(path, unet.state_dict(), None, config, vqgan=VQModel(CONFIGS["vq-f4-tiny"]))
+    return path
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img).copy()
+
+
+def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch, cheap_features, image_folder,
+                                                   diffusion_checkpoint):
+    argv = ["--samples_from", f"{diffusion_checkpoint}.json", "--n", 4, "--real", image_folder, "--sampler", "ddim",
+            "--steps", 2, "--batch_size", 3, "--no_cache", "--out", tmp_path / "r.json"]
+    out = run(argv, capsys)
+    fake = diffusion_checkpoint.parent / "unet_samples_ddim_2_seed0"
+    assert sorted(p.name for p in fake.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    assert pixels(fake / "00000.png").shape == (32, 32, 3)
+    assert json.loads((fake / "samples.json").read_text())["steps"] == 2
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["n_fake"] == 4 and results["fake"] == str(fake) and "FD_effnet-lite0" in out
+
+    # image i comes from seed + i whatever the batch: a deleted image is redone alone, pixel for pixel
+    original = pixels(fake / "00002.png")
+    (fake / "00002.png").unlink()
+    run(argv[:-5] + ["--batch_size", 1, "--no_cache"], capsys)
+    assert np.array_equal(pixels(fake / "00002.png"), original)
+
+    # everything present: no model is loaded
+    monkeypatch.setattr(evaluate, "load_diffusion_model", lambda *a, **k: pytest.fail("sampled again"))
+    run(argv, capsys)
+    with pytest.raises(UserError, match="other settings"):
+        evaluate.main([str(a) for a in argv[:6]] + ["--steps", "3", "--fake", str(fake)])
+
+
+def test_vqgan_reconstruction_metrics(tmp_path, capsys, cheap_features, image_folder):
+    torch.manual_seed(0)
+    model = VQModel(CONFIGS["vq-f4-tiny"]).eval()
+    save_vqgan(model, tmp_path / "vqgan")
+    out = run(["--vqgan_ckpt", tmp_path / "vqgan", "--real", image_folder, "--out", tmp_path / "r.json"], capsys)
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["n"] == 12 and results["resolution"] == 32 and "rFD_effnet-lite0" in out
+    images = torch.stack(list(ImageTensorDataset(ImageSource(image_folder), 32, random_crop=False, flip=False)))
+    with torch.no_grad():
+        reconstructions = model(images)[0].clamp(-1, 1)
+    assert results["PSNR"] == pytest.approx(psnr(reconstructions, images).mean().item(), rel=1e-5)
+    assert results["SSIM"] == pytest.approx(ssim(reconstructions, images).mean().item(), rel=1e-5, abs=1e-6)
+    assert results["rFD_effnet-lite0"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n", "1"], "--n must be at least 2"),
+    (["--fake", "MISSING"], "fake image folder not found"),
+    (["--vqgan_ckpt", "v", "--samples_from", "s"], "separate jobs"),
+    (["--vqgan_ckpt", "v"], "--fake does not apply"),
+    (["--kid_subset_size", "1"], "--kid_subset_size"),
+    (["--samples_from", "MISSING"], "diffusion checkpoint config not found"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, extra, message, image_folder):
+    argv = ["--real", str(image_folder), "--fake", str(image_folder)]
+    argv = [str(tmp_path / a) if a == "MISSING" else a for a in argv + extra]
+    with pytest.raises(UserError, match=message):
+        evaluate.main(argv)
+
+
+def test_nothing_to_compare_and_unknown_network(image_folder):
+    with pytest.raises(UserError, match="nothing to compare"):
+        evaluate.main(["--real", str(image_folder)])
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and one error line
+        evaluate.main(["--real", str(image_folder), "--fake", str(image_folder), "--features", "resnet"])
+    assert exit_info.value.code == 2
+
+
+def test_too_few_readable_images_is_an_error(tmp_path, cheap_features, image_folder):
+    fake = write_images(tmp_path / "fake", [0])
+    (fake / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="has 1 readable image"):
+        evaluate.main(["--real", str(image_folder), "--fake", str(fake), "--no_cache"])
+
+
+def test_command_line_error_is_one_line_with_exit_status_2(tmp_path):
+    argv = [sys.executable, evaluate.__file__, "--real", str(tmp_path), "--fake", str(tmp_path / "x")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: fake image folder not found: {tmp_path / 'x'}"]
