@@ -11,8 +11,8 @@ are dropped with probability --cond_drop during training so that one model serve
     python trainer.py ... --conditional --caption_template "a {style} painting"      # text conditioning
     python trainer.py ... --resume auto            # continue the latest checkpoint in --output_dir, exactly
     torchrun --nproc_per_node 4 trainer.py ...     # DistributedDataParallel, one process per GPU
-    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 trainer.py ...   # and on each node
-                                                   # (multi-node: --output_dir on a filesystem all nodes share)
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 trainer.py ...  # on nodes R = 0, 1,
+                                                   # with --output_dir on a filesystem both nodes share
     python diffusion.py --unet_ckpt_path runs/unet/unet --prompt "a Baroque painting"   # sample the result
 
 Output folder: latent_cache/ (unless --latent_cache), checkpoints/step_NNNNNNN/ (resumable training state, the last
@@ -76,7 +76,8 @@ def setup_distributed(device_name):
     elif device.type != "cpu":
         raise UserError(f"multi-process training runs on cuda or cpu, not {device.type}")
     # Rank 0 may encode the latent cache for a long time while the others wait at a barrier.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3),
+                            device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -131,16 +132,17 @@ def file_digest(paths):
 
 
 def dataset_identity(args, source):
-    """What the data set is: its name or resolved path, split, column and size, and for a local folder a digest
-    of every file's path, size and modification time (so edited, added or replaced files are noticed)."""
+    """What the data set is: its name or resolved path, split, column and size, and for a local folder or file a
+    digest of every file's path, size and modification time (so edited, added or replaced files are noticed)."""
     path = Path(args.dataset_path)
     identity = dict(path=str(path.resolve()) if path.exists() else args.dataset_path, split=args.split,
                     image_column=args.image_column, rows=len(source))
-    if path.is_dir():
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if files:
         digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        for file in files:
             stat = file.stat()
-            digest.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{file.relative_to(path.parent)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         identity["files"] = digest.hexdigest()
     return identity
 
@@ -166,7 +168,7 @@ def caption_function(args, columns):
     if args.caption_column is not None:
         if args.caption_column not in columns:
             raise UserError(f"--caption_column {args.caption_column!r} is not in the dataset (columns: {available})")
-        return lambda metadata: str(metadata.get(args.caption_column) or "")
+        return lambda metadata: "" if metadata.get(args.caption_column) is None else str(metadata[args.caption_column])
     fields = [field for _, field, _, _ in string.Formatter().parse(args.caption_template) if field is not None]
     if not fields or "" in fields:
         raise UserError(f"--caption_template needs named fields like {{style}}, got {args.caption_template!r}")
@@ -387,8 +389,8 @@ def diffusion_loss(run, latents, context, context_mask, args):
 def train_step(run, micro_batches, args):
     """One optimizer step over micro-batches [(latents, context, mask)] (gradient accumulation; under DDP the
     gradients are averaged across processes on the last one): bf16 autocast, clipping, AdamW, LR schedule, EMA.
-    Returns (loss averaged over micro-batches and processes, gradient norm). A non-finite loss changes nothing
-    and is returned as it is, for the caller to stop on."""
+    Returns (loss averaged over micro-batches and processes, gradient norm before clipping). A non-finite loss or
+    gradient norm changes nothing and is returned as it is, for the caller to stop on."""
     total = torch.zeros((), device=run.device)
     for i, (latents, context, context_mask) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -399,10 +401,12 @@ def train_step(run, micro_batches, args):
             (loss / len(micro_batches)).backward()
         total += loss.detach()
     loss = mean_over_ranks(total / len(micro_batches))
-    if not math.isfinite(loss):
+    grad_norm = math.nan
+    if math.isfinite(loss):
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), args.grad_clip or math.inf).item()
+    if not math.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
-        return loss, float("nan")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), args.grad_clip or float("inf")).item()
+        return loss, grad_norm
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
@@ -638,10 +642,11 @@ def train(args, rank, world_size, device):
                 run.step, micro, rank, args, world_size)), device) for micro in range(args.grad_accum)]
             lr = run.optimizer.param_groups[0]["lr"]
             loss, grad_norm = train_step(run, micro_batches, args)
-            if not math.isfinite(loss):
+            if not math.isfinite(grad_norm):
                 bar.close()
-                raise UserError(f"loss is {loss} at step {run.step + 1}: training diverged (lower --lr, keep "
-                                f"--grad_clip on); the last good checkpoint is {checkpoint or 'none (nothing saved)'}")
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+                raise UserError(f"{what} at step {run.step + 1}: training diverged (lower --lr, keep --grad_clip on); "
+                                f"the last good checkpoint is {checkpoint or 'none (nothing saved)'}")
             window.update(loss=window["loss"] + loss, grad_norm=window["grad_norm"] + grad_norm,
                           steps=window["steps"] + 1)
             bar.update(1)

@@ -219,6 +219,18 @@ def test_conditional_training_with_template_captions_samples_with_a_prompt(tmp_p
         assert img.size == (32, 32) and json.loads(img.text["parameters"])["prompt"] == "a Baroque painting"
 
 
+def test_wikiart_mini_captions_from_class_labels(tmp_path, wikiart_mini, vqgan):
+    """A Hugging Face parquet dataset: --max_images takes the first rows; ClassLabel styles become caption words."""
+    out = tmp_path / "wikiart"
+    assert train(wikiart_mini, vqgan, out, "--max_steps", 1, "--max_images", 8, "--resolution", 32, "--conditional",
+                 "--caption_template", "a {style} painting", "--max_text_length", 8) == 0
+    cache = load_state_dir(out / "latent_cache")
+    assert cache["latents"].shape == (8, 2, 4, 8, 8) and cache["identity"]["dataset"]["rows"] == 10010
+    styles = {"Art Nouveau Modern", "Baroque", "Expressionism", "Impressionism", "Post-Impressionism", "Romanticism",
+              "Symbolism"}
+    assert cache["captions"] and {c[2:-len(" painting")] for c in cache["captions"]} <= styles
+
+
 def test_torchrun_two_cpu_processes_train_and_write_one_checkpoint(tmp_path, image_folder, vqgan):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainer.py",
