@@ -373,7 +373,7 @@ def score_sets(args, network):
 
 
 def sample_settings(args):
-    return {"checkpoint": str(Path(args.samples_from).resolve()), "sampler": args.sampler,
+    return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()), "sampler": args.sampler,
             "steps": args.steps or DEFAULT_STEPS[args.sampler], "seed": args.seed, "prompt": args.prompt,
             "guidance_scale": args.guidance_scale, "ema": not args.no_ema, "bf16": args.bf16}
 

@@ -394,9 +394,9 @@ def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch
     run(argv[:-5] + ["--batch_size", 1, "--no_cache"], capsys)
     assert np.array_equal(pixels(fake / "00002.png"), original)
 
-    # everything present: no model is loaded
+    # everything present: no model is loaded (the checkpoint may be named without .json)
     monkeypatch.setattr(evaluate, "load_diffusion_model", lambda *a, **k: pytest.fail("sampled again"))
-    run(argv, capsys)
+    run(["--samples_from", diffusion_checkpoint] + argv[2:], capsys)
     with pytest.raises(UserError, match="other settings"):
         evaluate.main([str(a) for a in argv[:6]] + ["--steps", "3", "--fake", str(fake)])
 
