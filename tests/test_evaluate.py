@@ -223,7 +223,8 @@ def test_degraded_images_score_worse_than_clean_ones_with_effnet_features(tmp_pa
     assert features["real"].shape == (40, 1280)
     real_stats = mean_and_covariance(features["real"])
     fd = {name: frechet_distance(*real_stats, *mean_and_covariance(features[name])) for name in ("clean", "degraded")}
-    kids = {name: kid(features["real"], features[name], subsets=20, subset_size=30)[0] for name in ("clean", "degraded")}
+    kids = {name: kid(features["real"], features[name], subsets=20, subset_size=30)[0]
+            for name in ("clean", "degraded")}
     assert fd["degraded"] > 1.5 * fd["clean"]
     assert kids["degraded"] > kids["clean"] + 0.05
 
@@ -333,7 +334,8 @@ def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypat
     run(argv + ["--no_cache"], capsys)
     assert computed[-2:] == ["real", "fake"] and len(list(cache.glob("*.npz"))) == 3
 
-    args = evaluate.parse_args(["--real", str(real), "--fake", str(fake), "--inception_weights", str(inception_weights)])
+    args = evaluate.parse_args(["--real", str(real), "--fake", str(fake),
+                                "--inception_weights", str(inception_weights)])
     args.real_split = "train"
     paths = {net: stats_cache_path(cache, real_stats_key(args, 10, net)) for net in ("effnet-lite0", "inception")}
     assert paths["effnet-lite0"] == path and paths["inception"] != path  # another feature network: another file
