@@ -679,9 +679,16 @@ def train(args, rank, world_size, device):
 # Command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the flag is required or its help already names the default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required or "default" in action.help else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset_path", required=True,
                    help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
@@ -696,14 +703,15 @@ def parse_args(argv=None):
     g.add_argument("--num_workers", type=int, default=2, help="image-decoding processes while the cache is built")
     g = p.add_argument_group("model")
     g.add_argument("--unet_size", default="small", choices=list(UNET_CONFIGS), help="named UNet size (unet.py)")
-    g.add_argument("--model_channels", type=int, default=None, help="override: base width (multiple of 32)")
-    g.add_argument("--channel_mult", type=int_list, default=None, help="override: width multipliers per level, "
-                   "e.g. 1,2,2")
-    g.add_argument("--num_res_blocks", type=int, default=None, help="override: ResNet blocks per level")
+    size = "; default: the --unet_size's"
+    g.add_argument("--model_channels", type=int, default=None, help="override: base width (multiple of 32)" + size)
+    g.add_argument("--channel_mult", type=int_list, default=None,
+                   help="override: width multipliers per level, e.g. 1,2,2" + size)
+    g.add_argument("--num_res_blocks", type=int, default=None, help="override: ResNet blocks per level" + size)
     g.add_argument("--attention_resolutions", type=int_list, default=None,
-                   help="override: latent sizes with attention blocks, e.g. 16,8")
-    g.add_argument("--num_heads", type=int, default=None, help="override: attention heads")
-    g.add_argument("--dropout", type=float, default=None, help="override: dropout in the ResNet blocks")
+                   help="override: latent sizes with attention blocks, e.g. 16,8" + size)
+    g.add_argument("--num_heads", type=int, default=None, help="override: attention heads" + size)
+    g.add_argument("--dropout", type=float, default=None, help="override: dropout in the ResNet blocks" + size)
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                    help="noise schedule (diffusion.py)")
@@ -731,9 +739,9 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="random seed (initial weights, data order, noise)")
     g = p.add_argument_group("text conditioning")
     g.add_argument("--conditional", action="store_true", help="train a text-conditioned UNet")
-    g.add_argument("--caption_column", default=None, help="metadata column holding the captions")
+    g.add_argument("--caption_column", default=None, help="metadata column holding the captions (default: none)")
     g.add_argument("--caption_template", default=None,
-                   help='captions made from metadata columns, e.g. "a {style} painting by {artist}"')
+                   help='captions made from metadata columns, e.g. "a {style} painting by {artist}" (default: none)')
     g.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="frozen Hugging Face text encoder")
     g.add_argument("--max_text_length", type=int, default=32, help="tokens per caption")
     g.add_argument("--cond_drop", type=float, default=0.1,
@@ -743,7 +751,7 @@ def parse_args(argv=None):
     g.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
     g.add_argument("--resume", default=None,
-                   help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder")
+                   help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder; default: a fresh run")
     g.add_argument("--embed_vqgan", action="store_true",
                    help="embed the VQGAN in the exported unet.safetensors instead of referencing its path")
     g.add_argument("--log_every", type=int, default=10, help="steps between log.jsonl lines")
