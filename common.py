@@ -6,6 +6,7 @@ Everything that more than one script needs lives here, once.
 import json
 import os
 import random
+import signal
 import shutil
 import sys
 import tempfile
@@ -481,3 +482,24 @@ def save_png(path, img, text=None):
     for key, value in (text or {}).items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits. A second
+    signal gives up at once (atomic writes keep the last checkpoint whole)."""
+
+    def __init__(self):
+        self.name = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import string
 import time
 from datetime import timedelta
@@ -41,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    ImageSource, ImageTensorDataset, UserError, atomic_write, autocast, collate_skip_none, load_state_dir,
+    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, load_state_dir,
     make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir, seed_everything,
     set_rng_state, tensor_to_images,
 )
@@ -532,27 +531,6 @@ def plot_loss_curve(log_path, png_path):
     ax.set(xlabel="step", ylabel="loss (mean per log interval)", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits. A second
-    signal gives up at once (atomic writes keep the last checkpoint whole)."""
-
-    def __init__(self):
-        self.name = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    ImageSource, ImageTensorDataset, UserError, atomic_write, autocast, collate_skip_none, load_model,
+    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, load_model,
     load_state_dir, make_grid, model_paths, pick_device, rng_state, run_cli, safe_torch_load, save_model,
     save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
 )
@@ -752,35 +752,40 @@ def train(args):
     window = {"sums": {}, "steps": 0, "codes": torch.zeros(model.config["n_embed"], device=device), "restarted": 0,
               "skipped": 0, "start": time.perf_counter()}
     bar = tqdm(total=args.max_steps, initial=step, desc="vqgan", dynamic_ncols=True)
-    for step, images in enumerate(loader, start=step):
-        if images is not None:
-            window["skipped"] += args.batch_size - len(images)
-            metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device), step, args,
-                                                   device)
-            for key, value in metrics.items():
-                window["sums"][key] = window["sums"].get(key, 0.0) + value
-            window["steps"] += 1
-            window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
-            last_used[indices.unique()] = step
-            if patience:
-                window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents, step, patience)
-        else:
-            window["skipped"] += args.batch_size
-        done = step + 1
-        bar.update(1)
-        if done % args.log_every == 0 or done == args.max_steps:
-            write_log(log_path, done, window, bar)
-        if done % args.ckpt_every == 0 or done == args.max_steps:
-            checkpoint_start = time.perf_counter()
-            save_state_dir(state_path, {
-                "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
-                "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
-                "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args),
-            })
-            save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
-            path = export(model, out, source, resolution, args, device)
-            bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
-            window["start"] += time.perf_counter() - checkpoint_start  # keep steps/s about training
+    with StopSignal() as stop:
+        for step, images in enumerate(loader, start=step):
+            if images is not None:
+                window["skipped"] += args.batch_size - len(images)
+                metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device), step, args,
+                                                       device)
+                for key, value in metrics.items():
+                    window["sums"][key] = window["sums"].get(key, 0.0) + value
+                window["steps"] += 1
+                window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
+                last_used[indices.unique()] = step
+                if patience:
+                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents, step, patience)
+            else:
+                window["skipped"] += args.batch_size
+            done = step + 1
+            bar.update(1)
+            stopping = stop.name is not None
+            if done % args.log_every == 0 or done == args.max_steps or stopping:
+                write_log(log_path, done, window, bar)
+            if done % args.ckpt_every == 0 or done == args.max_steps or stopping:
+                checkpoint_start = time.perf_counter()
+                save_state_dir(state_path, {
+                    "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
+                    "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
+                    "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args),
+                })
+                save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
+                path = export(model, out, source, resolution, args, device)
+                bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
+                window["start"] += time.perf_counter() - checkpoint_start  # keep steps/s about training
+            if stopping:
+                bar.write(f"stopped by {stop.name} after step {done}; continue with --resume auto")
+                break
     bar.close()
     return 0
 
