@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import string
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +44,7 @@ from common import (
     set_rng_state, tensor_to_images,
 )
 from diffusion import PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, save_diffusion_model
-from text_encoder import DEFAULT_TEXT_ENCODER
+from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet
 from vqgan import int_list, load_vqgan, load_weights, trim_log
 
@@ -159,22 +158,6 @@ def cache_identity(args, source, resolution):
 
 def cache_key(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def caption_function(args, columns):
-    """metadata dict -> caption, from --caption_column or --caption_template; checks the columns exist."""
-    available = ", ".join(columns) or "none"
-    if args.caption_column is not None:
-        if args.caption_column not in columns:
-            raise UserError(f"--caption_column {args.caption_column!r} is not in the dataset (columns: {available})")
-        return lambda metadata: "" if metadata.get(args.caption_column) is None else str(metadata[args.caption_column])
-    fields = [field for _, field, _, _ in string.Formatter().parse(args.caption_template) if field is not None]
-    if not fields or "" in fields:
-        raise UserError(f"--caption_template needs named fields like {{style}}, got {args.caption_template!r}")
-    missing = sorted(set(fields) - set(columns))
-    if missing:
-        raise UserError(f"--caption_template uses {', '.join(missing)}, not in the dataset (columns: {available})")
-    return lambda metadata: args.caption_template.format(**{k: "" if v is None else v for k, v in metadata.items()})
 
 
 class IndexedImages(torch.utils.data.Dataset):
@@ -537,6 +520,19 @@ def plot_loss_curve(log_path, png_path):
 # Training
 
 
+def load_text_encoder(args, device):
+    """The frozen --text_encoder, or its captions encoded in advance (--text_embeddings)."""
+    from text_encoder import PrecomputedTextEncoder, TextEncoder
+
+    if args.text_embeddings is None:
+        return TextEncoder(args.text_encoder, device, args.max_text_length)
+    encoder = PrecomputedTextEncoder(args.text_embeddings, device)
+    if (encoder.name, encoder.max_length) != (args.text_encoder, args.max_text_length):
+        raise UserError(f"--text_embeddings {args.text_embeddings} holds {encoder.name} at {encoder.max_length} tokens, "
+                        f"not --text_encoder {args.text_encoder} at --max_text_length {args.max_text_length}")
+    return encoder
+
+
 def prepare(args, rank, world_size, device):
     """Check the inputs (before any training), load the frozen VQGAN and text encoder, read or build the latent
     cache, build the UNet and its optimizer and restore a checkpoint. Returns (run, cache, vqgan, text_encoder,
@@ -550,13 +546,12 @@ def prepare(args, rank, world_size, device):
                         f"{vqgan.downsample_factor}")
     source = ImageSource(args.dataset_path, args.split, args.image_column)
     rows = list(range(min(len(source), args.max_images or len(source))))
-    caption_of = caption_function(args, source.columns) if args.conditional else None
+    caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
+                  if args.conditional else None)
     state = load_state_dir(resume_path) if resume_path else None
     text_encoder = None
     if args.conditional:
-        from text_encoder import TextEncoder
-
-        text_encoder = TextEncoder(args.text_encoder, device, args.max_text_length)
+        text_encoder = load_text_encoder(args, device)
     seed_everything(args.seed)  # the initial weights depend on the seed alone
     unet = make_unet(args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
                      text_encoder.dim if text_encoder else None)
@@ -722,6 +717,8 @@ def parse_args(argv=None):
                    help='captions made from metadata columns, e.g. "a {style} painting by {artist}" (default: none)')
     g.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="frozen Hugging Face text encoder")
     g.add_argument("--max_text_length", type=int, default=32, help="tokens per caption")
+    g.add_argument("--text_embeddings", default=None,
+                   help="captions encoded in advance by text_encoder.py --save: the encoder's weights are not loaded")
     g.add_argument("--cond_drop", type=float, default=0.1,
                    help="probability of dropping a caption in training (classifier-free guidance)")
     g = p.add_argument_group("checkpoints and feedback")
@@ -768,8 +765,9 @@ def check_args(args):
     captioned = args.caption_column is not None or args.caption_template is not None
     if args.conditional and (args.caption_column is None) == (args.caption_template is None):
         raise UserError("--conditional needs exactly one of --caption_column and --caption_template")
-    if not args.conditional and (captioned or args.sample_prompts):
-        raise UserError("--caption_column, --caption_template and --sample_prompts need --conditional")
+    if not args.conditional and (captioned or args.sample_prompts or args.text_embeddings):
+        raise UserError("--caption_column, --caption_template, --sample_prompts and --text_embeddings need "
+                        "--conditional")
 
 
 def main(argv=None):

@@ -340,3 +340,36 @@ def test_command_line_bad_input_exits_2_with_one_line(tmp_path, image_folder):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: VQGAN weights not found: {tmp_path / 'missing'}.safetensors"]
+
+
+def test_precomputed_text_embeddings_train_without_the_encoder(tmp_path, image_folder, vqgan, monkeypatch):
+    """text_encoder.py --save encodes a dataset's captions in advance; trainer.py --text_embeddings then trains and
+    samples without loading the encoder, with embeddings equal to the encoder's own."""
+    import text_encoder
+
+    embeddings = tmp_path / "captions"
+    assert text_encoder.main(["--save", str(embeddings), "--dataset_path", str(image_folder), "--caption_template",
+                              "a {style} painting", "--max_length", "8", "an extra prompt"]) == 0
+    precomputed = text_encoder.PrecomputedTextEncoder(embeddings)
+    assert sorted(precomputed.index) == ["a Baroque painting", "a Expressionism painting", "a Impressionism painting",
+                                         "an extra prompt"]
+    context, mask = text_encoder.TextEncoder(max_length=8).encode(["a Baroque painting", "an extra prompt"])
+    got_context, got_mask = precomputed.encode(["a Baroque painting", "an extra prompt"])
+    assert torch.equal(got_context, context) and torch.equal(got_mask, mask)
+    with pytest.raises(UserError, match="'a Rococo painting' is not in the text embeddings"):
+        precomputed.encode(["a Rococo painting"])
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(text_encoder, "TextEncoder", no_encoder)
+    out = tmp_path / "cond"
+    flags = ["--max_steps", 2, "--conditional", "--caption_template", "a {style} painting", "--max_text_length", 8,
+             "--sample_every", 2, "--num_samples", 2, "--sample_steps", 2, "--text_embeddings", embeddings]
+    assert train(image_folder, vqgan, out, *flags) == 0
+    cache = load_state_dir(out / "latent_cache")
+    assert torch.equal(cache["context"][0].float(), context[0].half().float())
+    assert json.loads((out / "unet.json").read_text())["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER
+    with pytest.raises(UserError, match="not --text_encoder .* at --max_text_length 16"):
+        train(image_folder, vqgan, tmp_path / "other", *flags[:-4], "--max_text_length", 16, "--text_embeddings",
+              embeddings)
