@@ -13,7 +13,8 @@ threads, with a timeout, retries with exponential backoff (connection errors, ti
 429; other 4xx are final), a size cap and a check that the bytes decode as an image. ClassLabel
 columns are written as their names. Images are saved as RGB JPEG, quality 95 with full-resolution
 colour (4:4:4): close to lossless for paintings at a fraction of PNG's size (--image_format png for
-exactly lossless files).
+exactly lossless files, --jpeg_quality for smaller ones). --max_side downsizes keeping the aspect;
+--center_crop N saves N x N squares instead (the shorter side resized to N, the centre cropped).
 
 Resumable: re-running the same command skips rows already saved. An image is written atomically
 before its metadata line is appended (flushed and fsynced), so a crash or Ctrl-C loses at most the
@@ -88,9 +89,15 @@ def parse_args(argv):
     parser.add_argument("--max_side", type=int, default=None,
                         help="downsize images whose longer side exceeds this many pixels, keeping the aspect "
                              "(default: keep the size)")
+    parser.add_argument("--center_crop", type=int, default=None, metavar="N",
+                        help="save N x N squares: resize (Lanczos) so the shorter side is N, then crop the centre; "
+                             "smaller images are upscaled unless --min_side filters them (not with --max_side)")
     parser.add_argument("--image_format", choices=sorted(SAVE_OPTIONS), default="jpg",
                         help="jpg: JPEG quality 95 with 4:4:4 colour, small and visually lossless (default); "
                              "png: exactly lossless, several times larger")
+    parser.add_argument("--jpeg_quality", type=int, default=None, metavar="Q",
+                        help="JPEG quality 1..100 (default: 95); 4:4:4 colour at 90 and above, the standard 4:2:0 "
+                             "below 90 (smaller files); jpg only, an error with --image_format png")
     return parser.parse_args(argv)
 
 
@@ -99,10 +106,16 @@ def check_args(args):
         raise UserError("give exactly one of --image_bytes_key (images in the dataset) or --url_key (image URLs)")
     if args.rows is not None and args.rows != -1 and args.rows < 1:
         raise UserError(f"--rows must be a positive number of rows (or -1 for all), got {args.rows}")
-    for flag in ("workers", "timeout", "max_bytes", "min_side", "max_side"):
+    for flag in ("workers", "timeout", "max_bytes", "min_side", "max_side", "center_crop"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
+    if args.center_crop and args.max_side:
+        raise UserError("give --center_crop (square images) or --max_side (keep the aspect), not both")
+    if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
+        raise UserError(f"--jpeg_quality must be 1..100, got {args.jpeg_quality}")
+    if args.jpeg_quality is not None and args.image_format != "jpg":
+        raise UserError("--jpeg_quality applies to JPEG only: drop it or use --image_format jpg")
     if args.retries < 0 or args.backoff < 0:
         raise UserError("--retries and --backoff cannot be negative")
     if args.image_bytes_key is not None and args.image_bytes_key in args.metadata_columns:
@@ -259,6 +272,14 @@ def decode_rgb(data):
     return img.convert("RGB")
 
 
+def save_options(args):
+    """PIL save() keywords: SAVE_OPTIONS, with --jpeg_quality and 4:2:0 colour (subsampling 2) below quality 90."""
+    options = SAVE_OPTIONS[args.image_format]
+    if args.jpeg_quality is None:
+        return options
+    return {**options, "quality": args.jpeg_quality, "subsampling": 0 if args.jpeg_quality >= 90 else 2}
+
+
 def save_row_image(cell, path, args):
     """Fetch or take one row's image, check it and save it atomically. Returns None, or the failure reason."""
     try:
@@ -272,8 +293,10 @@ def save_row_image(cell, path, args):
         return failure.reason
     if args.max_side:
         img.thumbnail((args.max_side, args.max_side), Image.Resampling.LANCZOS)
+    if args.center_crop:  # crops the centre to a square, then resizes it to N x N
+        img = ImageOps.fit(img, (args.center_crop, args.center_crop), Image.Resampling.LANCZOS)
     try:
-        atomic_write(path, lambda f: img.save(f, **SAVE_OPTIONS[args.image_format]))
+        atomic_write(path, lambda f: img.save(f, **save_options(args)))
     except OSError as err:  # disk full, folder removed, ...: stop rather than fail every row
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     return None

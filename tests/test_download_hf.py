@@ -12,8 +12,9 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import datasets
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from conftest import ROOT, make_painting
 
@@ -260,6 +261,39 @@ def test_wikiart_mini_to_imagefolder(wikiart_mini, tmp_path):
     assert {r["file_name"]: r["style"] for r in read_metadata(out)} == expected
 
 
+def test_wikiart_mini_center_crop_and_jpeg_quality(wikiart_mini, tmp_path):
+    base = ["--dataset_name", wikiart_mini, "--image_bytes_key", "image", "--metadata_columns", "style",
+            "--rows", 4, "--workers", 2]
+    crops, default, low = tmp_path / "crops", tmp_path / "q95", tmp_path / "q50"
+    result = run(*base, "--center_crop", 32, "--output_dir", crops)
+    assert parse_summary(result.stdout) == ({"saved": 4, "skipped": 0}, 4)
+    source = datasets.load_dataset(str(wikiart_mini), split="train", streaming=True)
+    names = source.features["style"].names
+    rows = list(source.take(4))
+    assert {r["file_name"]: r["style"] for r in read_metadata(crops)} == {
+        f"{i:08d}.jpg": names[row["style"]] for i, row in enumerate(rows)}
+    assert sorted(p.name for p in crops.glob("*.jpg")) == [f"{i:08d}.jpg" for i in range(4)]
+    for i, row in enumerate(rows):
+        with Image.open(crops / f"{i:08d}.jpg") as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (32, 32))
+            # the centre of the painting, not a squashed whole: compare with a reference centre crop
+            reference = row["image"].convert("RGB")
+            side = min(reference.size)
+            left, top = (reference.width - side) // 2, (reference.height - side) // 2
+            reference = reference.crop((left, top, left + side, top + side)).resize((32, 32), Image.Resampling.LANCZOS)
+            difference = np.abs(np.asarray(img, dtype=float) - np.asarray(reference, dtype=float)).mean()
+            assert difference < 8, difference  # a squashed, uncropped resize gives 19..31
+
+    run(*base, "--output_dir", default)
+    run(*base, "--jpeg_quality", 50, "--output_dir", low)
+    for i in range(4):
+        name = f"{i:08d}.jpg"
+        assert (low / name).stat().st_size < 0.7 * (default / name).stat().st_size
+        with Image.open(default / name) as high_img, Image.open(low / name) as low_img:
+            assert high_img.size == low_img.size
+            assert JpegImagePlugin.get_sampling(high_img) == 0 and JpegImagePlugin.get_sampling(low_img) == 2
+
+
 # name -> (arguments, text the one-line error must contain); DS, MISSING, OUT, BLOCKED and FOLDER stand for paths
 BAD_INPUT = {
     "no key": ("--dataset_name DS --output_dir OUT", "exactly one of --image_bytes_key"),
@@ -277,6 +311,12 @@ BAD_INPUT = {
     "metadata column": ("--dataset_name DS --image_bytes_key image --metadata_columns artist genre style "
                         "--output_dir OUT",
                         "no column artist, genre (columns: image, raw, style)"),
+    "crop and max_side": ("--dataset_name DS --image_bytes_key image --center_crop 32 --max_side 64 --output_dir OUT",
+                          "--center_crop (square images) or --max_side"),
+    "jpeg quality 0": ("--dataset_name DS --image_bytes_key image --jpeg_quality 0 --output_dir OUT",
+                       "--jpeg_quality must be 1..100"),
+    "jpeg quality png": ("--dataset_name DS --image_bytes_key image --jpeg_quality 80 --image_format png "
+                         "--output_dir OUT", "--jpeg_quality applies to JPEG only"),
     "filter column": ("--dataset_name DS --image_bytes_key image --max_punsafe 0.5 --output_dir OUT",
                       "'punsafe' column"),
     "unwritable output": ("--dataset_name DS --image_bytes_key image --output_dir BLOCKED",
@@ -319,7 +359,7 @@ def test_bad_input_is_one_line_error(case, bytes_dataset, image_folder, tmp_path
 
 def test_bad_input_from_the_command_line(bytes_dataset, image_folder, tmp_path):
     """A few cases as real processes: an argument error, a dataset that cannot load, a missing column."""
-    names = ["both keys", "unknown dataset", "metadata column"]
+    names = ["both keys", "unknown dataset", "metadata column", "crop and max_side"]
     processes = {name: subprocess.Popen(command(*bad_input_args(name, bytes_dataset, image_folder, tmp_path)),
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for name in names}
