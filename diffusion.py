@@ -467,7 +467,10 @@ def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
         schedule = NoiseSchedule(**config["schedule"])
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"diffusion checkpoint {path} has a malformed config: {err}") from None
-    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
+    has_raw, has_ema = (any(k.startswith(p) for k in tensors) for p in ("model.", "ema."))
+    if not use_ema and not has_raw:
+        raise UserError(f"{path} holds only EMA weights (a sampling export): drop --no_ema")
+    prefix = "ema." if has_ema and (use_ema or not has_raw) else "model."
     load_weights(unet, _weights(tensors, prefix), f"UNet weights '{prefix}*' of {path}")
     config["weights"] = prefix[:-1]
     if config.get("vqgan") is None:
@@ -482,8 +485,23 @@ def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
     return Pipeline(unet, schedule, vqgan, config, **pipeline_options)
 
 
+def export_diffusion_model(src, dst, dtype=torch.float16):
+    """A sampling-only copy of checkpoint `src` at `dst`: the EMA weights (the raw ones where there is no EMA)
+    stored in `dtype`, the VQGAN embedded as before or referenced relative to `dst`."""
+    pipeline = load_diffusion_model(src)
+    config = {k: v for k, v in pipeline.config.items() if k not in ("weights", "vqgan", "vqgan_config")}
+    if pipeline.config.get("vqgan") is None:
+        vqgan = pipeline.vqgan
+    else:
+        vqgan = Path(model_paths(src)[1]).resolve().parent / pipeline.config["vqgan"]
+    return save_diffusion_model(dst, {}, pipeline.unet.state_dict(), config, vqgan=vqgan, dtype=dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def default_checkpoint(conditional):
@@ -539,6 +557,10 @@ def parse_args(argv):
                              "CPUs with AMX / AVX512-BF16, at slightly different pixels)")
     parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for many images)")
+    parser.add_argument("--export", metavar="DST", default=None,
+                        help="instead of sampling, write a sampling-only copy of the checkpoint to DST: EMA weights "
+                             "in --export_dtype, the VQGAN reference kept (how the bundled models were made)")
+    parser.add_argument("--export_dtype", default="fp16", choices=list(EXPORT_DTYPES), help="storage type for --export")
     return parser.parse_args(argv)
 
 
@@ -588,6 +610,10 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     checkpoint = args.unet_ckpt_path or default_checkpoint(conditional=args.prompt is not None)
+    if args.export:
+        weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype])
+        print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
+        return 0
     device = pick_device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=bf16,

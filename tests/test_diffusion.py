@@ -2,6 +2,7 @@
 data, the checkpoint format, and the sampling command on a tiny random model."""
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -369,6 +370,27 @@ def test_checkpoint_round_trip_ema_fp16_and_relative_vqgan(tmp_path, monkeypatch
     assert torch.equal(ema.unet.state_dict()[weight], stored[f"ema.{weight}"].float())
     assert not torch.equal(ema.unet.state_dict()[weight], raw.unet.state_dict()[weight])
     assert not ema.unet.training and ema.latent_shape == (4, 8, 8) and ema.latent_scale == 0.7
+
+
+def test_export_keeps_ema_weights_in_fp16_and_finds_the_vqgan_from_its_new_place(tmp_path, checkpoint, capsys):
+    assert run(checkpoint, tmp_path, "--export", tmp_path / "bundle" / "unet-small") == 0
+    assert "unet-small.safetensors" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "bundle" / "unet-small.safetensors"))
+    assert {k.split(".")[0] for k in stored} == {"ema"} and all(v.dtype == torch.float16 for v in stored.values())
+    config = json.loads((tmp_path / "bundle" / "unet-small.json").read_text())
+    assert config["vqgan"] == os.path.relpath(checkpoint.parent / "vqgan", tmp_path / "bundle")
+    exported, original = load_diffusion_model(tmp_path / "bundle" / "unet-small"), load_diffusion_model(checkpoint)
+    assert exported.config["weights"] == "ema" and exported.config["training"] == original.config["training"]
+    for name, value in original.unet.state_dict().items():
+        assert torch.equal(exported.unet.state_dict()[name], value.half().float()), name
+    with pytest.raises(UserError, match="holds only EMA weights"):
+        load_diffusion_model(tmp_path / "bundle" / "unet-small", use_ema=False)
+    images = [run(path, tmp_path / name, "--num_images", 1, "--steps", 2) for name, path in
+              (("a", checkpoint), ("b", tmp_path / "bundle" / "unet-small"))]
+    assert images == [0, 0] and (pixels(tmp_path / "a" / "00000.png").float()
+                                 - pixels(tmp_path / "b" / "00000.png").float()).abs().mean() < 2
 
 
 def test_embedded_vqgan_and_in_memory_pipeline_agree(tmp_path, checkpoint):
