@@ -1,40 +1,109 @@
 """Speed benchmarks for Noise2Art, all in one run on one machine: prints a table and writes JSON.
 
-    python bench.py                       # VQGAN, UNet and sampler timings at the default sizes
+    python bench.py                       # every section at the default sizes (under 15 minutes on 2 idle CPU cores)
     python bench.py --sections unet --unet_size small --batch_size 16
 
-Timings use randomly initialised models (speed does not depend on the weights). Each figure is the
-median of --repeats timed runs after one warm-up run. Peak memory is the process's peak resident set
-size (CPU) or torch's peak allocation (CUDA) after the section.
+Sections:
+  vqgan      VQGAN encode and decode, images/s.
+  unet       UNet forward and plain training step (loss, backward, AdamW), samples/s, fp32 and bf16.
+  train      trainer.py's training step (its own make_unet, build_training, train_step) with the latent cache
+             (latents read from a cache built once by build_latent_cache; only the steps are timed) versus without
+             it (each step decodes a batch of JPEG/PNG images from --images and encodes it with the frozen VQGAN,
+             then the same step), samples/s, and the cache's speed-up.
+  diffusers  our UNet versus diffusers.UNet2DModel configured to match it (same widths, blocks per level,
+             attention at the same feature-map sizes, scale-shift time conditioning, head width), forward and
+             training step; our DDIM-50 versus diffusers' DDIMScheduler at 50 steps (our schedule and timesteps),
+             each driving its own UNet. Its attention blocks lack our feed-forward layers, so it has fewer
+             parameters (both counts are printed). Needs `pip install diffusers` (optional; skipped without it).
+  sampler    seconds per image of each sampler at its default steps, and DPM-Solver++(2M)-20's speed-up over
+             DDPM-1000. Samplers with more than --max_sampler_steps steps are timed on their first steps and
+             scaled up (each step costs one UNet call), as the row says.
+
+Timings use randomly initialised models (speed does not depend on the weights). Each figure is the median of
+--repeats timed runs after one warm-up run (sampler figures: max(1, repeats // 3) runs after a short warm-up).
+Ratios are speed-ups: how many times faster the first named is. Peak memory is per section, from the section's
+start to the row: torch's peak allocation on CUDA; elsewhere the peak resident set size of the process (torch
+itself included, and memory earlier sections freed but the allocator kept), which Linux lets us reset at each
+section start; where it cannot be reset (not Linux) the column is the process's peak so far, as the table's header
+says.
 """
 import argparse
+import itertools
+import re
 import resource
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from common import atomic_write_json, autocast, pick_device, run_cli
+import trainer
+from common import (
+    ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none, pick_device, run_cli,
+)
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
-from unet import build_unet, count_parameters
+from unet import UNET_CONFIGS, build_unet, count_parameters
 from vqgan import CONFIGS, VQModel
 
+WIKIART_MINI = Path(__file__).resolve().parent.parent / "shared" / "wikiart-mini"
+LATENT_SHAPE = (4, 32, 32)  # the UNet and sampler sections' latents (vq-f4 at 128 px)
 
-def timed(fn, repeats):
-    """Median wall time of `fn()` over `repeats` runs, after one warm-up run."""
-    fn()
+
+def synchronize():
+    """Wait for queued GPU work, so that wall time covers it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, warmup=None):
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up run of `warmup()` (default: `fn()`)."""
+    (warmup or fn)()
+    synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def reset_peak_memory(device):
+    """Start a section's peak-memory count. Returns False where the CPU peak cannot be reset (not Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+        return True
+    except OSError:
+        return False
 
 
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def precision(bf16):
+    return "bf16" if bf16 else "fp32"
+
+
+def ratio_row(section, what, fast, slow):
+    """A speed-up row: `fast` over `slow`, both rates (higher is faster)."""
+    return {"section": section, "what": what, "ratio": fast / slow, "peak_mb": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections: each returns rows {section, what, one figure (images_per_s, samples_per_s, s_per_image, ratio), peak_mb}
 
 
 def bench_vqgan(args, device):
@@ -47,92 +116,258 @@ def bench_vqgan(args, device):
             encode_s = timed(lambda: model.encode(images), args.repeats)
             decode_s = timed(lambda: model.decode(latents), args.repeats)
         for what, seconds in (("encode", encode_s), ("decode", decode_s)):
-            rows.append({"section": "vqgan", "what": f"{args.vqgan_config} {what} {resolution}px",
-                         "images_per_s": args.batch_size / seconds, "peak_mb": peak_memory_mb(device)})
+            label = f"{args.vqgan_config} {what} {resolution}px {precision(args.bf16)}"
+            rows.append({"section": "vqgan", "what": label, "images_per_s": args.batch_size / seconds,
+                         "peak_mb": peak_memory_mb(device)})
     return rows
+
+
+def time_unet(model, forward, batch_size, bf16, device, repeats):
+    """(forward seconds, training-step seconds) of `forward(x, t)` (a B x C x h x w prediction) on a batch of random
+    latents; the training step is a squared-output loss, backward and an AdamW step."""
+    latents = torch.randn(batch_size, *LATENT_SHAPE, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        with autocast(device, bf16):
+            loss = forward(latents, t).float().pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    with torch.no_grad(), autocast(device, bf16):
+        forward_s = timed(lambda: forward(latents, t), repeats)
+    model.train()
+    train_s = timed(train_step, repeats)
+    model.eval()
+    return forward_s, train_s
 
 
 def bench_unet(args, device):
     rows = []
     unet = build_unet(args.unet_size).to(device)
     n_params = count_parameters(unet) / 1e6
-    latents = torch.randn(args.batch_size, 4, 32, 32, device=device)
-    t = torch.randint(0, 1000, (args.batch_size,), device=device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-
-    def train_step(bf16):
-        with autocast(device, bf16):
-            loss = unet(latents, t).float().pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     for bf16 in (False, True):
-        precision = "bf16" if bf16 else "fp32"
-        unet.eval()
-        with torch.no_grad(), autocast(device, bf16):
-            forward_s = timed(lambda: unet(latents, t), args.repeats)
-        unet.train()
-        train_s = timed(lambda: train_step(bf16), args.repeats)
+        forward_s, train_s = time_unet(unet, unet, args.batch_size, bf16, device, args.repeats)
         for what, seconds in (("forward", forward_s), ("train step", train_s)):
-            rows.append({"section": "unet", "what": f"{args.unet_size} ({n_params:.1f}M) {what} {precision}",
+            rows.append({"section": "unet", "what": f"{args.unet_size} ({n_params:.1f}M) {what} {precision(bf16)}",
                          "samples_per_s": args.batch_size / seconds, "peak_mb": peak_memory_mb(device)})
+    return rows
+
+
+def write_synthetic_images(folder, count):
+    """`count` 224x168 JPEGs (smooth random colours, the size of a WikiArt-mini painting) in `folder`."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        coarse.resize((224, 168), Image.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
+
+
+def bench_train(args, device):
+    """trainer.py's training step on cached latents versus on images decoded and encoded at every step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        images_path, images_name = args.images, args.images
+        if images_path is None and (WIKIART_MINI / "data").is_dir():
+            images_path, images_name = WIKIART_MINI, "wikiart-mini"
+        elif images_path is None:
+            images_path, images_name = tmp, "synthetic JPEGs"
+            write_synthetic_images(Path(tmp), 2 * args.batch_size)
+        source = ImageSource(images_path)
+        rows = [i % len(source) for i in range(2 * args.batch_size)]  # two full batches, repeating a small source
+        vqgan = VQModel(CONFIGS[args.vqgan_config]).to(device).eval().requires_grad_(False)
+        resolution = vqgan.config["resolution"]
+        train_args = trainer.parse_args([
+            "--dataset_path", str(images_path), "--vqgan_ckpt", "unused", "--unet_size", args.unet_size,
+            "--batch_size", str(args.batch_size), "--bf16" if args.bf16 else "--no-bf16"])
+        unet = trainer.make_unet(train_args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor, None)
+        run = trainer.build_training(train_args, unet, device)
+        n_params = count_parameters(unet) / 1e6
+        cache = trainer.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
+                                           progress=False)
+        num_rows, positions = len(cache["latents"]), itertools.count(0, args.batch_size)
+
+        def step_with_cache():
+            rows_now = trainer.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
+            trainer.train_step(run, [trainer.cache_batch(cache, rows_now, device)], train_args)
+
+        images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
+        batches = itertools.cycle([rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)])
+
+        def step_without_cache():
+            pixels = collate_skip_none([images[row] for row in next(batches)]).to(device)
+            with torch.no_grad(), autocast(device, args.bf16):
+                latents = vqgan.encode(pixels).float() * cache["latent_scale"]
+            trainer.train_step(run, [(latents, None, None)], train_args)
+
+        with_cache_s = timed(step_with_cache, args.repeats)
+        without_cache_s = timed(step_without_cache, args.repeats)
+    what = f"{args.unet_size} ({n_params:.1f}M) train_step {precision(args.bf16)}"
+    with_cache = args.batch_size / with_cache_s
+    without_cache = args.batch_size / without_cache_s
+    peak = peak_memory_mb(device)
+    return [{"section": "train", "what": f"{what}, latent cache", "samples_per_s": with_cache, "peak_mb": peak},
+            {"section": "train", "what": f"{what}, decode {images_name} + {args.vqgan_config} encode {resolution}px",
+             "samples_per_s": without_cache, "peak_mb": peak},
+            ratio_row("train", "latent cache speed-up (target >= 3x)", with_cache, without_cache)]
+
+
+def sampler_seconds(unet, name, steps, args, device):
+    """Seconds per image of our sampler `name` at `steps` steps driving `unet` (--sample_batch images per run), and
+    the number of steps timed: at most --max_sampler_steps, the first ones, scaled up to `steps`."""
+    schedule = NoiseSchedule("linear")
+
+    def model_fn(x, t):
+        with autocast(device, args.bf16):
+            return unet(x, t)
+
+    denoiser = make_denoiser(model_fn, schedule, "epsilon")
+    timesteps = sampling_timesteps(schedule, steps)[:args.max_sampler_steps]
+    noise = randn((args.sample_batch, *LATENT_SHAPE), device=device)
+    seconds = timed(lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps), max(1, args.repeats // 3),
+                    warmup=lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps[:2]))
+    return seconds * steps / len(timesteps) / args.sample_batch, len(timesteps)
+
+
+def diffusers_unet(config):
+    """diffusers.UNet2DModel matched to our UNet's config: widths model_channels x channel_mult, num_res_blocks per
+    level, attention blocks at the same feature-map sizes (and in the middle), scale-shift time conditioning,
+    GroupNorm(32, eps 1e-6). UNet2DModel takes one head width for every block: the middle block's."""
+    from diffusers import UNet2DModel
+
+    widths = [config["model_channels"] * mult for mult in config["channel_mult"]]
+    attention = [config["sample_size"] // 2**level in config["attention_resolutions"] for level in range(len(widths))]
+    return UNet2DModel(
+        sample_size=config["sample_size"], in_channels=config["in_channels"], out_channels=config["out_channels"],
+        block_out_channels=widths, layers_per_block=config["num_res_blocks"],
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        attention_head_dim=widths[-1] // config["num_heads"], resnet_time_scale_shift="scale_shift", norm_eps=1e-6,
+        dropout=config["dropout"])
+
+
+def bench_diffusers(args, device):
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers: not installed, section skipped (pip install diffusers to compare with it)")
+        return []
+    ours = build_unet(args.unet_size).to(device)
+    theirs = diffusers_unet(ours.config).to(device)
+    names = {"ours": f"ours {args.unet_size} ({count_parameters(ours) / 1e6:.1f}M)",
+             "theirs": f"diffusers {diffusers.__version__} UNet2DModel ({count_parameters(theirs) / 1e6:.1f}M)"}
+    forwards = {"ours": ours, "theirs": lambda x, t: theirs(x, t).sample}
+    models = {"ours": ours, "theirs": theirs}
+    rates = {}
+    rows = []
+    for who in ("ours", "theirs"):
+        forward_s, train_s = time_unet(models[who], forwards[who], args.batch_size, args.bf16, device, args.repeats)
+        for what, seconds in (("forward", forward_s), ("train step", train_s)):
+            rates[who, what] = args.batch_size / seconds
+            rows.append({"section": "diffusers", "what": f"{names[who]} {what} {precision(args.bf16)}",
+                         "samples_per_s": rates[who, what], "peak_mb": peak_memory_mb(device)})
+    rows += [ratio_row("diffusers", f"{what} speed-up ours/diffusers", rates["ours", what], rates["theirs", what])
+             for what in ("forward", "train step")]
+
+    steps = DEFAULT_STEPS["ddim"]
+    schedule = NoiseSchedule("linear")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=schedule.num_train_timesteps,
+                                        trained_betas=schedule.betas.numpy(), clip_sample=False,
+                                        timestep_spacing="linspace")  # our schedule and timesteps
+    noise = randn((args.sample_batch, *LATENT_SHAPE), device=device)
+
+    @torch.no_grad()
+    def diffusers_ddim(num_steps):
+        scheduler.set_timesteps(num_steps)
+        x = noise
+        for t in scheduler.timesteps:
+            with autocast(device, args.bf16):
+                eps = theirs(x, t.to(device)).sample
+            x = scheduler.step(eps.float(), t, x).prev_sample
+        return x
+
+    theirs.eval()
+    seconds = {"ours": sampler_seconds(ours, "ddim", steps, args, device)[0],
+               "theirs": timed(lambda: diffusers_ddim(steps), max(1, args.repeats // 3),
+                               warmup=lambda: diffusers_ddim(2)) / args.sample_batch}
+    for who, label in (("ours", f"our ddim-{steps}"), ("theirs", f"DDIMScheduler-{steps}")):
+        rows.append({"section": "diffusers", "what": f"{label}, {names[who]} {precision(args.bf16)}",
+                     "s_per_image": seconds[who], "peak_mb": peak_memory_mb(device)})
+    rows.append(ratio_row("diffusers", f"ddim-{steps} speed-up ours/diffusers", 1 / seconds["ours"],
+                          1 / seconds["theirs"]))
     return rows
 
 
 def bench_samplers(args, device):
     rows = []
     unet = build_unet(args.unet_size).to(device).eval()
-    schedule = NoiseSchedule("linear")
+    seconds = {}
     for name in args.samplers:
         steps = DEFAULT_STEPS[name]
-
-        def model_fn(x, t):
-            with autocast(device, args.bf16):
-                return unet(x, t)
-
-        denoiser = make_denoiser(model_fn, schedule, "epsilon")
-        timesteps = sampling_timesteps(schedule, steps)
-        noise = randn((args.sample_batch, 4, 32, 32), device=device)
-        seconds = timed(lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps), max(1, args.repeats // 3))
-        rows.append({"section": "sampler", "what": f"{name}-{steps} {args.unet_size} {'bf16' if args.bf16 else 'fp32'}",
-                     "s_per_image": seconds / args.sample_batch, "peak_mb": peak_memory_mb(device)})
+        seconds[name], timed_steps = sampler_seconds(unet, name, steps, args, device)
+        scaled = f" (timed on {timed_steps} steps, scaled)" if timed_steps < steps else ""
+        rows.append({"section": "sampler", "what": f"{name}-{steps} {args.unet_size} {precision(args.bf16)}{scaled}",
+                     "s_per_image": seconds[name], "peak_mb": peak_memory_mb(device)})
+    if {"dpmpp-2m", "ddpm"} <= set(seconds):
+        rows.append(ratio_row("sampler", f"dpmpp-2m-{DEFAULT_STEPS['dpmpp-2m']} speed-up over "
+                              f"ddpm-{DEFAULT_STEPS['ddpm']} (target >= 40x)", 1 / seconds["dpmpp-2m"],
+                              1 / seconds["ddpm"]))
     return rows
 
 
-SECTIONS = {"vqgan": bench_vqgan, "unet": bench_unet, "sampler": bench_samplers}
+SECTIONS = {"vqgan": bench_vqgan, "unet": bench_unet, "train": bench_train, "diffusers": bench_diffusers,
+            "sampler": bench_samplers}
+FIGURES = {"images_per_s": "img/s", "samples_per_s": "samples/s", "s_per_image": "s/image", "ratio": "x"}
 
 
-def print_table(rows):
-    print(f"{'section':8s} {'what':44s} {'figure':>22s} {'peak MB':>8s}")
+def print_table(rows, memory):
+    print(f"{'section':9s} {'what':78s} {'figure':>20s} {'peak MB':>8s}  ({memory})")
     for row in rows:
-        key = next(k for k in ("images_per_s", "samples_per_s", "s_per_image") if k in row)
-        print(f"{row['section']:8s} {row['what']:44s} {row[key]:14.2f} {key:>7s} {row['peak_mb']:8.0f}")
+        key = next(k for k in FIGURES if k in row)
+        peak = "" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
+        print(f"{row['section']:9s} {row['what']:78s} {row[key]:10.3f} {FIGURES[key]:>9s} {peak:>8s}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="what to time")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--batch_size", type=int, default=8, help="batch for VQGAN and UNet timings")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
-    parser.add_argument("--vqgan_config", default="vq-f4-small", choices=list(CONFIGS), help="VQGAN configuration")
-    parser.add_argument("--vqgan_resolutions", type=int, nargs="+", default=[128, 256], help="image sizes to time")
-    parser.add_argument("--unet_size", default="small", help="named UNet size (unet.UNET_CONFIGS)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="what to time (default: all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="batch of the vqgan, unet, train and diffusers UNet timings (default: 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median reported (default: 3)")
+    parser.add_argument("--vqgan_config", default="vq-f4-small", choices=list(CONFIGS),
+                        help="VQGAN configuration of the vqgan and train sections (default: vq-f4-small)")
+    parser.add_argument("--vqgan_resolutions", type=int, nargs="+", default=[128, 256],
+                        help="image sizes of the vqgan section (default: 128 256)")
+    parser.add_argument("--unet_size", default="small", choices=list(UNET_CONFIGS),
+                        help="named UNet size, unet.UNET_CONFIGS (default: small)")
+    parser.add_argument("--images", default=None,
+                        help="images the train section decodes (a folder or dataset ImageSource reads; default: "
+                             "../shared/wikiart-mini when present, else synthetic JPEGs in a temporary folder)")
     parser.add_argument("--samplers", nargs="+", default=["dpmpp-2m", "ddim", "ddpm"], choices=list(SAMPLERS),
-                        help="samplers to time at their default steps (ddpm: 1000 steps, slow)")
-    parser.add_argument("--sample_batch", type=int, default=4, help="images per sampler run")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the VQGAN and sampler timings")
-    parser.add_argument("--out", default="bench.json", help="JSON file for the results")
+                        help="samplers to time at their default steps (default: dpmpp-2m ddim ddpm)")
+    parser.add_argument("--max_sampler_steps", type=int, default=100,
+                        help="samplers with more steps (ddpm: 1000) are timed on this many and scaled (default: 100)")
+    parser.add_argument("--sample_batch", type=int, default=4, help="images per sampler run (default: 4)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast in the vqgan, train, diffusers and sampler sections (unet times both)")
+    parser.add_argument("--out", default="bench.json", help="JSON file for the results (default: bench.json)")
     args = parser.parse_args(argv)
+    for name in ("batch_size", "repeats", "max_sampler_steps", "sample_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = pick_device(args.device)
-    rows = []
+    rows, resettable = [], True
     for section in args.sections:
+        resettable &= reset_peak_memory(device)
         rows += SECTIONS[section](args, device)
+    memory = "peak per section" if resettable else "process peak so far"
     print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print_table(rows)
-    atomic_write_json(args.out, {"device": str(device), "threads": torch.get_num_threads(),
-                                 "torch": torch.__version__, "rows": rows})
+    print_table(rows, memory)
+    atomic_write_json(args.out, {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "peak_mb": memory, "args": vars(args), "rows": rows})
     print(f"wrote {args.out}")
     return 0
 

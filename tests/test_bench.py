@@ -1,0 +1,52 @@
+"""bench.py at tiny sizes: every section runs and reports its figures, ratios and peak memory (figures unchecked)."""
+import json
+import sys
+
+import pytest
+
+import bench
+
+TINY = ["--unet_size", "tiny", "--vqgan_config", "vq-f4-tiny", "--vqgan_resolutions", "32", "--batch_size", "2",
+        "--repeats", "1", "--sample_batch", "1", "--max_sampler_steps", "2"]
+
+
+def rows_of(path):
+    return {row["what"]: row for row in json.loads(path.read_text())["rows"]}
+
+
+def test_every_section_reports_figures_and_ratios(tmp_path, image_folder):
+    out = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--images", str(image_folder), "--out", str(out)]) == 0
+    rows = rows_of(out)
+    assert {row["section"] for row in rows.values()} >= {"vqgan", "unet", "train", "sampler"}
+    for row in rows.values():
+        figure = next(row[k] for k in bench.FIGURES if k in row)
+        assert 0 < figure < float("inf")
+        assert row["peak_mb"] is None or row["peak_mb"] > 0
+
+    train = [row for row in rows.values() if row["section"] == "train"]
+    with_cache, without_cache, speed_up = train
+    assert "latent cache" in with_cache["what"] and str(image_folder) in without_cache["what"]
+    assert speed_up["ratio"] == pytest.approx(with_cache["samples_per_s"] / without_cache["samples_per_s"])
+
+    ddpm = rows["ddpm-1000 tiny fp32 (timed on 2 steps, scaled)"]
+    dpmpp = rows["dpmpp-2m-20 tiny fp32 (timed on 2 steps, scaled)"]
+    speed_up = next(row for what, row in rows.items() if what.startswith("dpmpp-2m-20 speed-up over ddpm-1000"))
+    assert speed_up["ratio"] == pytest.approx(ddpm["s_per_image"] / dpmpp["s_per_image"])
+
+
+def test_diffusers_section(tmp_path, capsys, monkeypatch):
+    """With diffusers: matched UNets and DDIM timed, parameter counts in the labels; without it: one line."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--sections", "diffusers", "--out", str(out)]) == 0
+    rows = list(rows_of(out).values())
+    assert [row["what"].split()[0] for row in rows[:4]] == ["ours", "ours", "diffusers", "diffusers"]
+    assert all("M)" in row["what"] for row in rows[:4])
+    assert [row["what"] for row in rows if "ratio" in row] == [
+        "forward speed-up ours/diffusers", "train step speed-up ours/diffusers", "ddim-50 speed-up ours/diffusers"]
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    assert bench.main(TINY + ["--sections", "diffusers", "--out", str(out)]) == 0
+    assert "pip install diffusers" in capsys.readouterr().out
+    assert rows_of(out) == {}
