@@ -6,8 +6,8 @@ Everything that more than one script needs lives here, once.
 import json
 import os
 import random
-import signal
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path

@@ -75,7 +75,8 @@ class PrecomputedTextEncoder:
         tensors, config = load_model(path, "text embeddings")
         if config.get("model") != "noise2art-text-embeddings":
             raise UserError(f"{path} is not a text-embeddings file (model: {config.get('model')!r})")
-        self.path, self.name, self.max_length, self.dim = path, config["text_encoder"], config["max_length"], config["dim"]
+        self.path, self.name = path, config["text_encoder"]
+        self.max_length, self.dim = config["max_length"], config["dim"]
         self.device = torch.device(device)
         self.index = {caption: i for i, caption in enumerate(config["captions"])}
         self.context, self.mask = tensors["context"].float(), tensors["mask"].bool()  # N x L x dim, N x L

@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, load_state_dir,
-    make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir, seed_everything,
+    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none,
+    load_state_dir, make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir, seed_everything,
     set_rng_state, tensor_to_images,
 )
 from diffusion import PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, save_diffusion_model
@@ -528,8 +528,8 @@ def load_text_encoder(args, device):
         return TextEncoder(args.text_encoder, device, args.max_text_length)
     encoder = PrecomputedTextEncoder(args.text_embeddings, device)
     if (encoder.name, encoder.max_length) != (args.text_encoder, args.max_text_length):
-        raise UserError(f"--text_embeddings {args.text_embeddings} holds {encoder.name} at {encoder.max_length} tokens, "
-                        f"not --text_encoder {args.text_encoder} at --max_text_length {args.max_text_length}")
+        raise UserError(f"--text_embeddings {args.text_embeddings} holds {encoder.name} at {encoder.max_length} "
+                        f"tokens, not --text_encoder {args.text_encoder} at --max_text_length {args.max_text_length}")
     return encoder
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from common import UserError, run_cli
 
-# Named sizes for 4x32x32 latents; "small" (11.7M) is the bundled models' size. Parameter counts (unconditional) are printed by `python unet.py --size NAME`.
+# Named sizes for 4x32x32 latents; "small" (11.7M) is the bundled models' size. Parameter counts (unconditional)
+# are printed by `python unet.py --size NAME`.
 UNET_CONFIGS = {
     "tiny": dict(model_channels=32, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[16], num_heads=2),
     "small": dict(model_channels=64, channel_mult=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
