@@ -1,7 +1,10 @@
 """Shared test fixtures. No test reaches the internet: the hub is switched off here."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,3 +57,20 @@ def image_folder(tmp_path):
             make_painting(i).save(folder / name)
             f.write(json.dumps({"file_name": name, "style": styles[i % 3]}) + "\n")
     return folder
+
+
+def sigterm_after_log_lines(script_args, log_path, lines, timeout=120):
+    """Run `python SCRIPT ARGS...` in the repository, send SIGTERM once `log_path` holds `lines` lines, and return
+    (exit status, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, *map(str, script_args)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + timeout
+        while not (log_path.is_file() and len(log_path.read_text().splitlines()) >= lines):
+            assert process.poll() is None and time.time() < deadline, process.stderr.read()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, stdout, stderr

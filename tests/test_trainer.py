@@ -4,10 +4,8 @@ samples through diffusion.py, torchrun runs two CPU processes, SIGTERM and NaN l
 input is one clear line."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from PIL import Image
 import diffusion
 import trainer
 from common import UserError, image_to_tensor, load_state_dir, seed_everything
-from conftest import ROOT
+from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 
@@ -248,20 +246,10 @@ def test_torchrun_two_cpu_processes_train_and_write_one_checkpoint(tmp_path, ima
 
 def test_sigterm_saves_a_checkpoint_and_resume_auto_continues_it(tmp_path, image_folder, vqgan):
     out = tmp_path / "run"
-    command = [sys.executable, "trainer.py", "--dataset_path", str(image_folder), "--vqgan_ckpt", str(vqgan),
-               "--output_dir", str(out), *FAST, "--max_steps", "100000"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 120
-        while not ((out / "log.jsonl").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
-            assert process.poll() is None and time.time() < deadline, process.stderr.read()
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 0, stderr[-2000:]
+    returncode, stdout, stderr = sigterm_after_log_lines(
+        ["trainer.py", "--dataset_path", image_folder, "--vqgan_ckpt", vqgan, "--output_dir", out, *FAST, "--max_steps",
+         100000], out / "log.jsonl", 3)
+    assert returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout
     (saved,) = checkpoints(out)
     step = int(saved[5:])

@@ -2,11 +2,8 @@
 training, exact resume, evaluation, safe loading and one-line errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vqgan
+from conftest import sigterm_after_log_lines
 from common import UserError, load_state_dir, save_model
 from vqgan import CONFIGS, LPIPS, NLayerDiscriminator, VQModel, load_init, load_lpips, load_vqgan, save_vqgan
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
 # from the reference architecture rather than from our model.
@@ -239,20 +235,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, image_fold
 
 def test_sigterm_saves_state_and_export_and_resume_auto_continues(tmp_path, image_folder):
     out = tmp_path / "run"
-    command = [sys.executable, "vqgan.py", *train_args(image_folder, out, "--max_steps", "100000", "--log_every", "1",
-                                                       "--perceptual", "none", "--scale_images", "4")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 120
-        while not ((out / "log.jsonl").is_file() and len(read_log(out)) >= 2):
-            assert process.poll() is None and time.time() < deadline, process.stderr.read()
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 0, stderr[-2000:]
+    returncode, stdout, stderr = sigterm_after_log_lines(
+        ["vqgan.py", *train_args(image_folder, out, "--max_steps", "100000", "--log_every", "1", "--perceptual", "none",
+                                 "--scale_images", "4")], out / "log.jsonl", 2)
+    assert returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout + stderr
     step = load_state_dir(out / "state")["step"]
     assert step >= 2 and read_log(out)[-1]["step"] == step
