@@ -732,6 +732,8 @@ def train(args):
         load_weights(disc, state["disc"], f"discriminator in {resume_from}")
         opt_ae.load_state_dict(state["opt_ae"])
         opt_disc.load_state_dict(state["opt_disc"])
+        for group in opt_ae.param_groups + opt_disc.param_groups:  # --lr may lower the rate for the rest of a run
+            group["lr"] = args.lr
         step, last_used = state["step"], state["last_used"]
         set_rng_state(state["rng"])
         print(f"resumed from {resume_from} at step {step}")
@@ -901,7 +903,7 @@ def parse_args(argv):
     g.add_argument("--max_steps", type=int, default=20000, help="training steps (0 with --init_ckpt: convert only)")
     g.add_argument("--batch_size", type=int, default=8, help="images per step")
     g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate of autoencoder and discriminator "
-                   "(from scratch; fine-tuning vq-f8 wants ~2e-5)")
+                   "(from scratch; fine-tuning vq-f8 wants ~2e-5); with --resume it replaces the saved rate")
     g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"], help="perceptual loss network")
     g.add_argument("--perceptual_weights", help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
     g.add_argument("--perceptual_weight", type=float, help="weight of the perceptual loss (default 1.0 for lpips-vgg as in "

@@ -231,6 +231,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, image_fold
     assert [e["step"] for e in read_log(tmp_path / "b")] == [2, 3, 4, 6]  # lines after step 3 were not duplicated
     exported_a, exported_b = (load_file(str(tmp_path / run / "vqgan.safetensors")) for run in ("a", "b"))
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+    # resuming with another --lr continues at that rate
+    assert vqgan.main(train_args(image_folder, tmp_path / "b", *common[2:], "--max_steps", "7", "--resume", "auto",
+                                 "--lr", "1e-4")) == 0
+    state = load_state_dir(tmp_path / "b" / "state")
+    groups = state["opt_ae"]["param_groups"] + state["opt_disc"]["param_groups"]
+    assert state["step"] == 7 and {g["lr"] for g in groups} == {1e-4}
 
 
 def test_sigterm_saves_state_and_export_and_resume_auto_continues(tmp_path, image_folder):
