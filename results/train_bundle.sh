@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The recipe that made the bundled models in models/ (README, "Training your own"): a VQGAN first, then the
-# unconditional and the style-conditional UNet side by side on its frozen latents, each stage boxed in wall time
+# The recipe for the bundled models in models/ on an accelerator (README, "Training your own"): a VQGAN first, then
+# the unconditional and the style-conditional UNet side by side on its frozen latents, each stage boxed in wall time
 # (SIGTERM makes vqgan.py and trainer.py save, export and exit cleanly), then fp16 EMA exports into models/.
+# VQGAN_SECONDS=0 keeps the VQGAN already in models/ (the shipped one was trained on a CPU: README, VQGAN section).
 #
 #   python download_hf.py --dataset_name ../shared/wikiart-mini --image_bytes_key image --metadata_columns style \
 #       --rows 8000 --center_crop 128 --jpeg_quality 85 --output_dir wikiart128 --workers 2
@@ -21,11 +22,13 @@ TEXT=()
 box() { timeout --foreground --preserve-status -s TERM "$@"; }  # --foreground: the signal reaches the script, not its data workers
 
 mkdir -p models runs
-box "$VQGAN_SECONDS" python vqgan.py --config vq-f4-small --data "$DATA" --out runs/vqgan --resolution 128 \
-    --batch_size 32 --bf16 --perceptual effnet --lr 4e-4 --max_steps 1000000 --disc_start 100000000 \
-    --ckpt_every 2000 --log_every 50 --num_workers "$WORKERS" --scale_images 1024 --export_dtype fp16 \
-    --device "$DEVICE" || exit
-cp runs/vqgan/vqgan.safetensors runs/vqgan/vqgan.json models/
+if (( VQGAN_SECONDS > 0 )); then
+    box "$VQGAN_SECONDS" python vqgan.py --config vq-f4-small --data "$DATA" --out runs/vqgan --resolution 128 \
+        --batch_size 32 --bf16 --perceptual effnet --lr 4e-4 --max_steps 1000000 --disc_start 100000000 \
+        --ckpt_every 2000 --log_every 50 --num_workers "$WORKERS" --scale_images 1024 --export_dtype fp16 \
+        --device "$DEVICE" || exit
+    cp runs/vqgan/vqgan.safetensors runs/vqgan/vqgan.json models/
+fi
 
 UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_size small
       --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
