@@ -456,23 +456,35 @@ def _weights(tensors, prefix):
             for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
-    """A Pipeline from a checkpoint written by save_diffusion_model, in eval mode, fp32. use_ema picks the EMA
-    weights where the checkpoint has them."""
+def unet_weights(tensors, path, use_ema=True):
+    """(UNet weights in fp32, "ema" or "model"): a checkpoint's EMA weights where it has them and `use_ema`, else
+    its raw ones."""
+    has_raw, has_ema = (any(k.startswith(p) for k in tensors) for p in ("model.", "ema."))
+    if not use_ema and not has_raw:
+        raise UserError(f"{path} holds only EMA weights (a sampling export): drop --no_ema")
+    prefix = "ema." if has_ema and (use_ema or not has_raw) else "model."
+    return _weights(tensors, prefix), prefix[:-1]
+
+
+def read_diffusion_model(path):
+    """(tensors, config) of a checkpoint written by save_diffusion_model; anything else is a UserError."""
     tensors, config = load_model(path, "diffusion checkpoint")
     if config.get("model") != "noise2art-unet":
         raise UserError(f"{path} is not a Noise2Art diffusion checkpoint (model: {config.get('model')!r})")
+    return tensors, config
+
+
+def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
+    """A Pipeline from a checkpoint written by save_diffusion_model, in eval mode, fp32. use_ema picks the EMA
+    weights where the checkpoint has them."""
+    tensors, config = read_diffusion_model(path)
     try:
         unet = UNet(**config["unet"])
         schedule = NoiseSchedule(**config["schedule"])
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"diffusion checkpoint {path} has a malformed config: {err}") from None
-    has_raw, has_ema = (any(k.startswith(p) for k in tensors) for p in ("model.", "ema."))
-    if not use_ema and not has_raw:
-        raise UserError(f"{path} holds only EMA weights (a sampling export): drop --no_ema")
-    prefix = "ema." if has_ema and (use_ema or not has_raw) else "model."
-    load_weights(unet, _weights(tensors, prefix), f"UNet weights '{prefix}*' of {path}")
-    config["weights"] = prefix[:-1]
+    weights, config["weights"] = unet_weights(tensors, path, use_ema)
+    load_weights(unet, weights, f"UNet weights '{config['weights']}.*' of {path}")
     if config.get("vqgan") is None:
         if "vqgan_config" not in config:
             raise UserError(f"diffusion checkpoint {path} names no VQGAN and embeds none")
@@ -539,7 +551,9 @@ def parse_args(argv):
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
     parser.add_argument("--karras", action="store_true", help="space the steps as Karras et al. 2022 (rho = 7)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i, so any image can be redone alone")
-    parser.add_argument("--prompt", default=None, help="caption to steer a text-conditioned model")
+    parser.add_argument("--prompt", nargs="+", default=None,
+                        help="caption to steer a text-conditioned model; several captions give one grid row each "
+                             "(--num_images per caption, the same seeds)")
     parser.add_argument("--negative_prompt", default=None, help="caption to steer away from (replaces the null "
                                                                 "embedding in classifier-free guidance)")
     parser.add_argument("--guidance_scale", type=float, default=5.0,
@@ -577,8 +591,9 @@ def check_args(args):
         raise UserError("--interpolate needs --num_images of at least 2")
 
 
-def run_parameters(args, checkpoint, pipeline, steps, seed, num_images):
-    """PNG text chunks: the parameters of `num_images` images from `seed` and the command that makes them."""
+def run_parameters(args, checkpoint, pipeline, steps, seed, num_images, prompts):
+    """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
+    for an unconditional model) and the command that makes them."""
     params = dict(checkpoint=str(checkpoint), weights=pipeline.config.get("weights", "model"), seed=seed,
                   num_images=num_images, sampler=args.sampler, steps=steps, karras=args.karras, eta=args.eta,
                   bf16=pipeline.bf16)
@@ -586,9 +601,10 @@ def run_parameters(args, checkpoint, pipeline, steps, seed, num_images):
                "--num_images", str(num_images), "--sampler", args.sampler, "--steps", str(steps),
                "--eta", str(args.eta), "--device", args.device, "--precision", args.precision]
     command += [f"--{flag}" for flag in ("karras", "no_ema", "interpolate") if getattr(args, flag)]
-    if args.prompt is not None:
-        params.update(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)
-        command += ["--prompt", args.prompt, "--guidance_scale", str(args.guidance_scale)]
+    if prompts is not None:
+        params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,
+                      guidance_scale=args.guidance_scale)
+        command += ["--prompt", *prompts, "--guidance_scale", str(args.guidance_scale)]
         if args.negative_prompt is not None:
             command += ["--negative_prompt", args.negative_prompt]
     if args.init_image is not None:
@@ -597,13 +613,15 @@ def run_parameters(args, checkpoint, pipeline, steps, seed, num_images):
     return {"parameters": params, "command": shlex.join(command)}
 
 
-def image_parameters(args, checkpoint, pipeline, steps, index):
-    """Image `index` of the run: alone it is seed + index with one image; an interpolation frame needs its run."""
+def image_parameters(args, checkpoint, pipeline, steps, index, prompt):
+    """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
+    row."""
+    prompts = None if prompt is None else [prompt]
     if args.interpolate:
-        chunks = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images)
+        chunks = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images, prompts)
         chunks["parameters"].update(interpolate=dict(seeds=[args.seed, args.seed + 1], frame=index))
         return chunks
-    return run_parameters(args, checkpoint, pipeline, steps, args.seed + index, 1)
+    return run_parameters(args, checkpoint, pipeline, steps, args.seed + index, 1, prompts)
 
 
 def main(argv=None):
@@ -629,23 +647,26 @@ def main(argv=None):
     outdir = Path(args.outdir)
     first = next_image_index(outdir)
     all_images, paths = [], []
-    for start in range(0, args.num_images, args.batch_size):
-        n = min(args.batch_size, args.num_images - start)
-        images = pipeline.generate(
-            n, args.seed + start, sampler=args.sampler, steps=steps, prompt=args.prompt,
-            negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, eta=args.eta,
-            karras=args.karras, strength=args.strength,
-            init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
-            noise=frames[start:start + n] if args.interpolate else None)
-        for i, img in enumerate(tensor_to_images(images)):
-            path = outdir / f"{first + start + i:05d}.png"
-            save_png(path, img, image_parameters(args, checkpoint, pipeline, steps, start + i))
-            paths.append(path)
-            all_images.append(img)
+    for prompt in args.prompt or [None]:  # one grid row per caption, each over the same seeds
+        for start in range(0, args.num_images, args.batch_size):
+            n = min(args.batch_size, args.num_images - start)
+            images = pipeline.generate(
+                n, args.seed + start, sampler=args.sampler, steps=steps, prompt=prompt,
+                negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, eta=args.eta,
+                karras=args.karras, strength=args.strength,
+                init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
+                noise=frames[start:start + n] if args.interpolate else None)
+            for i, img in enumerate(tensor_to_images(images)):
+                path = outdir / f"{first + len(paths):05d}.png"
+                save_png(path, img, image_parameters(args, checkpoint, pipeline, steps, start + i, prompt))
+                paths.append(path)
+                all_images.append(img)
     grid_path = outdir / f"grid-{first:05d}.png"
-    grid_params = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images)
+    grid_params = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images, args.prompt)
     grid_params["files"] = [p.name for p in paths]
-    save_png(grid_path, make_grid(all_images, ncols=args.num_images if args.interpolate else None), grid_params)
+    rows = len(args.prompt or [None])
+    ncols = args.num_images if args.interpolate or rows > 1 else None
+    save_png(grid_path, make_grid(all_images, ncols=ncols), grid_params)
     print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
     return 0
 

@@ -3,7 +3,8 @@ loss (Ho et al. 2020): predict the noise (or v) that was added to VQGAN latents.
 
 The VQGAN encodes the data set once, every image and its mirror image, into a latent cache that later runs reuse;
 the cache is keyed by the VQGAN's weights, the resolution, the data set, --max_images and the captions, and is
-rebuilt when any of them changes. Training reads latents, never pixels. With --conditional, captions (a metadata
+rebuilt when any of them changes (an unconditional run also takes a conditional run's latents and ignores its
+captions). Training reads latents, never pixels. With --conditional, captions (a metadata
 column or a template over columns) are encoded once by the frozen text encoder and cached with the latents; they
 are dropped with probability --cond_drop during training so that one model serves classifier-free guidance.
 
@@ -43,9 +44,11 @@ from common import (
     load_state_dir, make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir, seed_everything,
     set_rng_state, tensor_to_images,
 )
-from diffusion import PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, save_diffusion_model
+from diffusion import (
+    PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, read_diffusion_model, save_diffusion_model, unet_weights,
+)
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
-from unet import UNET_CONFIGS, build_unet
+from unet import UNET_CONFIGS, build_unet, zero_module
 from vqgan import int_list, load_vqgan, load_weights, trim_log
 
 UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
@@ -217,8 +220,13 @@ def build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16
     return cache
 
 
+CAPTION_KEYS = ("captions", "caption_ids", "context", "context_mask")  # what encode_captions adds to a cache
+
+
 def read_latent_cache(path, identity):
-    """The cache at `path` if it was built for `identity`; None (saying why) if absent or built for other inputs."""
+    """The cache at `path` if it was built for `identity`; None (saying why) if absent or built for other inputs.
+    An unconditional run also uses the latents of a cache built with captions (a conditional run's) and ignores
+    the captions, so the two runs of one data set encode it once."""
     if not path.exists():
         return None
     if not (path / "state.json").is_file():
@@ -226,12 +234,15 @@ def read_latent_cache(path, identity):
     cache = load_state_dir(path)
     if not isinstance(cache, dict) or "key" not in cache:
         raise UserError(f"--latent_cache {path} is not a latent cache (a checkpoint?): choose another path")
-    if cache["key"] != cache_key(identity):
-        old = cache.get("identity", {})
-        changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
-        say(f"latent cache {path} was built for another {', '.join(changed)}: re-encoding")
-        return None
-    return cache
+    if cache["key"] == cache_key(identity):
+        return cache
+    old = cache.get("identity", {})
+    if identity["captions"] is None and cache_key({**old, "captions": None}) == cache_key(identity):
+        say(f"latent cache {path} was built with captions: this unconditional run uses its latents alone")
+        return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
+    changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
+    say(f"latent cache {path} was built for another {', '.join(changed)}: re-encoding")
+    return None
 
 
 def load_or_build_cache(path, identity, build):
@@ -308,6 +319,28 @@ def make_unet(args, latent_channels, latent_size, context_dim):
                           sample_size=latent_size, context_dim=context_dim)
     except ValueError as err:
         raise UserError(f"bad UNet configuration: {err}") from None
+
+
+def init_from_checkpoint(unet, path):
+    """Copy the UNet weights of a diffusion checkpoint (EMA where it has them) into a fresh `unet` (--init_from):
+    fine-tuning, or a conditional model grown from an unconditional one. Every checkpoint tensor must fit one of
+    `unet` by name and shape; those only `unet` has (the cross-attention and null embedding of a conditional model)
+    keep their initialisation, but each new cross-attention starts with a zero output projection, so the UNet starts
+    out computing what the checkpoint did. Returns the names of the new tensors."""
+    weights, _ = unet_weights(read_diffusion_model(path)[0], path)
+    expected = unet.state_dict()
+    problems = [f"{k} is not in this UNet" for k in weights if k not in expected]
+    problems += [f"{k} {tuple(v.shape)} here, {tuple(weights[k].shape)} there" for k, v in expected.items()
+                 if k in weights and weights[k].shape != v.shape]
+    if problems:
+        raise UserError(f"--init_from {path} does not fit this UNet ({'; '.join(problems[:3])}"
+                        f"{' ...' if len(problems) > 3 else ''}): pass its --unet_size, overrides and VQGAN")
+    unet.load_state_dict(weights, strict=False)
+    new = [k for k in expected if k not in weights]
+    for name, module in unet.named_modules():
+        if name.endswith("cross_attn") and f"{name}.to_out.weight" in new:
+            zero_module(module.to_out)
+    return new
 
 
 def lr_factor(step, args):
@@ -558,6 +591,10 @@ def prepare(args, rank, world_size, device):
                      text_encoder.dim if text_encoder else None)
     if state is not None:
         check_same_architecture(state, unet, resume_path)
+    elif args.init_from:
+        new = init_from_checkpoint(unet, args.init_from)
+        say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({', '.join(new[:2])}, ...)"
+                                                           if new else ""))
 
     cache_path = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
     cache = load_or_build_cache(cache_path, cache_identity(args, source, resolution), lambda: build_latent_cache(
@@ -726,6 +763,11 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
     g.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--init_from", default=None,
+                   help="start from the weights of a diffusion checkpoint (e.g. runs/unet/unet; EMA where it has "
+                        "them), fine-tuning it; a conditional run may start from an unconditional checkpoint "
+                        "(its cross-attention starts at zero); --resume, when it finds a checkpoint, wins "
+                        "(default: fresh weights)")
     g.add_argument("--resume", default=None,
                    help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder; default: a fresh run")
     g.add_argument("--embed_vqgan", action="store_true",

@@ -501,6 +501,16 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     params = json.loads(png_text(tmp_path / "out" / "00000.png")[0]["parameters"])
     assert params["prompt"] == "a Baroque painting" and params["negative_prompt"] == "dark"
     assert params["guidance_scale"] == 3.0
+    # several prompts: one grid row each over the same seeds, each image naming its own prompt
+    assert run(path, tmp_path / "rows", "--prompt", "a Baroque painting", "a Cubist still life", "--num_images", 3,
+               "--batch_size", 2, "--steps", 2, "--guidance_scale", 3) == 0
+    grid_text, grid_size = png_text(tmp_path / "rows" / "grid-00000.png")
+    assert grid_size[0] == 3 * grid_size[1] // 2 and json.loads(grid_text["parameters"])["prompt"] == [
+        "a Baroque painting", "a Cubist still life"]
+    assert json.loads(png_text(tmp_path / "rows" / "00004.png")[0]["parameters"]) == {
+        **json.loads(png_text(tmp_path / "out" / "00000.png")[0]["parameters"]), "prompt": "a Cubist still life",
+        "negative_prompt": None, "seed": 1, "steps": 2, "checkpoint": str(path)}
+    assert not torch.equal(pixels(tmp_path / "rows" / "00000.png"), pixels(tmp_path / "rows" / "00003.png"))
 
 
 @pytest.mark.parametrize("flags,message", [

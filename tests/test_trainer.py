@@ -4,6 +4,7 @@ samples through diffusion.py, torchrun runs two CPU processes, SIGTERM and NaN l
 input is one clear line."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -361,3 +362,42 @@ def test_precomputed_text_embeddings_train_without_the_encoder(tmp_path, image_f
     with pytest.raises(UserError, match="not --text_encoder .* at --max_text_length 16"):
         train(image_folder, vqgan, tmp_path / "other", *flags[:-4], "--max_text_length", 16, "--text_embeddings",
               embeddings)
+
+
+def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_conditional_model(
+        tmp_path, image_folder, vqgan, capsys, monkeypatch):
+    """The recipe of the bundled models: a conditional run's latent cache also serves the unconditional run, and
+    the conditional model starts from the unconditional one (--init_from), computing the same at first."""
+    cache = tmp_path / "cache"
+    cond_flags = ["--conditional", "--caption_template", "a {style} painting", "--max_text_length", 8,
+                  "--latent_cache", cache]
+    assert train(image_folder, vqgan, tmp_path / "first", "--max_steps", 1, *cond_flags) == 0
+    capsys.readouterr()
+
+    def no_encoding(*_):
+        raise AssertionError("the VQGAN encoder ran although a conditional cache of the same images exists")
+
+    monkeypatch.setattr(VQModel, "encode", no_encoding)
+    assert train(image_folder, vqgan, tmp_path / "uncond", "--max_steps", 2, "--latent_cache", cache) == 0
+    assert "this unconditional run uses its latents alone" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    uncond = load_diffusion_model(tmp_path / "uncond" / "unet").unet
+    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"])
+    cond = trainer.make_unet(args, 4, 8, 384).eval()
+    new = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
+    assert "null_context" in new and all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
+    state = cond.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in uncond.state_dict().items())
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    context, mask = torch.randn(2, 8, 384), torch.ones(2, 8, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(cond(latents, t, context, mask), uncond(latents, t), atol=1e-6)
+
+    init = ["--init_from", tmp_path / "uncond" / "unet"]
+    assert train(image_folder, vqgan, tmp_path / "cond", "--max_steps", 1, *cond_flags, *init) == 0
+    assert f"initial weights from {tmp_path / 'uncond' / 'unet'}" in capsys.readouterr().out
+    with pytest.raises(UserError, match="does not fit this UNet .* here, .* there"):
+        train(image_folder, vqgan, tmp_path / "wide", "--max_steps", 1, "--model_channels", 64, *cond_flags, *init)
+    with pytest.raises(UserError, match="vqgan.json is not a Noise2Art diffusion checkpoint|not a Noise2Art"):
+        train(image_folder, vqgan, tmp_path / "bad", "--max_steps", 1, "--init_from", vqgan)
