@@ -3,6 +3,7 @@ image datasets, devices and PNG output.
 
 Everything that more than one script needs lives here, once.
 """
+import argparse
 import json
 import os
 import random
@@ -49,6 +50,13 @@ def require_file(path, what):
     return path
 
 
+def int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Atomic writes: write a temporary file in the same folder, fsync, then rename over the target.
 
@@ -85,6 +93,15 @@ def read_json(path, what="JSON file"):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def trim_log(log_path, last_step):
+    """Drop log lines after the step a resumed run restarts from."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept)), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +164,23 @@ def safe_torch_load(path, trust=False):
     except (RuntimeError, EOFError) as err:
         raise UserError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_weights(module, tensors, what, allow_missing=False):
+    """Strict load; a mismatch is a UserError naming the first missing, unexpected or misshapen keys.
+    `allow_missing` lets the module keep its own values where `tensors` has none (returns their names)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    misshapen = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", [] if allow_missing else missing), ("unexpected", unexpected),
+                                    ("wrong shape", misshapen)) if keys]
+    if problems:
+        raise UserError(f"{what} does not match the model ({'; '.join(problems)})")
+    module.load_state_dict(tensors, strict=not allow_missing)
+    return missing
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    UserError, autocast, image_to_tensor, load_model, make_grid, model_paths, pick_device, run_cli, save_model,
-    save_png, tensor_to_images,
+    UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, pick_device, run_cli,
+    save_model, save_png, tensor_to_images,
 )
 from unet import UNet
-from vqgan import VQModel, load_vqgan, load_weights
+from vqgan import VQModel, load_vqgan
 
 PREDICTION_TYPES = ("epsilon", "v")
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # DDPM; latent diffusion

@@ -25,11 +25,12 @@ from tqdm import tqdm, trange
 
 from common import (
     ImageSource, ImageTensorDataset, UserError, atomic_write, atomic_write_json, collate_skip_none, image_to_tensor,
-    model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load, save_png, tensor_to_images,
+    load_weights, model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load, save_png,
+    tensor_to_images,
 )
 from diffusion import DEFAULT_STEPS, SAMPLERS, load_diffusion_model
 from features import EFFNET_IMAGE_SIZE, EfficientNetLite0Features
-from vqgan import load_vqgan, load_weights
+from vqgan import load_vqgan
 
 FEATURE_SIZES = {"effnet-lite0": EFFNET_IMAGE_SIZE, "inception": 299}  # network -> input size
 FID_INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"

@@ -40,16 +40,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none,
-    load_state_dir, make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir, seed_everything,
-    set_rng_state, tensor_to_images,
+    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, int_list,
+    load_state_dir, load_weights, make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir,
+    seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
     PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, read_diffusion_model, save_diffusion_model, unet_weights,
 )
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet, zero_module
-from vqgan import int_list, load_vqgan, load_weights, trim_log
+from vqgan import load_vqgan
 
 UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
 CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
@@ -328,15 +328,8 @@ def init_from_checkpoint(unet, path):
     keep their initialisation, but each new cross-attention starts with a zero output projection, so the UNet starts
     out computing what the checkpoint did. Returns the names of the new tensors."""
     weights, _ = unet_weights(read_diffusion_model(path)[0], path)
-    expected = unet.state_dict()
-    problems = [f"{k} is not in this UNet" for k in weights if k not in expected]
-    problems += [f"{k} {tuple(v.shape)} here, {tuple(weights[k].shape)} there" for k, v in expected.items()
-                 if k in weights and weights[k].shape != v.shape]
-    if problems:
-        raise UserError(f"--init_from {path} does not fit this UNet ({'; '.join(problems[:3])}"
-                        f"{' ...' if len(problems) > 3 else ''}): pass its --unet_size, overrides and VQGAN")
-    unet.load_state_dict(weights, strict=False)
-    new = [k for k in expected if k not in weights]
+    new = load_weights(unet, weights, f"--init_from {path} (pass its --unet_size, overrides and VQGAN)",
+                       allow_missing=True)
     for name, module in unet.named_modules():
         if name.endswith("cross_attn") and f"{name}.to_out.weight" in new:
             zero_module(module.to_out)

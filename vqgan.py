@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, load_model,
-    load_state_dir, make_grid, model_paths, pick_device, rng_state, run_cli, safe_torch_load, save_model,
-    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
+    ImageSource, ImageTensorDataset, StopSignal, UserError, autocast, collate_skip_none, int_list,
+    load_model, load_state_dir, load_weights, make_grid, model_paths, pick_device, rng_state, run_cli,
+    safe_torch_load, save_model, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
+    trim_log,
 )
 
 # Architecture of each named model. `vq-f8` is latent-diffusion's models/first_stage_models/vq-f8.
@@ -275,20 +276,6 @@ class VQModel(nn.Module):
     def last_layer(self):
         """The weight the adaptive GAN weight is measured at."""
         return self.decoder.conv_out.weight
-
-
-def load_weights(module, tensors, what):
-    """Strict load; a mismatch is a UserError naming the first missing, unexpected or misshapen keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    misshapen = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                 if k in tensors and tensors[k].shape != v.shape]
-    problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]
-    if problems:
-        raise UserError(f"{what} does not match the model ({'; '.join(problems)})")
-    module.load_state_dict(tensors, strict=True)
 
 
 def save_vqgan(model, path, dtype=None):
@@ -672,14 +659,6 @@ def resolve_resume(resume, state_path):
     return Path(resume)
 
 
-def trim_log(log_path, last_step):
-    """Drop log lines after the step a resumed run restarts from."""
-    if not log_path.is_file():
-        return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept)), mode="w")
-
-
 def export(model, out, source, resolution, args, device):
     """out/vqgan.safetensors + out/vqgan.json, with the latent scale measured on the training data."""
     if source is not None:
@@ -865,13 +844,6 @@ def evaluate(args):
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def int_list(text):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def parse_args(argv):
