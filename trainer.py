@@ -620,6 +620,9 @@ def train(args, rank, world_size, device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run, cache, vqgan, text_encoder, checkpoint = prepare(args, rank, world_size, device)
+    if args.max_steps == 0:
+        say("--max_steps 0: the latent cache is ready; nothing trained")
+        return 0
     log_path = out / "log.jsonl"
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -728,7 +731,7 @@ def parse_args(argv=None):
     g.add_argument("--min_snr_gamma", type=float, default=None,
                    help="min-SNR loss weighting (Hang et al. 2023), e.g. 5; default: unweighted")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_steps", type=int, default=20000, help="optimizer steps")
+    g.add_argument("--max_steps", type=int, default=20000, help="optimizer steps (0: build the latent cache and stop)")
     g.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch per process")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
@@ -778,13 +781,13 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    at_least_one = ["max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "num_samples",
+    at_least_one = ["batch_size", "grad_accum", "save_every", "keep_last", "log_every", "num_samples",
                     "sample_steps", "num_train_timesteps", "max_text_length"]
     for name in at_least_one + ["max_images", "resolution"]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    for name in ("sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "min_lr"):
+    for name in ("max_steps", "sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "min_lr"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.lr <= 0:

@@ -290,6 +290,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, image_fol
     (["--resolution", "24", "--unet_size", "small"], "cannot be halved"),  # 6x6 latents, 3 halvings
     (["--zero_terminal_snr"], "needs --prediction_type v"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--max_steps", "-1"], "--max_steps must not be negative"),
     (["--cond_drop", "1"], "--cond_drop"),
     (["--resume", "MISSING"], "no such checkpoint folder"),
 ])
@@ -371,8 +372,10 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     cache = tmp_path / "cache"
     cond_flags = ["--conditional", "--caption_template", "a {style} painting", "--max_text_length", 8,
                   "--latent_cache", cache]
-    assert train(image_folder, vqgan, tmp_path / "first", "--max_steps", 1, *cond_flags) == 0
-    capsys.readouterr()
+    assert train(image_folder, vqgan, tmp_path / "first", "--max_steps", 0, *cond_flags) == 0  # the cache alone
+    output = capsys.readouterr().out
+    assert "encoded 12 images" in output and "nothing trained" in output
+    assert not (tmp_path / "first" / "checkpoints").exists() and not (tmp_path / "first" / "unet.json").exists()
 
     def no_encoding(*_):
         raise AssertionError("the VQGAN encoder ran although a conditional cache of the same images exists")
