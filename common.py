@@ -61,6 +61,10 @@ def int_list(text):
 # Atomic writes: write a temporary file in the same folder, fsync, then rename over the target.
 
 
+_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Call `write_fn(file)` on a temporary file next to `path`, then rename it into place.
     A crash leaves either the old file or the new one, never a torn one."""
@@ -72,6 +76,7 @@ def atomic_write(path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
