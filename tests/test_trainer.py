@@ -397,6 +397,11 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     with torch.no_grad():
         assert torch.allclose(cond(latents, t, context, mask), uncond(latents, t), atol=1e-6)
 
+    diffusion.export_diffusion_model(tmp_path / "uncond" / "unet", tmp_path / "export")  # EMA alone, fp16
+    from_export = trainer.make_unet(args, 4, 8, 384).eval()
+    trainer.init_from_checkpoint(from_export, tmp_path / "export")
+    assert all(torch.equal(from_export.state_dict()[k], v.half().float()) for k, v in uncond.state_dict().items())
+
     init = ["--init_from", tmp_path / "uncond" / "unet"]
     assert train(image_folder, vqgan, tmp_path / "cond", "--max_steps", 1, *cond_flags, *init) == 0
     assert f"initial weights from {tmp_path / 'uncond' / 'unet'}" in capsys.readouterr().out
