@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -554,15 +553,21 @@ def test_missing_or_mismatched_checkpoint(tmp_path, checkpoint):
         load_diffusion_model(tmp_path / "b" / "unet", "cpu")
 
 
-def test_missing_bundled_model_is_a_one_line_error(tmp_path):
-    import subprocess
-    import sys
+def test_bundled_models_sample_without_arguments_and_with_a_prompt(tmp_path, monkeypatch):
+    """The Quickstart: no --unet_ckpt_path uses models/unet-uncond, --prompt models/unet-cond (2 images, 2 steps
+    here); without a bundled model the same call is a one-line error naming the path."""
+    assert run_default(tmp_path / "uncond", "--num_images", 2, "--steps", 2) == 0
+    params = json.loads(png_text(tmp_path / "uncond" / "00001.png")[0]["parameters"])
+    assert params["checkpoint"].endswith("unet-uncond.json") and png_text(tmp_path / "uncond" / "00001.png")[1] == (
+        128, 128)
+    assert run_default(tmp_path / "cond", "--num_images", 1, "--steps", 2, "--prompt", "a Baroque painting") == 0
+    assert json.loads(png_text(tmp_path / "cond" / "00000.png")[0]["parameters"])["checkpoint"].endswith(
+        "unet-cond.json")
+    monkeypatch.setattr(diffusion, "BUNDLED_MODELS", tmp_path / "nowhere")
+    with pytest.raises(UserError, match="no bundled model at .*unet-uncond.json yet.*--unet_ckpt_path"):
+        run_default(tmp_path / "none")
+    assert not (tmp_path / "none").exists()
 
-    bundled = diffusion.BUNDLED_MODELS / "unet-uncond.json"
-    if bundled.exists():
-        pytest.skip("a bundled model exists")
-    result = subprocess.run([sys.executable, str(Path(diffusion.__file__)), "--outdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "unet-uncond.json" in result.stderr
-    assert "--unet_ckpt_path" in result.stderr
+
+def run_default(outdir, *flags):
+    return diffusion.main(["--outdir", str(outdir), "--device", "cpu", *map(str, flags)])
