@@ -664,9 +664,8 @@ def main(argv=None):
     grid_path = outdir / f"grid-{first:05d}.png"
     grid_params = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images, args.prompt)
     grid_params["files"] = [p.name for p in paths]
-    rows = len(args.prompt or [None])
-    ncols = args.num_images if args.interpolate or rows > 1 else None
-    save_png(grid_path, make_grid(all_images, ncols=ncols), grid_params)
+    row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption
+    save_png(grid_path, make_grid(all_images, ncols=args.num_images if row_each else None), grid_params)
     print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
     return 0
 
