@@ -14,7 +14,10 @@ Sections:
              attention at the same feature-map sizes, scale-shift time conditioning, head width), forward and
              training step; our DDIM-50 versus diffusers' DDIMScheduler at 50 steps (our schedule and timesteps),
              each driving its own UNet. Its attention blocks lack our feed-forward layers, so it has fewer
-             parameters (both counts are printed). Needs `pip install diffusers` (optional; skipped without it).
+             parameters (both counts are printed). Also each forward's work (GFLOP per sample, convolutions and
+             matmuls) and the rate it is done at (GFLOP/s): the speed-up of one UNet over another is the ratio
+             of their rates divided by the ratio of their work, and a rate near the machine's peak leaves
+             little to gain. Needs `pip install diffusers` (optional; skipped without it).
   sampler    seconds per image of each sampler at its default steps, and DPM-Solver++(2M)-20's speed-up over
              DDPM-1000. Samplers with more than --max_sampler_steps steps are timed on their first steps and
              scaled up (each step costs one UNet call), as the row says.
@@ -40,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import trainer
 from common import (
@@ -230,6 +234,15 @@ def sampler_seconds(unet, name, steps, args, device):
     return seconds * steps / len(timesteps) / args.sample_batch, len(timesteps)
 
 
+def forward_gflop(forward, device):
+    """GFLOP of one sample's forward pass, as torch.utils.flop_counter counts them: convolutions and matrix
+    products (attention kernels on CPU are not counted; both UNets have the same attention)."""
+    latents, t = torch.randn(1, *LATENT_SHAPE, device=device), torch.tensor([500], device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(latents, t)
+    return counter.get_total_flops() / 1e9
+
+
 def diffusers_unet(config):
     """diffusers.UNet2DModel matched to our UNet's config: widths model_channels x channel_mult, num_res_blocks per
     level, attention blocks at the same feature-map sizes (and in the middle), scale-shift time conditioning,
@@ -269,6 +282,12 @@ def bench_diffusers(args, device):
                          "samples_per_s": rates[who, what], "peak_mb": peak_memory_mb(device)})
     rows += [ratio_row("diffusers", f"{what} speed-up ours/diffusers", rates["ours", what], rates["theirs", what])
              for what in ("forward", "train step")]
+    for who in ("ours", "theirs"):  # how much work each forward is, and how fast it is done
+        gflop = forward_gflop(forwards[who], device)
+        rows += [{"section": "diffusers", "what": f"{names[who]} forward work (convolutions + matmuls)",
+                  "gflop_per_sample": gflop, "peak_mb": None},
+                 {"section": "diffusers", "what": f"{names[who]} forward rate {precision(args.bf16)}",
+                  "gflop_per_s": gflop * rates[who, "forward"], "peak_mb": None}]
 
     steps = DEFAULT_STEPS["ddim"]
     schedule = NoiseSchedule("linear")
@@ -318,7 +337,8 @@ def bench_samplers(args, device):
 
 SECTIONS = {"vqgan": bench_vqgan, "unet": bench_unet, "train": bench_train, "diffusers": bench_diffusers,
             "sampler": bench_samplers}
-FIGURES = {"images_per_s": "img/s", "samples_per_s": "samples/s", "s_per_image": "s/image", "ratio": "x"}
+FIGURES = {"images_per_s": "img/s", "samples_per_s": "samples/s", "s_per_image": "s/image", "ratio": "x",
+           "gflop_per_sample": "GFLOP/samp", "gflop_per_s": "GFLOP/s"}
 
 
 def print_table(rows, memory):

@@ -45,6 +45,13 @@ def test_diffusers_section(tmp_path, capsys, monkeypatch):
     assert all("M)" in row["what"] for row in rows[:4])
     assert [row["what"] for row in rows if "ratio" in row] == [
         "forward speed-up ours/diffusers", "train step speed-up ours/diffusers", "ddim-50 speed-up ours/diffusers"]
+    work = {row["what"].split()[0]: row["gflop_per_sample"] for row in rows if "gflop_per_sample" in row}
+    assert work["ours"] > work["diffusers"] > 0  # the same convolutions; ours adds feed-forward layers
+    forward_rate = {row["what"].split()[0]: row["samples_per_s"] for row in rows if "forward fp32" in row["what"]}
+    for row in rows:
+        if "gflop_per_s" in row:
+            who = row["what"].split()[0]
+            assert row["gflop_per_s"] == pytest.approx(work[who] * forward_rate[who])
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     assert bench.main(TINY + ["--sections", "diffusers", "--out", str(out)]) == 0
