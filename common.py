@@ -28,17 +28,27 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, never a traceback."""
 
 
+def interrupt(signum, frame):
+    """A signal handler: stop like Ctrl-C does, naming the signal."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_cli(main):
-    """Run `main()` as a command: UserError -> `error: ...` on stderr and exit 2,
-    Ctrl-C -> exit 130. Anything else is a bug and keeps its traceback."""
+    """Run `main()` as a command: UserError -> `error: ...` on stderr and exit 2; Ctrl-C or SIGTERM (outside
+    a training loop, which saves first) -> `interrupted (SIGNAL)` and exit 128 + the signal's number. Anything
+    else is a bug and keeps its traceback."""
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         status = main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        name = str(err) or "SIGINT"
+        print(f"interrupted ({name})", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(status or 0)
 
 
@@ -536,7 +546,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.name is not None:
-            raise KeyboardInterrupt
+            interrupt(signum, frame)
         self.name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
