@@ -9,11 +9,14 @@
 #   python download_hf.py --dataset_name ../shared/wikiart-mini --image_bytes_key image --metadata_columns style \
 #       --rows 8000 --center_crop 128 --jpeg_quality 85 --output_dir data/wikiart128 --workers 2
 #   DATA=data/wikiart128 bash results/train_bundle.sh
+#   # later, training both on from their newest checkpoints (the shipped models had one such session):
+#   DATA=data/wikiart128 RESUME=1 UNCOND_SECONDS=3600 COND_SECONDS=3600 bash results/train_bundle.sh
 #   # on a GPU, e.g.: DEVICE=cuda WORKERS=6 BATCH=256 LR=3e-4 VQGAN_SECONDS=600 UNCOND_SECONDS=1800 ...
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, UNCOND_SECONDS,
-# COND_SECONDS (wall-time boxes), DEVICE (cpu, cuda, mps), WORKERS (image-decoding processes), BATCH, LR.
+# COND_SECONDS (wall-time boxes), DEVICE (cpu, cuda, mps), WORKERS (image-decoding processes), BATCH, LR,
+# RESUME (set: both UNets continue from their newest checkpoints in runs/, optimizer and data order included).
 set -uo pipefail
 DATA=${DATA:?set DATA to an ImageFolder of 128 px paintings}
 VQGAN_SECONDS=${VQGAN_SECONDS:-0}
@@ -25,6 +28,8 @@ BATCH=${BATCH:-32}
 LR=${LR:-2e-4}
 TEXT=()
 [[ -n ${TEXT_EMBEDDINGS:-} ]] && TEXT=(--text_embeddings "$TEXT_EMBEDDINGS")
+RESUME_FLAGS=()
+[[ -n ${RESUME:-} ]] && RESUME_FLAGS=(--resume auto)
 box() { timeout --foreground --preserve-status -s TERM "$@"; }  # --foreground: the signal reaches the script, not its data workers
 
 mkdir -p models runs
@@ -40,7 +45,7 @@ UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_s
       --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
       --batch_size "$BATCH" --lr "$LR" --warmup_steps 200 --ema_decay 0.999 --max_steps 1000000
       --save_every 200 --sample_every 400 --log_every 20 --num_workers "$WORKERS" --device "$DEVICE"
-      --latent_cache runs/latents128)
+      --latent_cache runs/latents128 "${RESUME_FLAGS[@]}")
 COND=(--conditional --caption_template "a {style} painting" "${TEXT[@]}")
 # the conditional run's cache (latents + captions) serves both runs: build it first, train nothing
 python trainer.py "${UNET[@]}" "${COND[@]}" --max_steps 0 --output_dir runs/cache-only > runs/cache.log 2>&1 || exit
