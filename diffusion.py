@@ -594,12 +594,13 @@ def check_args(args):
 def run_parameters(args, checkpoint, pipeline, steps, seed, num_images, prompts):
     """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
     for an unconditional model) and the command that makes them."""
-    params = dict(checkpoint=str(checkpoint), weights=pipeline.config.get("weights", "model"), seed=seed,
-                  num_images=num_images, sampler=args.sampler, steps=steps, karras=args.karras, eta=args.eta,
-                  bf16=pipeline.bf16)
-    command = ["python", "diffusion.py", "--unet_ckpt_path", str(checkpoint), "--seed", str(seed),
-               "--num_images", str(num_images), "--sampler", args.sampler, "--steps", str(steps),
-               "--eta", str(args.eta), "--device", args.device, "--precision", args.precision]
+    bundled = args.unet_ckpt_path is None  # named relative to the repository, and implied by the command
+    params = dict(checkpoint=f"models/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
+                  weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
+                  sampler=args.sampler, steps=steps, karras=args.karras, eta=args.eta, bf16=pipeline.bf16)
+    command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
+    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", args.sampler, "--steps", str(steps),
+                "--eta", str(args.eta), "--device", args.device, "--precision", args.precision]
     command += [f"--{flag}" for flag in ("karras", "no_ema", "interpolate") if getattr(args, flag)]
     if prompts is not None:
         params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,

@@ -557,12 +557,13 @@ def test_bundled_models_sample_without_arguments_and_with_a_prompt(tmp_path, mon
     """The Quickstart: no --unet_ckpt_path uses models/unet-uncond, --prompt models/unet-cond (2 images, 2 steps
     here); without a bundled model the same call is a one-line error naming the path."""
     assert run_default(tmp_path / "uncond", "--num_images", 2, "--steps", 2) == 0
-    params = json.loads(png_text(tmp_path / "uncond" / "00001.png")[0]["parameters"])
-    assert params["checkpoint"].endswith("unet-uncond.json") and png_text(tmp_path / "uncond" / "00001.png")[1] == (
-        128, 128)
+    text, size = png_text(tmp_path / "uncond" / "00001.png")
+    assert size == (128, 128)
+    assert json.loads(text["parameters"])["checkpoint"] == "models/unet-uncond.json (bundled)"
+    assert shlex.split(text["command"])[:4] == ["python", "diffusion.py", "--seed", "1"]  # portable: no local path
     assert run_default(tmp_path / "cond", "--num_images", 1, "--steps", 2, "--prompt", "a Baroque painting") == 0
-    assert json.loads(png_text(tmp_path / "cond" / "00000.png")[0]["parameters"])["checkpoint"].endswith(
-        "unet-cond.json")
+    assert json.loads(png_text(tmp_path / "cond" / "00000.png")[0]["parameters"])["checkpoint"] == (
+        "models/unet-cond.json (bundled)")
     monkeypatch.setattr(diffusion, "BUNDLED_MODELS", tmp_path / "nowhere")
     with pytest.raises(UserError, match="no bundled model at .*unet-uncond.json yet.*--unet_ckpt_path"):
         run_default(tmp_path / "none")
