@@ -44,7 +44,7 @@ def run_cli(main):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        name = str(err) or "SIGINT"
+        name = str(err) if str(err) in signal.Signals.__members__ else "SIGINT"  # interrupt() names the signal
         print(f"interrupted ({name})", file=sys.stderr)
         sys.exit(128 + signal.Signals[name])
     finally:
