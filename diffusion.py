@@ -595,7 +595,7 @@ def run_parameters(args, checkpoint, pipeline, steps, seed, num_images, prompts)
     """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
     for an unconditional model) and the command that makes them."""
     bundled = args.unet_ckpt_path is None  # named relative to the repository, and implied by the command
-    params = dict(checkpoint=f"models/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
+    params = dict(checkpoint=f"{BUNDLED_MODELS.name}/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
                   weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
                   sampler=args.sampler, steps=steps, karras=args.karras, eta=args.eta, bf16=pipeline.bf16)
     command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
