@@ -29,7 +29,7 @@ from PIL import Image
 
 from common import (
     ImageSource, ImageTensorDataset, StopSignal, UserError, autocast, collate_skip_none, int_list,
-    load_model, load_state_dir, load_weights, make_grid, model_paths, pick_device, rng_state, run_cli,
+    load_model, load_state_dir, load_weights, make_grid, model_paths, pick_device, read_json, rng_state, run_cli,
     safe_torch_load, save_model, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
     trim_log,
 )
@@ -602,9 +602,11 @@ def restart_dead_codes(codebook, last_used, latents, step, patience):
 
 
 def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, args, device):
-    """One autoencoder update and, once step >= disc_start, one discriminator update.
-    Returns (metrics, code indices B x h x w, latents before quantisation)."""
-    use_gan = step >= args.disc_start
+    """One autoencoder update and, once step >= disc_start, one discriminator update. The generator's
+    adversarial term waits `disc_warmup` more steps, so it starts against a discriminator that already tells
+    real from reconstructed. Returns (metrics, code indices B x h x w, latents before quantisation)."""
+    train_disc = step >= args.disc_start
+    use_gan = step >= args.disc_start + args.disc_warmup
     with autocast(device, args.bf16):
         reconstructions, codebook_loss, indices, latents = model(images)
         reconstructions = reconstructions.float()
@@ -624,7 +626,7 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, args, de
     loss.backward()
     opt_ae.step()
     metrics["loss"] = loss.item()
-    if use_gan:
+    if train_disc:
         with autocast(device, args.bf16):
             logits_real, logits_fake = disc(images).float(), disc(reconstructions.detach()).float()
             d_loss = hinge_d_loss(logits_real, logits_fake)
@@ -649,6 +651,25 @@ def build_config(args):
     return config
 
 
+def initial_model(args, state):
+    """The model to train: a resumed run's architecture; with --finetune_decoder the --init_ckpt's own
+    config, latent scale included (the latents must not change); else the named --config."""
+    if state:
+        return VQModel(state["config"])
+    if args.finetune_decoder:
+        return VQModel(read_json(model_paths(args.init_ckpt)[1], "--init_ckpt config"))
+    return VQModel(build_config(args))
+
+
+def freeze_encoder_side(model):
+    """--finetune_decoder: the encoder, quant_conv and codebook stop learning, so every image keeps its
+    latents and code indices (diffusion models trained on them stay valid); post_quant_conv and the
+    decoder train. Returns the parameters that still learn."""
+    for module in (model.encoder, model.quant_conv, model.quantize):
+        module.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def resolve_resume(resume, state_path):
     if resume is None:
         if state_path.exists():
@@ -661,8 +682,9 @@ def resolve_resume(resume, state_path):
 
 
 def export(model, out, source, resolution, args, device):
-    """out/vqgan.safetensors + out/vqgan.json, with the latent scale measured on the training data."""
-    if source is not None:
+    """out/vqgan.safetensors + out/vqgan.json, with the latent scale measured on the training data
+    (kept as it was with --finetune_decoder: the encoder did not change)."""
+    if source is not None and not args.finetune_decoder:
         model.latent_scale = measure_latent_scale(model, source, resolution, args.scale_images, args.batch_size, device)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
     return save_vqgan(model, out / "vqgan", dtype=dtype)
@@ -677,7 +699,7 @@ def train(args):
     resume_from = resolve_resume(args.resume, state_path)
     state = load_state_dir(resume_from) if resume_from else None
     seed_everything(args.seed)
-    model = VQModel(state["config"] if state else build_config(args))
+    model = initial_model(args, state)
     disc = NLayerDiscriminator(n_layers=args.disc_layers)
     needs_init = args.init_ckpt and (not state or args.perceptual == "lpips-vgg")  # LPIPS weights may live in it
     init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if needs_init else {}
@@ -700,11 +722,14 @@ def train(args):
     disc.to(device).train()
     if perceptual is not None:
         perceptual.to(device)
-    opt_ae = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    trainable = freeze_encoder_side(model) if args.finetune_decoder else list(model.parameters())
+    opt_ae = torch.optim.Adam(trainable, lr=args.lr, betas=(0.5, 0.9))
     opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     # Step each code was last picked at. From scratch every code starts "dead", so the first batch
     # initialises the codebook from encoder outputs; fine-tuning keeps the given codebook.
     patience = args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 20)
+    if args.finetune_decoder:
+        patience = 0  # a frozen codebook keeps its codes
     last_used = torch.full((model.config["n_embed"],), -patience if not args.init_ckpt else 0, dtype=torch.long)
     step = 0
     if state:
@@ -883,6 +908,11 @@ def parse_args(argv):
                    "taming; 0.1 for effnet, whose distance sums six stages and runs ~10x larger)")
     g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook + commitment loss")
     g.add_argument("--disc_start", type=int, default=10000, help="step at which the GAN loss starts")
+    g.add_argument("--disc_warmup", type=int, default=0, help="steps the discriminator trains alone (from --disc_start) "
+                   "before its loss reaches the generator")
+    g.add_argument("--finetune_decoder", action="store_true", help="train only post_quant_conv and the decoder of "
+                   "--init_ckpt (one of our VQGANs): encoder, quant_conv and codebook stay frozen bit for bit, so latents "
+                   "and diffusion models trained on them stay valid; the latent scale is kept")
     g.add_argument("--disc_weight", type=float, default=0.6, help="GAN loss weight (times the adaptive weight)")
     g.add_argument("--disc_layers", type=int, default=2, help="PatchGAN discriminator layers (2 matches vq-f8)")
     g.add_argument("--dead_code_steps", type=int, help="restart codes unused this many steps (0 = never; "
@@ -914,6 +944,10 @@ def parse_args(argv):
         raise UserError("--eval needs --ckpt and --data")
     if not args.eval and not args.out:
         raise UserError("training and conversion need --out")
+    if args.finetune_decoder and not args.init_ckpt:
+        raise UserError("--finetune_decoder needs --init_ckpt: the VQGAN whose decoder to fine-tune")
+    if args.disc_warmup < 0:
+        raise UserError("--disc_warmup must not be negative")
     if not args.eval and args.max_steps == 0 and not args.init_ckpt:
         raise UserError("--max_steps 0 converts a checkpoint: it needs --init_ckpt")
     return args

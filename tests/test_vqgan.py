@@ -291,3 +291,33 @@ def test_cli_exits_2_with_one_line_on_missing_data(tmp_path):
                              "--out", str(tmp_path / "o"), "--perceptual", "none"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+
+
+def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_path):
+    """--finetune_decoder trains post_quant_conv + decoder with the GAN on (after a discriminator warm-up) and
+    leaves encode(), the quantiser, the codebook and the latent scale exactly as they were."""
+    base = tmp_path / "base"
+    assert vqgan.main(train_args(image_folder, base, "--max_steps", "2", "--perceptual", "none")) == 0
+    before = load_vqgan(base / "vqgan")
+    tuned = tmp_path / "tuned"
+    args = train_args(image_folder, tuned, "--max_steps", "4", "--perceptual", "none", "--finetune_decoder",
+                      "--init_ckpt", str(base / "vqgan.safetensors"), "--disc_start", "0", "--disc_warmup", "2")
+    assert vqgan.main(args) == 0
+    after = load_vqgan(tuned / "vqgan")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    latents_before, latents_after = before.encode(images), after.encode(images)
+    assert torch.equal(latents_before, latents_after)
+    z_q_before, _, codes_before = before.quantize(latents_before)
+    z_q_after, _, codes_after = after.quantize(latents_after)
+    assert torch.equal(codes_before, codes_after) and torch.equal(z_q_before, z_q_after)
+    assert after.latent_scale == before.latent_scale
+    assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    assert not torch.equal(before.post_quant_conv.weight, after.post_quant_conv.weight)
+    log = read_log(tuned)
+    assert "d_loss" in log[0] and "g_loss" not in log[0]  # steps 0-1: the discriminator trains alone
+    assert "g_loss" in log[1]
+
+
+def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
+    with pytest.raises(UserError, match="--finetune_decoder needs --init_ckpt"):
+        vqgan.main(train_args(image_folder, tmp_path / "x", "--finetune_decoder"))
