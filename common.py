@@ -325,6 +325,20 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def native_bf16(device):
+    """Whether `device` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX. Elsewhere
+    bf16 is emulated and far slower than fp32 (seen: a 3x3 convolution 130x slower on an AVX2-only CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device, enabled=True):
     """bf16 autocast where it pays (CPU with bf16, CUDA); a no-op context elsewhere.
     fp16 compute is never used: it is very slow on CPUs."""

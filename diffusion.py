@@ -24,8 +24,8 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, pick_device, run_cli,
-    save_model, save_png, tensor_to_images,
+    UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, native_bf16, pick_device,
+    run_cli, save_model, save_png, tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan
@@ -249,19 +249,23 @@ def sample_ddim(denoiser, latents, schedule, timesteps, generator=None, progress
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, latents, schedule, timesteps, generator=None, progress=False):
+def sample_dpmpp_2m(denoiser, latents, schedule, timesteps, generator=None, progress=False, lower_order_final=False):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), in half-log-SNR lambda = log(alpha / sigma) with
     alpha = sqrt(a), sigma = sqrt(1 - a), h = lambda_next - lambda:
     x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) D, D = (1 + 1/2r) x0 - (1/2r) x0_prev, r = h_prev / h;
-    D = x0 (first order, = DDIM) on the first step and on the last one (to clean data)."""
+    D = x0 (first order, = DDIM) on the first step and on the last one (to clean data).
+    lower_order_final: first order on the step into the last timestep too. With evenly spaced timesteps that
+    step is several times longer in lambda than the one before (r ~ 0.2 at 20 steps), and the second-order
+    extrapolation over it overshoots (diffusers' `lower_order_final`)."""
     x = latents
     alpha_bars, alpha_bars_next = _alpha_bars(schedule, timesteps)
     x0_prev = h_prev = None
+    first_order_from = len(timesteps) - (2 if lower_order_final else 1)
     for i in _step_range(timesteps, progress, "dpmpp-2m"):
         a, a_next = alpha_bars[i], alpha_bars_next[i]
         x0 = denoiser(x, _timestep_batch(timesteps[i], x))
         h = _half_log_snr(a_next) - _half_log_snr(a)
-        if x0_prev is None or a_next == 1:
+        if x0_prev is None or i >= first_order_from or a_next == 1:
             d = x0
         else:
             r = h_prev / h
@@ -295,12 +299,14 @@ def make_denoiser(model_fn, schedule, prediction_type):
     return denoiser
 
 
-def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0):
+def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0,
+                    guided_at=None):
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + scale (cond - uncond), both branches in one
-    batched forward pass. Scale 1 (or no uncond context) is the conditional prediction alone."""
+    batched forward pass. Scale 1 (or no uncond context) is the conditional prediction alone, and so is every step
+    where `guided_at(t)` is False (guidance in a limited interval, Kynkäänniemi et al. 2024): one forward pass."""
 
     def model_fn(x, t):
-        if uncond_context is None or guidance_scale == 1:
+        if uncond_context is None or guidance_scale == 1 or (guided_at is not None and not guided_at(t)):
             return unet(x, t, context, context_mask)
         out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]),
                    torch.cat([context_mask, uncond_mask]))
@@ -308,6 +314,20 @@ def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, 
         return uncond + guidance_scale * (cond - uncond)
 
     return model_fn
+
+
+def guidance_window(schedule, interval):
+    """t -> whether sigma(t) = sqrt((1 - a) / a) lies in the (low, high] of `interval` (EDM's noise level, the unit
+    Kynkäänniemi et al. 2024 give their interval in); None: guide everywhere."""
+    if interval is None:
+        return None
+    low, high = interval
+
+    def guided_at(t):
+        a = schedule.alpha_bar(t[:1]).item()  # every row of a batch is at the same timestep
+        return a == 0 or low < ((1 - a) / a) ** 0.5 <= high
+
+    return guided_at
 
 
 def slerp(a, b, fraction):
@@ -390,19 +410,26 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, num_images=1, seed=0, sampler="dpmpp-2m", steps=20, prompt=None, negative_prompt=None,
-                       guidance_scale=5.0, eta=0.0, karras=False, init_images=None, strength=None, noise=None,
-                       progress=True):
+                       guidance_scale=5.0, guidance_interval=None, eta=0.0, karras=None, lower_order_final=False,
+                       init_images=None, strength=None, noise=None, progress=True):
         """Scaled latents of `num_images` samples; image i draws all its noise from torch.Generator(seed + i).
+        karras: Karras et al. spacing of the steps (else even in t; None: Karras unless the schedule has zero
+        terminal SNR); lower_order_final: dpmpp-2m's first-order step
+        into the last timestep; guidance_interval (low, high): guide only where low < sigma <= high.
         init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img, noised to the timestep `strength` of
         the way along and denoised over the last round(strength * steps) steps. `noise` replaces the start noise."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} (choose {', '.join(SAMPLERS)})")
         if eta and sampler != "ddim":
             raise UserError("--eta applies to the ddim sampler only")
+        if lower_order_final and sampler != "dpmpp-2m":
+            raise UserError("--lower_order_final applies to the dpmpp-2m sampler only")
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         if noise is None:
             noise = randn((num_images, *self.latent_shape), generators)
         noise = noise.to(self.device)
+        if karras is None:
+            karras = self.schedule.alphas_cumprod[-1] > 0
         timesteps = sampling_timesteps(self.schedule, steps, karras)
         if init_images is None:
             latents = noise
@@ -414,14 +441,15 @@ class Pipeline:
         if self.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt, negative_prompt),
-                                   guidance_scale=guidance_scale)
+                                   guidance_scale=guidance_scale,
+                                   guided_at=guidance_window(self.schedule, guidance_interval))
 
         def model_fn_autocast(x, t):
             with autocast(self.device, self.bf16):
                 return model_fn(x, t).float()
 
         denoiser = make_denoiser(model_fn_autocast, self.schedule, self.prediction_type)
-        options = {"eta": eta} if sampler == "ddim" else {}
+        options = {"ddim": {"eta": eta}, "dpmpp-2m": {"lower_order_final": lower_order_final}}.get(sampler, {})
         return SAMPLERS[sampler](denoiser, latents, self.schedule, timesteps, generators, progress, **options)
 
     def generate(self, num_images=1, seed=0, **options):
@@ -538,6 +566,44 @@ def next_image_index(outdir):
     return max(numbers, default=-1) + 1
 
 
+def add_sampling_arguments(parser):
+    """The sampling flags diffusion.py and evaluate.py --samples_from share; sampling_options(args) reads them."""
+    parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps (default per sampler: {DEFAULT_STEPS})")
+    parser.add_argument("--spacing", default="auto", choices=["auto", "karras", "even"],
+                        help="timesteps spaced as Karras et al. 2022 (rho = 7) or evenly in t; auto = karras, or even "
+                             "for a zero-terminal-SNR schedule (whose largest sigma is infinite)")
+    parser.add_argument("--lower_order_final", action="store_true",
+                        help="dpmpp-2m: first-order step into the last timestep (as diffusers' lower_order_final)")
+    parser.add_argument("--guidance_scale", type=float, default=5.0,
+                        help="classifier-free guidance scale with --prompt (1 = conditional prediction only)")
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("SIGMA_LOW", "SIGMA_HIGH"),
+                        help="guide only where the noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is in "
+                             "(LOW, HIGH] (Kynkäänniemi et al. 2024); elsewhere the conditional prediction alone")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16 autocast or fp32; auto = bf16 where the device computes it natively (CUDA, "
+                             "CPUs with AVX512-BF16 / AMX: ~2x faster), fp32 elsewhere")
+
+
+def sampling_options(args):
+    """Pipeline.sample_latents keyword arguments from add_sampling_arguments' flags."""
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance_scale < 0:
+        raise UserError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
+        raise UserError(f"--guidance_interval needs 0 <= SIGMA_LOW < SIGMA_HIGH, got {args.guidance_interval}")
+    return dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
+                karras={"auto": None, "karras": True, "even": False}[args.spacing],
+                lower_order_final=args.lower_order_final, guidance_scale=args.guidance_scale,
+                guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
+
+
+def use_bf16(precision, device):
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Generate paintings with a trained latent diffusion model.")
     parser.add_argument("--unet_ckpt_path", default=None,
@@ -545,19 +611,14 @@ def parse_args(argv):
                              "models/unet-uncond.json, or models/unet-cond.json with --prompt")
     parser.add_argument("--num_images", type=int, default=16, help="how many images to generate")
     parser.add_argument("--batch_size", type=int, default=8, help="images denoised together")
-    parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"denoising steps (default per sampler: {DEFAULT_STEPS})")
+    add_sampling_arguments(parser)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
-    parser.add_argument("--karras", action="store_true", help="space the steps as Karras et al. 2022 (rho = 7)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i, so any image can be redone alone")
     parser.add_argument("--prompt", nargs="+", default=None,
                         help="caption to steer a text-conditioned model; several captions give one grid row each "
                              "(--num_images per caption, the same seeds)")
     parser.add_argument("--negative_prompt", default=None, help="caption to steer away from (replaces the null "
                                                                 "embedding in classifier-free guidance)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0,
-                        help="classifier-free guidance scale (1 = conditional prediction only)")
     parser.add_argument("--init_image", default=None, help="img2img: start from this image (SDEdit)")
     parser.add_argument("--strength", type=float, default=None,
                         help="img2img: how far to noise the init image, in (0, 1] (default 0.75)")
@@ -566,9 +627,6 @@ def parse_args(argv):
     parser.add_argument("--outdir", default="samples", help="folder for the PNGs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA ones")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 elsewhere (bf16 is ~2x faster on "
-                             "CPUs with AMX / AVX512-BF16, at slightly different pixels)")
     parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for many images)")
     parser.add_argument("--export", metavar="DST", default=None,
@@ -581,8 +639,6 @@ def parse_args(argv):
 def check_args(args):
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num_images and --batch_size must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.strength is not None and args.init_image is None:
         raise UserError("--strength needs an --init_image")
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -591,21 +647,25 @@ def check_args(args):
         raise UserError("--interpolate needs --num_images of at least 2")
 
 
-def run_parameters(args, checkpoint, pipeline, steps, seed, num_images, prompts):
+def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompts):
     """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
-    for an unconditional model) and the command that makes them."""
+    for an unconditional model) and the command that makes them. `options` are sampling_options(args)."""
     bundled = args.unet_ckpt_path is None  # named relative to the repository, and implied by the command
     params = dict(checkpoint=f"{BUNDLED_MODELS.name}/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
                   weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
-                  sampler=args.sampler, steps=steps, karras=args.karras, eta=args.eta, bf16=pipeline.bf16)
+                  sampler=args.sampler, steps=options["steps"], spacing=args.spacing,
+                  lower_order_final=args.lower_order_final, eta=args.eta, bf16=pipeline.bf16)
     command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
-    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", args.sampler, "--steps", str(steps),
-                "--eta", str(args.eta), "--device", args.device, "--precision", args.precision]
-    command += [f"--{flag}" for flag in ("karras", "no_ema", "interpolate") if getattr(args, flag)]
+    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", args.sampler,
+                "--steps", str(options["steps"]), "--spacing", args.spacing, "--eta", str(args.eta),
+                "--device", args.device, "--precision", args.precision]
+    command += [f"--{flag}" for flag in ("lower_order_final", "no_ema", "interpolate") if getattr(args, flag)]
     if prompts is not None:
         params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,
-                      guidance_scale=args.guidance_scale)
+                      guidance_scale=args.guidance_scale, guidance_interval=options["guidance_interval"])
         command += ["--prompt", *prompts, "--guidance_scale", str(args.guidance_scale)]
+        if args.guidance_interval is not None:
+            command += ["--guidance_interval", *map(str, args.guidance_interval)]
         if args.negative_prompt is not None:
             command += ["--negative_prompt", args.negative_prompt]
     if args.init_image is not None:
@@ -614,30 +674,29 @@ def run_parameters(args, checkpoint, pipeline, steps, seed, num_images, prompts)
     return {"parameters": params, "command": shlex.join(command)}
 
 
-def image_parameters(args, checkpoint, pipeline, steps, index, prompt):
+def image_parameters(args, checkpoint, pipeline, options, index, prompt):
     """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
     row."""
     prompts = None if prompt is None else [prompt]
     if args.interpolate:
-        chunks = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images, prompts)
+        chunks = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, prompts)
         chunks["parameters"].update(interpolate=dict(seeds=[args.seed, args.seed + 1], frame=index))
         return chunks
-    return run_parameters(args, checkpoint, pipeline, steps, args.seed + index, 1, prompts)
+    return run_parameters(args, checkpoint, pipeline, options, args.seed + index, 1, prompts)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    options = sampling_options(args)
     checkpoint = args.unet_ckpt_path or default_checkpoint(conditional=args.prompt is not None)
     if args.export:
         weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype])
         print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
         return 0
     device = pick_device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=bf16,
+    pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=use_bf16(args.precision, device),
                                     channels_last=args.channels_last, compile=args.compile)
-    steps = args.steps or DEFAULT_STEPS[args.sampler]
     init_image = None
     if args.init_image is not None:
         args.strength = 0.75 if args.strength is None else args.strength
@@ -652,18 +711,17 @@ def main(argv=None):
         for start in range(0, args.num_images, args.batch_size):
             n = min(args.batch_size, args.num_images - start)
             images = pipeline.generate(
-                n, args.seed + start, sampler=args.sampler, steps=steps, prompt=prompt,
-                negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, eta=args.eta,
-                karras=args.karras, strength=args.strength,
+                n, args.seed + start, **options, prompt=prompt, negative_prompt=args.negative_prompt, eta=args.eta,
+                strength=args.strength,
                 init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
                 noise=frames[start:start + n] if args.interpolate else None)
             for i, img in enumerate(tensor_to_images(images)):
                 path = outdir / f"{first + len(paths):05d}.png"
-                save_png(path, img, image_parameters(args, checkpoint, pipeline, steps, start + i, prompt))
+                save_png(path, img, image_parameters(args, checkpoint, pipeline, options, start + i, prompt))
                 paths.append(path)
                 all_images.append(img)
     grid_path = outdir / f"grid-{first:05d}.png"
-    grid_params = run_parameters(args, checkpoint, pipeline, steps, args.seed, args.num_images, args.prompt)
+    grid_params = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, args.prompt)
     grid_params["files"] = [p.name for p in paths]
     row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption
     save_png(grid_path, make_grid(all_images, ncols=args.num_images if row_each else None), grid_params)

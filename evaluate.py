@@ -28,7 +28,7 @@ from common import (
     load_weights, model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load, save_png,
     tensor_to_images,
 )
-from diffusion import DEFAULT_STEPS, SAMPLERS, load_diffusion_model
+from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
 from vqgan import load_vqgan
 
@@ -374,9 +374,12 @@ def score_sets(args, network):
 
 
 def sample_settings(args):
-    return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()), "sampler": args.sampler,
-            "steps": args.steps or DEFAULT_STEPS[args.sampler], "seed": args.seed, "prompt": args.prompt,
-            "guidance_scale": args.guidance_scale, "ema": not args.no_ema, "bf16": args.bf16}
+    """What the fake set is: the checkpoint and every sampling option (recorded in samples.json)."""
+    options = sampling_options(args)
+    return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()), **options,
+            "guidance_interval": None if args.guidance_interval is None else list(args.guidance_interval),
+            "seed": args.seed, "prompt": args.prompt, "ema": not args.no_ema,
+            "bf16": use_bf16(args.precision, args.device)}
 
 
 def generate_samples(args):
@@ -391,13 +394,12 @@ def generate_samples(args):
     paths = [fake_dir / f"{i:05d}.png" for i in range(args.n)]
     if all(p.is_file() for p in paths):
         return
-    pipeline = load_diffusion_model(args.samples_from, args.device, use_ema=not args.no_ema, bf16=args.bf16)
+    pipeline = load_diffusion_model(args.samples_from, args.device, use_ema=not args.no_ema, bf16=settings["bf16"])
     for start in trange(0, args.n, args.batch_size, desc="sampling", dynamic_ncols=True):
         batch_paths = paths[start:start + args.batch_size]
         if all(p.is_file() for p in batch_paths):
             continue
-        images = pipeline.generate(len(batch_paths), args.seed + start, sampler=settings["sampler"],
-                                   steps=settings["steps"], prompt=args.prompt, guidance_scale=args.guidance_scale,
+        images = pipeline.generate(len(batch_paths), args.seed + start, **sampling_options(args), prompt=args.prompt,
                                    progress=False)
         for i, (path, img) in enumerate(zip(batch_paths, tensor_to_images(images))):
             save_png(path, img, {"parameters": {**settings, "seed": args.seed + start + i}})
@@ -491,13 +493,10 @@ def parse_args(argv):
     metric.add_argument("--out", default=None, help="write the results to this JSON file")
     gen = parser.add_argument_group("generating the fake set")
     gen.add_argument("--samples_from", default=None, help="diffusion checkpoint to sample --n images from first")
-    gen.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: as diffusion.py)")
+    add_sampling_arguments(gen)  # the same flags and defaults as diffusion.py
     gen.add_argument("--prompt", default=None, help="caption for a text-conditioned model")
-    gen.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale with --prompt")
     gen.add_argument("--seed", type=int, default=0, help="image i comes from seed + i; also seeds KID subsets")
     gen.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA ones")
-    gen.add_argument("--bf16", action="store_true", help="bf16 autocast for sampling (features stay fp32)")
     parser.add_argument("--vqgan_ckpt", default=None, help="score this VQGAN's reconstructions of --real instead")
     parser.add_argument("--batch_size", type=int, default=16, help="images per batch (features, sampling, VQGAN)")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from common import (
     ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, int_list,
-    load_state_dir, load_weights, make_grid, model_paths, pick_device, rng_state, run_cli, save_png, save_state_dir,
-    seed_everything, set_rng_state, tensor_to_images, trim_log,
+    load_state_dir, load_weights, make_grid, model_paths, native_bf16, pick_device, rng_state, run_cli, save_png,
+    save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
     PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, read_diffusion_model, save_diffusion_model, unet_weights,
@@ -616,7 +616,7 @@ def log_entry(window, step, lr, samples_per_step, num_rows):
 def train(args, rank, world_size, device):
     out = Path(args.output_dir)
     if args.bf16 is None:
-        args.bf16 = device.type in ("cpu", "cuda")
+        args.bf16 = native_bf16(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run, cache, vqgan, text_encoder, checkpoint = prepare(args, rank, world_size, device)
@@ -742,7 +742,8 @@ def parse_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay, reached after a warm-up")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast; default: on for cpu and cuda")
+                   help="bfloat16 autocast; default: on where the device computes bf16 natively "
+                   "(CUDA, CPUs with AVX512-BF16/AMX), off elsewhere (emulated bf16 is far slower than fp32)")
     g.add_argument("--seed", type=int, default=0, help="random seed (initial weights, data order, noise)")
     g = p.add_argument_group("text conditioning")
     g.add_argument("--conditional", action="store_true", help="train a text-conditioned UNet")
