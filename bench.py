@@ -35,6 +35,7 @@ import itertools
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -335,8 +336,35 @@ def bench_samplers(args, device):
     return rows
 
 
+def cli_seconds(num_images, checkpoint, device):
+    """Wall time of `python diffusion.py --num_images N` (the default command; start-up, sampling, decoding and PNG
+    writing included) into a temporary folder."""
+    with tempfile.TemporaryDirectory() as outdir:
+        command = [sys.executable, str(Path(__file__).resolve().parent / "diffusion.py"), "--num_images",
+                   str(num_images), "--outdir", outdir, "--device", str(device)]
+        command += ["--unet_ckpt_path", checkpoint] if checkpoint else []
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if done.returncode:
+        raise UserError(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return seconds
+
+
+def bench_cli(args, device):
+    """The default command end to end: per image with start-up (FEW images), and without it:
+    (time for MANY images - time for FEW) / (MANY - FEW)."""
+    few, many = args.cli_images
+    few_seconds, many_seconds = (cli_seconds(n, args.cli_checkpoint, device) for n in (few, many))
+    label = "python diffusion.py" + (f" --unet_ckpt_path {args.cli_checkpoint}" if args.cli_checkpoint else "")
+    return [{"section": "cli", "what": f"{label}: {few} images, start-up included", "s_per_image": few_seconds / few,
+             "peak_mb": None},
+            {"section": "cli", "what": f"{label}: per image, start-up excluded (({many} - {few} images) / {many - few})",
+             "s_per_image": (many_seconds - few_seconds) / (many - few), "peak_mb": None}]
+
+
 SECTIONS = {"vqgan": bench_vqgan, "unet": bench_unet, "train": bench_train, "diffusers": bench_diffusers,
-            "sampler": bench_samplers}
+            "sampler": bench_samplers, "cli": bench_cli}
 FIGURES = {"images_per_s": "img/s", "samples_per_s": "samples/s", "s_per_image": "s/image", "ratio": "x",
            "gflop_per_sample": "GFLOP/samp", "gflop_per_s": "GFLOP/s"}
 
@@ -371,6 +399,10 @@ def main(argv=None):
     parser.add_argument("--max_sampler_steps", type=int, default=100,
                         help="samplers with more steps (ddpm: 1000) are timed on this many and scaled (default: 100)")
     parser.add_argument("--sample_batch", type=int, default=4, help="images per sampler run (default: 4)")
+    parser.add_argument("--cli_images", type=int, nargs=2, default=[16, 48], metavar=("FEW", "MANY"),
+                        help="image counts of the cli section's two runs of the default command (default: 16 48)")
+    parser.add_argument("--cli_checkpoint", default=None,
+                        help="diffusion checkpoint of the cli section (default: the bundled unconditional model)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast in the vqgan, train, diffusers and sampler sections (unet times both)")
     parser.add_argument("--out", default="bench.json", help="JSON file for the results (default: bench.json)")
@@ -378,6 +410,8 @@ def main(argv=None):
     for name in ("batch_size", "repeats", "max_sampler_steps", "sample_batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 1 <= args.cli_images[0] < args.cli_images[1]:
+        raise UserError(f"--cli_images needs 1 <= FEW < MANY, got {args.cli_images}")
     device = pick_device(args.device)
     rows, resettable = [], True
     for section in args.sections:

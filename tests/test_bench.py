@@ -15,10 +15,14 @@ def rows_of(path):
 
 
 def test_every_section_reports_figures_and_ratios(tmp_path, image_folder):
+    from test_diffusion import write_checkpoint
+
+    write_checkpoint(tmp_path)
     out = tmp_path / "bench.json"
-    assert bench.main(TINY + ["--images", str(image_folder), "--out", str(out)]) == 0
+    assert bench.main(TINY + ["--images", str(image_folder), "--out", str(out), "--cli_images", "1", "3",
+                              "--cli_checkpoint", str(tmp_path / "unet")]) == 0
     rows = rows_of(out)
-    assert {row["section"] for row in rows.values()} >= {"vqgan", "unet", "train", "sampler"}
+    assert {row["section"] for row in rows.values()} >= {"vqgan", "unet", "train", "sampler", "cli"}
     for row in rows.values():
         figure = next(row[k] for k in bench.FIGURES if k in row)
         assert 0 < figure < float("inf")
@@ -33,6 +37,8 @@ def test_every_section_reports_figures_and_ratios(tmp_path, image_folder):
     dpmpp = rows["dpmpp-2m-20 tiny fp32 (timed on 2 steps, scaled)"]
     speed_up = next(row for what, row in rows.items() if what.startswith("dpmpp-2m-20 speed-up over ddpm-1000"))
     assert speed_up["ratio"] == pytest.approx(ddpm["s_per_image"] / dpmpp["s_per_image"])
+    cli = [row for row in rows.values() if row["section"] == "cli"]
+    assert "1 images, start-up included" in cli[0]["what"] and "((3 - 1 images) / 2)" in cli[1]["what"]
 
 
 def test_diffusers_section(tmp_path, capsys, monkeypatch):
