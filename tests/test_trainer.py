@@ -351,13 +351,20 @@ def test_resume_allows_lr_and_intervals_and_checkpoints_without_an_identity(tmp_
     assert train(image_folder, vqgan, out, "--max_steps", 3, "--resume", "auto", "--seed", 5) == 0
 
 
-def test_torn_log_line_and_corrupt_newest_checkpoint_and_cache_recover(tmp_path, image_folder, vqgan, capsys):
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, image_folder, vqgan):
     out = tmp_path / "run"
-    assert train(image_folder, vqgan, out, "--max_steps", 2, "--save_every", 1) == 0
+    assert train(image_folder, vqgan, out, "--max_steps", 2) == 0
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # killed half way through a log line
+    assert train(image_folder, vqgan, out, "--max_steps", 3, "--resume", "auto") == 0
+    assert [e["step"] for e in log_entries(out)] == [1, 2, 3]
+
+
+def test_corrupt_newest_checkpoint_and_latent_cache_recover(tmp_path, image_folder, vqgan, capsys):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 2, "--save_every", 1) == 0
     newest = out / "checkpoints" / "step_0000002" / "tensors.safetensors"
-    newest.write_bytes(newest.read_bytes()[:1000])  # and half way through a checkpoint (outside save_state_dir)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated (outside save_state_dir: a disk fault, a bad copy)
     cache = out / "latent_cache" / "tensors.safetensors"
     cache.write_bytes(cache.read_bytes()[:100])
     capsys.readouterr()
@@ -369,6 +376,9 @@ def test_torn_log_line_and_corrupt_newest_checkpoint_and_cache_recover(tmp_path,
     assert checkpoints(out) == ["step_0000001", "step_0000002", "step_0000003"]
     for name in checkpoints(out):
         assert load_state_dir(out / "checkpoints" / name)["step"] == int(name[5:])
+    (out / "checkpoints" / "step_0000003" / "state.json").write_text("{")
+    with pytest.raises(UserError, match="step_0000003 is a corrupt or truncated checkpoint"):  # named: one line
+        train(image_folder, vqgan, out, "--max_steps", 4, "--resume", out / "checkpoints" / "step_0000003")
 
 
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, image_folder):

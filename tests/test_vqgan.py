@@ -278,12 +278,19 @@ def test_resume_refuses_other_settings_and_accepts_states_without_an_identity(tm
     assert newest_state(out)["step"] == 2
 
 
-def test_torn_log_line_and_corrupt_newest_checkpoint_recover(tmp_path, image_folder, capsys):
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, image_folder):
     out = tmp_path / "run"
     assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2")) == 0
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "l1": 0.')  # killed half way through a log line
-    (out / "checkpoints" / "step_0000002" / "state.json").write_text('{"__dict__": [[')  # and through a state
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2")) == 0
+    (out / "checkpoints" / "step_0000002" / "state.json").write_text('{"__dict__": [[')  # truncated
     capsys.readouterr()
     assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
     printed = capsys.readouterr().out
