@@ -388,6 +388,9 @@ def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_
     log = read_log(tuned)
     assert "d_loss" in log[0] and "g_loss" not in log[0]  # steps 0-1: the discriminator trains alone
     assert "g_loss" in log[1]
+    plain = [a for a in args if a != "--finetune_decoder"]  # a resume keeps the flag, or is refused
+    with pytest.raises(UserError, match="--finetune_decoder True there, False here"):
+        vqgan.main([*plain, "--max_steps", "5", "--resume", "auto"])
 
 
 def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
