@@ -411,7 +411,7 @@ def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon
 
 def loss_settings(args):
     """The keyword arguments of diffusion_loss that the command line sets."""
-    return dict(prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, cond_drop=args.cond_drop)
+    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop}
 
 
 def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max_ema_decay=0.9999):

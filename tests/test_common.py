@@ -6,7 +6,6 @@ import stat
 import time
 
 import pytest
-
 import torch
 
 from common import (
