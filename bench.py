@@ -188,6 +188,7 @@ def bench_train(args, device):
             "--batch_size", str(args.batch_size), "--bf16" if args.bf16 else "--no-bf16"])
         unet = trainer.make_unet(train_args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor, None)
         run = trainer.build_training(train_args, unet, device)
+        step_args = (trainer.loss_settings(train_args), train_args.bf16, train_args.grad_clip, train_args.ema_decay)
         n_params = count_parameters(unet) / 1e6
         cache = trainer.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
                                            progress=False)
@@ -195,7 +196,7 @@ def bench_train(args, device):
 
         def step_with_cache():
             rows_now = trainer.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
-            trainer.train_step(run, [trainer.cache_batch(cache, rows_now, device)], train_args)
+            trainer.train_step(run, [trainer.cache_batch(cache, rows_now, device)], *step_args)
 
         images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
         batches = itertools.cycle([rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)])
@@ -204,7 +205,7 @@ def bench_train(args, device):
             pixels = collate_skip_none([images[row] for row in next(batches)]).to(device)
             with torch.no_grad(), autocast(device, args.bf16):
                 latents = vqgan.encode(pixels).float() * cache["latent_scale"]
-            trainer.train_step(run, [(latents, None, None)], train_args)
+            trainer.train_step(run, [(latents, None, None)], *step_args)
 
         with_cache_s = timed(step_with_cache, args.repeats)
         without_cache_s = timed(step_without_cache, args.repeats)

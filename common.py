@@ -4,9 +4,12 @@ image datasets, devices and PNG output.
 Everything that more than one script needs lives here, once.
 """
 import argparse
+import functools
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -110,13 +113,47 @@ def read_json(path, what="JSON file"):
         raise UserError(f"{what} {path} is not valid JSON: {err}") from None
 
 
+def file_digest(paths):
+    """sha256 hex digest of the bytes of `paths` (one path or several, in order)."""
+    digest = hashlib.sha256()
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training logs: one JSON object per line (log.jsonl), appended and flushed line by line. A run killed mid-write
+# leaves a torn last line, which readers drop.
+
+
+def append_log(log_path, entry):
+    """Append `entry` (a JSON-able dict) as one line and flush it, so a kill loses at most this line."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+
+
+def read_log(log_path):
+    """The entries of a log.jsonl; a torn (unparsable) last line is dropped, a bad earlier line is a UserError."""
+    lines = [line for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{log_path} line {number} is not JSON: repair or delete the log") from None
+    return entries
+
+
 def trim_log(log_path, last_step):
-    """Drop log lines after the step a resumed run restarts from."""
-    if not log_path.is_file():
+    """Drop log lines after the step a resumed run restarts from (and a torn last line)."""
+    if not Path(log_path).is_file():
         return
-    kept = [line for line in log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept)), mode="w")
+    kept = [entry for entry in read_log(log_path) if entry["step"] <= last_step]
+    atomic_write(log_path, lambda f: f.write("".join(json.dumps(entry) + "\n" for entry in kept)), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,15 +298,25 @@ def save_state_dir(path, state):
         raise
 
 
+class CorruptCheckpoint(UserError):
+    """A training-state folder that is torn, truncated or otherwise unreadable."""
+
+
 def load_state_dir(path):
-    """Read a folder written by `save_state_dir`."""
+    """Read a folder written by `save_state_dir`. A folder without state.json is a UserError; one whose files are
+    missing, truncated or corrupt is a CorruptCheckpoint (resume falls back to an older one)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "state.json").is_file() or not (path / "tensors.safetensors").is_file():
+    if not (path / "state.json").is_file() and not (path / "tensors.safetensors").is_file():
         raise UserError(f"{path} is not a training checkpoint (expected state.json and tensors.safetensors)")
-    tensors = load_file(str(path / "tensors.safetensors"))
-    return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+    try:
+        tensors = load_file(str(path / "tensors.safetensors"))
+        return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpoint(f"{path} is a corrupt or truncated checkpoint ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else 'unreadable'})") from None
 
 
 def rng_state():
@@ -302,6 +349,68 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs: what trainer.py and vqgan.py share. Checkpoints are save_state_dir folders FOLDER/step_NNNNNNN
+# (a new step never replaces the folder of another, so there is always a whole checkpoint on disk).
+
+
+def checkpoint_path(folder, step):
+    return Path(folder) / f"step_{step:07d}"
+
+
+def list_checkpoints(folder):
+    """Checkpoint folders in `folder`, oldest first."""
+    found = [p for p in Path(folder).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(folder, keep_last):
+    """Delete all but the newest `keep_last` checkpoints in `folder`."""
+    for old in list_checkpoints(folder)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def load_resume(resume, folder, new_run_hint, legacy=(), warn=print):
+    """(checkpoint folder, its state) to continue from, or (None, None) for a fresh run.
+    resume None: a fresh run, refused when `folder` (or a `legacy` folder) already holds checkpoints;
+    "auto": the newest intact checkpoint (legacy folders count as the oldest), falling back past a corrupt one with
+    a warning; else the folder named. `new_run_hint` ends the refusal, e.g. "choose another --output_dir"."""
+    existing = [p for p in legacy if Path(p).is_dir()] + list_checkpoints(folder)
+    if resume is None:
+        if existing:
+            raise UserError(f"{existing[-1].parent} already holds checkpoints: pass --resume auto to continue them, "
+                            f"or {new_run_hint}")
+        return None, None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint folder")
+        return Path(resume), load_state_dir(resume)
+    for path in reversed(existing):
+        try:
+            return path, load_state_dir(path)
+        except CorruptCheckpoint as err:
+            warn(f"warning: {err}; trying the previous checkpoint")
+    if existing:
+        raise UserError(f"no intact checkpoint in {folder} to resume: move the corrupt ones away, or {new_run_hint}")
+    return None, None
+
+
+def check_run_identity(saved, current, path, new_run_hint):
+    """Refuse to continue checkpoint `path`, saved with run identity `saved` (setting name -> value), under another
+    identity `current`. A setting the checkpoint does not record (an older checkpoint) is taken as unchanged."""
+    differing = [f"--{name} {saved[name]} there, {current[name]} here" for name in current
+                 if name in (saved or {}) and saved[name] != current[name]]
+    if differing:
+        raise UserError(f"{path} belongs to another run ({'; '.join(differing)}): pass the same settings to "
+                        f"resume it, or {new_run_hint}")
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_items, seed, epoch):
+    """The order of the data in `epoch`: a permutation of range(num_items), a pure function of (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 # ----------------------------------------------------------------------------------------------

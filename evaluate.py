@@ -24,9 +24,9 @@ from torchvision.models import inception
 from tqdm import tqdm, trange
 
 from common import (
-    ImageSource, ImageTensorDataset, UserError, atomic_write, atomic_write_json, collate_skip_none, image_to_tensor,
-    load_weights, model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load, save_png,
-    tensor_to_images,
+    ImageSource, ImageTensorDataset, UserError, atomic_write, atomic_write_json, collate_skip_none, file_digest,
+    image_to_tensor, load_weights, model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load,
+    save_png, tensor_to_images,
 )
 from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
@@ -237,14 +237,6 @@ def load_feature_network(name, device="cpu", inception_weights=None):
     return network
 
 
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------
 # Image sets -> features
 
@@ -308,7 +300,7 @@ def real_stats_key(args, count, network_name):
                images_in_set=count, n=len(pick_indices(count, args.n)), seed_of_subset=0, resolution=args.resolution,
                features=network_name, input_size=FEATURE_SIZES[network_name], resize=RESIZE_POLICY)
     if network_name == "inception":
-        key["weights"] = file_digest(find_inception_weights(args.inception_weights))
+        key["weights"] = file_digest(find_inception_weights(args.inception_weights))[:16]
     return key
 
 

@@ -23,13 +23,12 @@ samples/step_NNNNNNN.png (EMA samples, fixed seeds and prompts), log.jsonl, loss
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,12 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    ImageSource, ImageTensorDataset, StopSignal, UserError, atomic_write, autocast, collate_skip_none, int_list,
-    load_state_dir, load_weights, make_grid, model_paths, native_bf16, pick_device, rng_state, run_cli, save_png,
-    save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    CorruptCheckpoint, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, atomic_write, autocast,
+    check_run_identity, checkpoint_path, collate_skip_none, epoch_order, file_digest, int_list, load_resume,
+    load_state_dir, load_weights, make_grid, model_paths, native_bf16, pick_device, prune_checkpoints, read_log,
+    rng_state, run_cli, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
-    PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, read_diffusion_model, save_diffusion_model, unet_weights,
+    PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, make_betas, read_diffusion_model, save_diffusion_model,
+    unet_weights,
 )
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet, zero_module
@@ -123,15 +124,6 @@ def gather_rng_states():
 # with captions: captions (the U distinct ones), caption_ids N, context U x L x D float16, context_mask U x L bool.
 
 
-def file_digest(paths):
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def dataset_identity(args, source):
     """What the data set is: its name or resolved path, split, column and size, and for a local folder or file a
     digest of every file's path, size and modification time (so edited, added or replaced files are noticed)."""
@@ -148,13 +140,14 @@ def dataset_identity(args, source):
     return identity
 
 
-def cache_identity(args, source, resolution):
-    """Everything the cached tensors depend on; its hash is the cache key."""
+def cache_identity(args, source, resolution, vqgan_digest):
+    """Everything the cached tensors depend on (`vqgan_digest`: file_digest of the VQGAN's files); its hash is the
+    cache key."""
     captions = None
     if args.conditional:
         captions = dict(column=args.caption_column, template=args.caption_template, text_encoder=args.text_encoder,
                         max_text_length=args.max_text_length)
-    return dict(format=CACHE_FORMAT, vqgan=file_digest(model_paths(args.vqgan_ckpt)),
+    return dict(format=CACHE_FORMAT, vqgan=vqgan_digest,
                 dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
                 bf16=args.bf16, captions=captions)
 
@@ -231,7 +224,11 @@ def read_latent_cache(path, identity):
         return None
     if not (path / "state.json").is_file():
         raise UserError(f"--latent_cache {path} exists and is not a latent cache: choose another path")
-    cache = load_state_dir(path)
+    try:
+        cache = load_state_dir(path)
+    except CorruptCheckpoint as err:
+        say(f"latent cache: {err}: re-encoding")
+        return None
     if not isinstance(cache, dict) or "key" not in cache:
         raise UserError(f"--latent_cache {path} is not a latent cache (a checkpoint?): choose another path")
     if cache["key"] == cache_key(identity):
@@ -269,11 +266,6 @@ def load_or_build_cache(path, identity, build):
 # Data order: the run is one stream of samples, a fresh permutation of the cache each epoch, a pure function of
 # (seed, epoch). Micro-batch m of optimizer step s on rank r starts at a fixed position, so a resumed run (or one
 # with another number of steps between checkpoints) sees exactly the samples a straight run would.
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(num_rows, seed, epoch):
-    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def stream_position(step, micro, rank, args, world_size):
@@ -336,16 +328,22 @@ def init_from_checkpoint(unet, path):
     return new
 
 
-def lr_factor(step, args):
-    """Multiplier of --lr at optimizer step `step` (from 0): linear warm-up over --warmup_steps, then constant, or
-    a half cosine from --lr down to --min_lr at --max_steps."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
+def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
+    """Multiplier of the peak learning rate at optimizer step `step` (from 0): linear warm-up (step + 1) / warmup
+    over `warmup_steps`, then 1 ("constant"), or ("cosine") a half cosine from 1 down to `floor` (= min_lr / lr)
+    at `max_steps`: floor + (1 - floor) * (1 + cos(pi * progress)) / 2."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if lr_schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    floor = args.min_lr / args.lr
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule_of(args):
+    """step -> multiplier of --lr under the command line's warm-up and schedule."""
+    return functools.partial(lr_factor, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                             lr_schedule=args.lr_schedule, floor=args.min_lr / args.lr)
 
 
 def ema_decay(step, max_decay):
@@ -362,6 +360,21 @@ def update_ema(ema, model, decay):
         ema_buffer.copy_(buffer)
 
 
+@dataclasses.dataclass
+class RunState:
+    """What a training step reads and changes: the UNet, `model` (the UNet, or its DDP wrapper under torchrun),
+    its EMA copy (eval mode; what sampling uses), AdamW, the LR scheduler, the noise schedule, the device and the
+    number of optimizer steps taken."""
+    unet: torch.nn.Module
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: NoiseSchedule
+    device: torch.device
+    step: int = 0
+
+
 def build_training(args, unet, device):
     """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
     (in eval mode, what sampling uses), AdamW (weight decay on matrices and convolutions only), the LR schedule,
@@ -375,29 +388,36 @@ def build_training(args, unet, device):
               {"params": [p for p in unet.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule_of(args))
     schedule = NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
                              args.zero_terminal_snr)
-    return argparse.Namespace(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                              schedule=schedule, device=device, step=0)
+    return RunState(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    schedule=schedule, device=device)
 
 
-def diffusion_loss(run, latents, context, context_mask, args):
-    """The DDPM loss of one micro-batch of scaled latents; captions are swapped for the null embedding with
-    probability --cond_drop (classifier-free guidance training)."""
+def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon", min_snr_gamma=None,
+                   cond_drop=0.0):
+    """The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss); captions
+    B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training)."""
     if context is not None:
-        drop = torch.rand(latents.shape[0], device=latents.device) < args.cond_drop
+        drop = torch.rand(latents.shape[0], device=latents.device) < cond_drop
         context, context_mask = run.unet.drop_context(context, context_mask, drop)
 
     def model_fn(x_t, t):
         return run.model(x_t, t, context, context_mask)
 
-    return run.schedule.training_loss(model_fn, latents, args.prediction_type, args.min_snr_gamma)
+    return run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma)
 
 
-def train_step(run, micro_batches, args):
+def loss_settings(args):
+    """The keyword arguments of diffusion_loss that the command line sets."""
+    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop}
+
+
+def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max_ema_decay=0.9999):
     """One optimizer step over micro-batches [(latents, context, mask)] (gradient accumulation; under DDP the
-    gradients are averaged across processes on the last one): bf16 autocast, clipping, AdamW, LR schedule, EMA.
+    gradients are averaged across processes on the last one): bf16 autocast, clipping to `grad_clip` (0 = off),
+    AdamW, LR schedule, EMA (ema_decay up to `max_ema_decay`); `loss_settings` are diffusion_loss's keywords.
     Returns (loss averaged over micro-batches and processes, gradient norm before clipping). A non-finite loss or
     gradient norm changes nothing and is returned as it is, for the caller to stop on."""
     total = torch.zeros((), device=run.device)
@@ -405,21 +425,21 @@ def train_step(run, micro_batches, args):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or run.model is run.unet else run.model.no_sync()
         with sync:
-            with autocast(run.device, args.bf16):
-                loss = diffusion_loss(run, latents, context, context_mask, args)
+            with autocast(run.device, bf16):
+                loss = diffusion_loss(run, latents, context, context_mask, **loss_settings)
             (loss / len(micro_batches)).backward()
         total += loss.detach()
     loss = mean_over_ranks(total / len(micro_batches))
     grad_norm = math.nan
     if math.isfinite(loss):
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), args.grad_clip or math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), grad_clip or math.inf).item()
     if not math.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
-    update_ema(run.ema, run.unet, ema_decay(run.step, args.ema_decay))
+    update_ema(run.ema, run.unet, ema_decay(run.step, max_ema_decay))
     run.step += 1
     return loss, grad_norm
 
@@ -428,25 +448,22 @@ def train_step(run, micro_batches, args):
 # Checkpoints: OUTDIR/checkpoints/step_NNNNNNN (save_state_dir) + the exported sampling checkpoint OUTDIR/unet
 
 
-def list_checkpoints(folder):
-    """Checkpoint folders in `folder`, oldest first."""
-    found = [p for p in Path(folder).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def find_resume(args, checkpoints):
-    """The checkpoint to continue from: None for a fresh run, the newest one for --resume auto, or the given one."""
-    existing = list_checkpoints(checkpoints)
-    if args.resume is None:
-        if existing:
-            raise UserError(f"{checkpoints} already holds checkpoints: pass --resume auto to continue them, "
-                            "or choose another --output_dir")
-        return None
-    if args.resume == "auto":
-        return existing[-1] if existing else None
-    if not Path(args.resume).is_dir():
-        raise UserError(f"--resume {args.resume}: no such checkpoint folder")
-    return Path(args.resume)
+def run_identity(args, vqgan_digest, resolution):
+    """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
+    under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
+    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
+    on resume; the UNet's architecture is checked by check_same_architecture."""
+    beta_range = [None, None]
+    if args.schedule != "cosine":
+        betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
+        beta_range = [round(betas[0].item(), 12), round(betas[-1].item(), 12)]
+    captions = ("caption_column", "caption_template", "text_encoder", "max_text_length", "cond_drop")
+    return dict(vqgan_ckpt=vqgan_digest[:16], resolution=resolution, schedule=args.schedule,
+                num_train_timesteps=args.num_train_timesteps, beta_start=beta_range[0], beta_end=beta_range[1],
+                zero_terminal_snr=args.zero_terminal_snr,
+                prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
+                batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
+                **{name: getattr(args, name) if args.conditional else None for name in captions})
 
 
 def check_same_architecture(state, unet, path):
@@ -460,12 +477,16 @@ def check_same_architecture(state, unet, path):
                         "--unet_size, overrides, --resolution and VQGAN, or start a new --output_dir")
 
 
-def restore(run, state, path, rank, world_size):
+def restore(run, state, path, rank, world_size, lr):
+    """Continue checkpoint `path` at peak learning rate `lr` (--lr may change on resume)."""
     load_weights(run.unet, state["model"], f"UNet weights of {path}")
     load_weights(run.ema, state["ema"], f"EMA weights of {path}")
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.step = state["step"]
+    run.lr_scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+    for group, factor in zip(run.optimizer.param_groups, run.lr_scheduler.lr_lambdas):
+        group["lr"] = lr * factor(run.lr_scheduler.last_epoch)
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
     else:
@@ -483,19 +504,18 @@ def sampling_config(args, run, cache):
                               latent_scale_source=cache["latent_scale_source"], args=vars(args)))
 
 
-def save_checkpoint(run, args, cache, vqgan, out):
-    """Every process contributes its RNG state; rank 0 writes checkpoints/step_N, prunes to --keep_last and
-    exports OUTDIR/unet. Returns the checkpoint folder."""
+def save_checkpoint(run, args, cache, vqgan, out, identity):
+    """Every process contributes its RNG state; rank 0 writes checkpoints/step_N (with the run's `identity`),
+    prunes to --keep_last and exports OUTDIR/unet. Returns the checkpoint folder."""
     rng_states = gather_rng_states()
-    path = out / "checkpoints" / f"step_{run.step:07d}"
+    path = checkpoint_path(out / "checkpoints", run.step)
     if not is_main():
         return path
     config = sampling_config(args, run, cache)
     save_state_dir(path, dict(step=run.step, config=config, model=run.unet.state_dict(), ema=run.ema.state_dict(),
                               optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
-                              rng=rng_states))
-    for old in list_checkpoints(out / "checkpoints")[:-args.keep_last]:
-        shutil.rmtree(old)
+                              rng=rng_states, identity=identity))
+    prune_checkpoints(out / "checkpoints", args.keep_last)
     save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config,
                          vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt)
     return path
@@ -523,16 +543,11 @@ def save_samples(path, pipeline, args, prompts, step):
     save_png(path, make_grid(tensor_to_images(images)), text)
 
 
-def write_log(log_path, entry):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 def plot_loss_curve(log_path, png_path):
     """loss.png from log.jsonl (matplotlib's Agg renderer through Figure, no GUI backend)."""
     from matplotlib.figure import Figure
 
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    entries = read_log(log_path)
     if not entries:
         return
     fig = Figure(figsize=(7, 4), tight_layout=True)
@@ -563,19 +578,20 @@ def load_text_encoder(args, device):
 def prepare(args, rank, world_size, device):
     """Check the inputs (before any training), load the frozen VQGAN and text encoder, read or build the latent
     cache, build the UNet and its optimizer and restore a checkpoint. Returns (run, cache, vqgan, text_encoder,
-    checkpoint resumed from or None)."""
+    checkpoint resumed from or None, the run's identity)."""
     out = Path(args.output_dir)
-    resume_path = find_resume(args, out / "checkpoints")
+    resume_path, state = load_resume(args.resume, out / "checkpoints", "choose another --output_dir", warn=say)
     vqgan = load_vqgan(args.vqgan_ckpt, device)
     resolution = args.resolution or vqgan.config["resolution"]
     if resolution % vqgan.downsample_factor:
         raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's downsampling factor "
                         f"{vqgan.downsample_factor}")
+    vqgan_digest = file_digest(model_paths(args.vqgan_ckpt))
+    identity = run_identity(args, vqgan_digest, resolution)
     source = ImageSource(args.dataset_path, args.split, args.image_column)
     rows = list(range(min(len(source), args.max_images or len(source))))
     caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
                   if args.conditional else None)
-    state = load_state_dir(resume_path) if resume_path else None
     text_encoder = None
     if args.conditional:
         text_encoder = load_text_encoder(args, device)
@@ -584,24 +600,26 @@ def prepare(args, rank, world_size, device):
                      text_encoder.dim if text_encoder else None)
     if state is not None:
         check_same_architecture(state, unet, resume_path)
+        check_run_identity(state.get("identity"), identity, resume_path, "start a new --output_dir")
     elif args.init_from:
         new = init_from_checkpoint(unet, args.init_from)
         say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({', '.join(new[:2])}, ...)"
                                                            if new else ""))
 
     cache_path = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
-    cache = load_or_build_cache(cache_path, cache_identity(args, source, resolution), lambda: build_latent_cache(
-        source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
-        args.num_workers))
+    cache = load_or_build_cache(
+        cache_path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
+            source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
+            args.num_workers))
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
     run = build_training(args, unet, device)
     if state is not None:
-        restore(run, state, resume_path, rank, world_size)
+        restore(run, state, resume_path, rank, world_size, args.lr)
         say(f"resumed from {resume_path} at step {run.step}")
-    return run, cache, vqgan, text_encoder, resume_path
+    return run, cache, vqgan, text_encoder, resume_path, identity
 
 
 def log_entry(window, step, lr, samples_per_step, num_rows):
@@ -619,7 +637,7 @@ def train(args, rank, world_size, device):
         args.bf16 = native_bf16(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    run, cache, vqgan, text_encoder, checkpoint = prepare(args, rank, world_size, device)
+    run, cache, vqgan, text_encoder, checkpoint, identity = prepare(args, rank, world_size, device)
     if args.max_steps == 0:
         say("--max_steps 0: the latent cache is ready; nothing trained")
         return 0
@@ -648,7 +666,8 @@ def train(args, rank, world_size, device):
             micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, stream_position(
                 run.step, micro, rank, args, world_size)), device) for micro in range(args.grad_accum)]
             lr = run.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = train_step(run, micro_batches, args)
+            loss, grad_norm = train_step(run, micro_batches, loss_settings(args), args.bf16, args.grad_clip,
+                                         args.ema_decay)
             if not math.isfinite(grad_norm):
                 bar.close()
                 what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
@@ -660,13 +679,13 @@ def train(args, rank, world_size, device):
             step = run.step
             if is_main() and (step % args.log_every == 0 or step == args.max_steps):
                 entry = log_entry(window, step, lr, samples_per_step, num_rows)
-                write_log(log_path, entry)
+                append_log(log_path, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
                 window.update(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
             stopping = any_rank(stop.name is not None, device)
             paused = time.perf_counter()
             if step % args.save_every == 0 or step == args.max_steps or stopping:
-                checkpoint = save_checkpoint(run, args, cache, vqgan, out)
+                checkpoint = save_checkpoint(run, args, cache, vqgan, out, identity)
             if is_main() and args.sample_every and step % args.sample_every == 0:
                 save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args, prompts, step)
             window["start"] += time.perf_counter() - paused  # steps/s measures training alone

@@ -15,9 +15,10 @@ on a CPU.
 """
 import argparse
 import copy
-import json
+import dataclasses
 import random
 import re
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    ImageSource, ImageTensorDataset, StopSignal, UserError, autocast, collate_skip_none, int_list,
-    load_model, load_state_dir, load_weights, make_grid, model_paths, pick_device, read_json, rng_state, run_cli,
-    safe_torch_load, save_model, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
-    trim_log,
+    ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast, check_run_identity,
+    checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume, load_weights, make_grid,
+    model_paths, pick_device, prune_checkpoints, read_json, rng_state, run_cli, safe_torch_load, save_model,
+    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 
 # Architecture of each named model. `vq-f8` is latent-diffusion's models/first_stage_models/vq-f8.
@@ -514,16 +515,12 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 def batch_plan(num_images, batch_size, seed, start_step, end_step):
     """Yields, for steps start_step..end_step-1, a list of (image index, augmentation seed):
-    a fresh permutation of the data every epoch."""
-    order, order_epoch = None, None
+    a fresh permutation of the data every epoch (common.epoch_order)."""
     for step in range(start_step, end_step):
         batch = []
         for position in range(step * batch_size, (step + 1) * batch_size):
             epoch, offset = divmod(position, num_images)
-            if epoch != order_epoch:
-                order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-                order_epoch = epoch
-            batch.append((int(order[offset]), seed * 1_000_003 + position))
+            batch.append((int(epoch_order(num_images, seed, epoch)[offset]), seed * 1_000_003 + position))
         yield batch
 
 
@@ -601,25 +598,41 @@ def restart_dead_codes(codebook, last_used, latents, step, patience):
 # Training (two optimizers stepped by hand, as taming-transformers' VQModel does under Lightning)
 
 
-def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, args, device):
-    """One autoencoder update and, once step >= disc_start, one discriminator update. The generator's
-    adversarial term waits `disc_warmup` more steps, so it starts against a discriminator that already tells
-    real from reconstructed. Returns (metrics, code indices B x h x w, latents before quantisation)."""
-    train_disc = step >= args.disc_start
-    use_gan = step >= args.disc_start + args.disc_warmup
-    with autocast(device, args.bf16):
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The autoencoder loss: l1 + perceptual * perceptual distance + codebook * codebook loss, plus, from step
+    disc_start + disc_warmup on, disc * adaptive weight * GAN loss (Esser et al. 2021, eq. 7); the discriminator
+    trains from disc_start on."""
+    perceptual: float = 1.0
+    codebook: float = 1.0
+    disc: float = 0.6
+    disc_start: int = 10000
+    disc_warmup: int = 0
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start, args.disc_warmup)
+
+
+def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights, device, bf16=False):
+    """One autoencoder update and, once step >= weights.disc_start, one discriminator update (LossWeights). The
+    generator's adversarial term waits `disc_warmup` more steps, so it starts against a discriminator that already
+    tells real from reconstructed. Returns (metrics, code indices B x h x w, latents before quantisation)."""
+    train_disc = step >= weights.disc_start
+    use_gan = step >= weights.disc_start + weights.disc_warmup
+    with autocast(device, bf16):
         reconstructions, codebook_loss, indices, latents = model(images)
         reconstructions = reconstructions.float()
         l1 = (images - reconstructions).abs().mean()
         p_loss = torch.zeros((), device=device)
         if perceptual is not None:
             p_loss = perceptual(images, reconstructions).float().mean()
-        nll_loss = l1 + args.perceptual_weight * p_loss
-        loss = nll_loss + args.codebook_weight * codebook_loss
+        nll_loss = l1 + weights.perceptual * p_loss
+        loss = nll_loss + weights.codebook * codebook_loss
         metrics = {"l1": l1.item(), "perceptual": p_loss.item(), "codebook": codebook_loss.item()}
         if use_gan:
             g_loss = -disc(reconstructions).float().mean()
-            d_weight = args.disc_weight * adaptive_gan_weight(nll_loss, g_loss, model.last_layer())
+            d_weight = weights.disc * adaptive_gan_weight(nll_loss, g_loss, model.last_layer())
             loss = loss + d_weight * g_loss
             metrics.update(g_loss=g_loss.item(), d_weight=d_weight.item())
     opt_ae.zero_grad(set_to_none=True)
@@ -627,7 +640,7 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, args, de
     opt_ae.step()
     metrics["loss"] = loss.item()
     if train_disc:
-        with autocast(device, args.bf16):
+        with autocast(device, bf16):
             logits_real, logits_fake = disc(images).float(), disc(reconstructions.detach()).float()
             d_loss = hinge_d_loss(logits_real, logits_fake)
         opt_disc.zero_grad(set_to_none=True)
@@ -670,15 +683,26 @@ def freeze_encoder_side(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def resolve_resume(resume, state_path):
-    if resume is None:
-        if state_path.exists():
-            raise UserError(f"{state_path} already holds a training state: pass --resume auto to continue it, "
-                            "or choose another --out")
-        return None
-    if resume == "auto":
-        return state_path if state_path.exists() else None
-    return Path(resume)
+def dead_code_patience(args):
+    """--dead_code_steps, or its default: 20 from scratch, 0 (never) when fine-tuning --init_ckpt; always 0 with
+    --finetune_decoder (a frozen codebook keeps its codes)."""
+    if args.finetune_decoder:
+        return 0
+    return args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 20)
+
+
+def run_identity(args):
+    """The settings that give a training state its meaning (flag name -> value): --resume refuses a state saved
+    under others. The architecture is --config with its overrides (with --finetune_decoder, --init_ckpt's, fixed
+    by the state itself); --lr, --max_steps, intervals, --bf16, ... may change on resume."""
+    architecture = {}
+    if not args.finetune_decoder:
+        architecture = dict(config=args.config, **{k: v for k, v in build_config(args).items() if k != "resolution"})
+    resolution = args.resolution or (None if args.finetune_decoder else build_config(args)["resolution"])
+    return dict(**architecture, resolution=resolution, finetune_decoder=args.finetune_decoder, seed=args.seed,
+                batch_size=args.batch_size, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
+                codebook_weight=args.codebook_weight, disc_start=args.disc_start, disc_warmup=args.disc_warmup,
+                disc_weight=args.disc_weight, disc_layers=args.disc_layers, dead_code_steps=dead_code_patience(args))
 
 
 def export(model, out, source, resolution, args, device):
@@ -695,9 +719,12 @@ def train(args):
 
     device = pick_device(args.device)
     out = Path(args.out)
-    state_path = out / "state"
-    resume_from = resolve_resume(args.resume, state_path)
-    state = load_state_dir(resume_from) if resume_from else None
+    checkpoints = out / "checkpoints"
+    # out/state: the single state folder of runs before step folders, resumed as the oldest checkpoint
+    resume_from, state = load_resume(args.resume, checkpoints, "choose another --out", legacy=[out / "state"])
+    identity = run_identity(args)
+    if state:
+        check_run_identity(state.get("identity"), identity, resume_from, "start a new --out")
     seed_everything(args.seed)
     model = initial_model(args, state)
     disc = NLayerDiscriminator(n_layers=args.disc_layers)
@@ -727,9 +754,7 @@ def train(args):
     opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     # Step each code was last picked at. From scratch every code starts "dead", so the first batch
     # initialises the codebook from encoder outputs; fine-tuning keeps the given codebook.
-    patience = args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 20)
-    if args.finetune_decoder:
-        patience = 0  # a frozen codebook keeps its codes
+    patience = dead_code_patience(args)
     last_used = torch.full((model.config["n_embed"],), -patience if not args.init_ckpt else 0, dtype=torch.long)
     step = 0
     if state:
@@ -763,8 +788,8 @@ def train(args):
         for step, images in enumerate(loader, start=step):
             if images is not None:
                 window["skipped"] += args.batch_size - len(images)
-                metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device), step, args,
-                                                       device)
+                metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device),
+                                                       step, LossWeights.from_args(args), device, args.bf16)
                 for key, value in metrics.items():
                     window["sums"][key] = window["sums"].get(key, 0.0) + value
                 window["steps"] += 1
@@ -781,11 +806,14 @@ def train(args):
                 write_log(log_path, done, window, bar)
             if done % args.ckpt_every == 0 or done == args.max_steps or stopping:
                 checkpoint_start = time.perf_counter()
+                state_path = checkpoint_path(checkpoints, done)
                 save_state_dir(state_path, {
                     "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
                     "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
-                    "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args),
+                    "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args), "identity": identity,
                 })
+                prune_checkpoints(checkpoints, args.keep_last)
+                shutil.rmtree(out / "state", ignore_errors=True)  # a pre-step-folder state, now superseded
                 save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
                 path = export(model, out, source, resolution, args, device)
                 bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
@@ -803,8 +831,7 @@ def write_log(log_path, step, window, bar):
     entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage, "perplexity": perplexity,
              "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
              "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
-    with open(log_path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_log(log_path, entry)
     shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
     bar.set_postfix({k: f"{entry[k]:.3g}" for k in shown if k in entry})
     window.update(sums={}, steps=0, restarted=0, skipped=0, start=time.perf_counter())
@@ -896,8 +923,9 @@ def parse_args(argv):
     g.add_argument("--resolution", type=int, help="image size: resize + random crop (default: the config's resolution)")
     g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes (raise it on a GPU)")
     g = p.add_argument_group("training")
-    g.add_argument("--out", help="output folder: state/ (resumable), vqgan.safetensors+json, log.jsonl, samples/")
-    g.add_argument("--resume", help="'auto' (continue OUT/state if present) or a state folder")
+    g.add_argument("--out", help="output folder: checkpoints/step_NNNNNNN/ (resumable), vqgan.safetensors+json, "
+                   "log.jsonl, samples/")
+    g.add_argument("--resume", help="'auto' (the newest intact checkpoint in OUT, if any) or a checkpoint folder")
     g.add_argument("--max_steps", type=int, default=20000, help="training steps (0 with --init_ckpt: convert only)")
     g.add_argument("--batch_size", type=int, default=8, help="images per step")
     g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate of autoencoder and discriminator "
@@ -920,6 +948,7 @@ def parse_args(argv):
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with bf16 support)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
     g.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints, preview grids and exports")
+    g.add_argument("--keep_last", type=int, default=2, help="checkpoints kept")
     g.add_argument("--scale_images", type=int, default=256, help="images used to measure the latent scale at export")
     g.add_argument("--export_dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="storage dtype of exported weights")
@@ -932,7 +961,7 @@ def parse_args(argv):
     g.add_argument("--grid_images", type=int, default=16, help="images in the grid")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = p.parse_args(argv)
-    positive = ["batch_size", "log_every", "ckpt_every", "scale_images", "num_eval", "grid_images"]
+    positive = ["batch_size", "log_every", "ckpt_every", "keep_last", "scale_images", "num_eval", "grid_images"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")

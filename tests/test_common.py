@@ -1,13 +1,17 @@
-"""common.py: atomic writes (all or nothing, no temporary files left behind, a normal file mode) and the command
-entry point's handling of signals."""
+"""common.py: atomic writes (all or nothing, no temporary files left behind, a normal file mode), the command
+entry point's handling of signals, and the pieces both trainers share (logs, resume lookup, run identity)."""
 import os
 import signal
 import stat
 import time
 
 import pytest
+import torch
 
-from common import atomic_write, atomic_write_json, read_json, run_cli
+from common import (
+    CorruptCheckpoint, UserError, append_log, atomic_write, atomic_write_json, check_run_identity, epoch_order,
+    file_digest, load_resume, read_json, read_log, run_cli, save_state_dir, trim_log,
+)
 
 
 def test_atomic_write_is_all_or_nothing_and_leaves_a_normal_file(tmp_path):
@@ -42,3 +46,75 @@ def test_run_cli_reports_sigterm_in_one_line_and_exits_143(capsys):
     assert exit_info.value.code == 128 + signal.SIGTERM and time.perf_counter() - start < 5
     assert capsys.readouterr().err == "interrupted (SIGTERM)\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by trainer.py and vqgan.py
+
+
+def test_a_torn_last_log_line_is_dropped_and_trim_log_repairs_the_file(tmp_path):
+    log = tmp_path / "log.jsonl"
+    for step in (1, 2, 3):
+        append_log(log, {"step": step, "loss": 1.0 / step})
+    with open(log, "a") as f:
+        f.write('{"step": 4, "lo')  # a kill half way through a line
+    assert [e["step"] for e in read_log(log)] == [1, 2, 3]
+    trim_log(log, 2)
+    assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')  # damage in the middle is not a torn write
+    with pytest.raises(UserError, match="line 2 is not JSON"):
+        read_log(log)
+
+
+def write_checkpoints(folder, steps):
+    for step in steps:
+        save_state_dir(folder / f"step_{step:07d}", {"step": step, "weights": torch.full((3,), float(step))})
+
+
+@pytest.mark.parametrize("damaged", ["tensors.safetensors", "state.json"])
+def test_resume_auto_falls_back_past_a_truncated_newest_checkpoint(tmp_path, damaged):
+    folder = tmp_path / "checkpoints"
+    write_checkpoints(folder, [1, 2])
+    data = (folder / "step_0000002" / damaged).read_bytes()
+    (folder / "step_0000002" / damaged).write_bytes(data[:len(data) // 2])
+    warnings = []
+    path, state = load_resume("auto", folder, "choose another --out", warn=warnings.append)
+    assert path == folder / "step_0000001" and state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert len(warnings) == 1 and "step_0000002 is a corrupt or truncated checkpoint" in warnings[0]
+    with pytest.raises(CorruptCheckpoint, match="corrupt or truncated"):  # named explicitly: one clear line
+        load_resume(str(folder / "step_0000002"), folder, "choose another --out")
+    (folder / "step_0000001" / "state.json").write_text("{")
+    with pytest.raises(UserError, match="no intact checkpoint in .*: move the corrupt ones away"):
+        load_resume("auto", folder, "choose another --out", warn=warnings.append)
+
+
+def test_resume_lookup_fresh_runs_and_legacy_folders(tmp_path):
+    folder = tmp_path / "checkpoints"
+    assert load_resume(None, folder, "x") == (None, None) and load_resume("auto", folder, "x") == (None, None)
+    legacy = tmp_path / "state"
+    save_state_dir(legacy, {"step": 5})
+    with pytest.raises(UserError, match="already holds checkpoints: pass --resume auto .* or choose another --out"):
+        load_resume(None, folder, "choose another --out", legacy=[legacy])
+    assert load_resume("auto", folder, "x", legacy=[legacy])[1]["step"] == 5
+    write_checkpoints(folder, [7])
+    assert load_resume("auto", folder, "x", legacy=[legacy])[1]["step"] == 7  # step folders are newer
+
+
+def test_run_identity_mismatch_names_the_setting_and_unknown_is_allowed():
+    saved = {"seed": 0, "prediction_type": "epsilon", "batch_size": 4}
+    with pytest.raises(UserError, match=r"belongs to another run \(--prediction_type epsilon there, v here\)"):
+        check_run_identity(saved, {**saved, "prediction_type": "v"}, "ckpt", "start a new --output_dir")
+    check_run_identity(saved, dict(saved), "ckpt", "x")
+    check_run_identity(None, {**saved, "seed": 1}, "ckpt", "x")  # a checkpoint from before identities
+    check_run_identity(saved, {**saved, "grad_accum": 2}, "ckpt", "x")  # a setting it does not record
+
+
+def test_epoch_order_and_file_digest(tmp_path):
+    assert sorted(epoch_order(10, 3, 0).tolist()) == list(range(10))
+    assert not torch.equal(epoch_order(10, 3, 0), epoch_order(10, 3, 1))
+    assert torch.equal(epoch_order(10, 3, 1), epoch_order.__wrapped__(10, 3, 1))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"abc")
+    b.write_bytes(b"def")
+    assert file_digest(a) == file_digest([a]) != file_digest([a, b])
+    assert file_digest(str(a)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")

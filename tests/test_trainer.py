@@ -14,7 +14,7 @@ from PIL import Image
 
 import diffusion
 import trainer
-from common import UserError, image_to_tensor, load_state_dir, seed_everything
+from common import UserError, image_to_tensor, load_state_dir, save_state_dir, seed_everything
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
@@ -54,12 +54,11 @@ def log_entries(out):
 def test_lr_warmup_then_cosine_and_ema_warmup():
     args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--lr", "1e-3", "--warmup_steps", "4",
                                "--max_steps", "14", "--lr_schedule", "cosine", "--min_lr", "1e-4"])
-    factors = [trainer.lr_factor(step, args) for step in range(16)]
+    factors = [trainer.lr_schedule_of(args)(step) for step in range(16)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert factors[14] == factors[15] == pytest.approx(0.1)  # min_lr / lr at the end and after
-    args.lr_schedule = "constant"
-    assert [trainer.lr_factor(step, args) for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
+    assert [trainer.lr_factor(step, 4, 14, "constant") for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
     assert trainer.ema_decay(0, 0.9999) == pytest.approx(0.1) and trainer.ema_decay(90, 0.9999) == pytest.approx(0.91)
     assert trainer.ema_decay(10**6, 0.9999) == 0.9999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
@@ -322,6 +321,64 @@ def test_resume_guards_other_architectures_and_existing_runs(tmp_path, image_fol
     with pytest.raises(UserError, match="is not a latent cache"):  # never overwrite a folder that is not a cache
         train(image_folder, vqgan, tmp_path / "other", "--max_steps", 2, "--latent_cache", image_folder)
     assert checkpoints(out) == ["step_0000001"] and (image_folder / "metadata.jsonl").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prediction_type", "v"], "--prediction_type epsilon there, v here"),
+    (["--schedule", "cosine"], "--schedule linear there, cosine here"),
+    (["--beta_end", "0.03"], "--beta_end 0.02 there, 0.03 here"),
+    (["--seed", "1"], "--seed 0 there, 1 here"),
+    (["--batch_size", "2"], "--batch_size 4 there, 2 here"),
+    (["--grad_accum", "2"], "--grad_accum 1 there, 2 here"),
+])
+def test_resume_refuses_a_run_with_other_settings(tmp_path, image_folder, vqgan, flags, message):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 1) == 0
+    with pytest.raises(UserError, match=f"belongs to another run \\({message}[;)].*: pass the same settings") as err:
+        train(image_folder, vqgan, out, "--max_steps", 2, "--resume", "auto", *flags)
+    assert "\n" not in str(err.value) and checkpoints(out) == ["step_0000001"]
+
+
+def test_resume_allows_lr_and_intervals_and_checkpoints_without_an_identity(tmp_path, image_folder, vqgan):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 1, "--beta_start", "0.0001") == 0  # the default, given
+    assert train(image_folder, vqgan, out, "--max_steps", 2, "--resume", "auto", "--lr", "5e-4", "--log_every", 2,
+                 "--save_every", 2, "--keep_last", 4, "--ema_decay", "0.99") == 0
+    state = load_state_dir(out / "checkpoints" / "step_0000002")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [5e-4, 5e-4]  # the new --lr took effect
+    del state["identity"]  # as saved before checkpoints recorded their run's identity
+    save_state_dir(out / "checkpoints" / "step_0000002", state)
+    assert train(image_folder, vqgan, out, "--max_steps", 3, "--resume", "auto", "--seed", 5) == 0
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, image_folder, vqgan):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 2) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # killed half way through a log line
+    assert train(image_folder, vqgan, out, "--max_steps", 3, "--resume", "auto") == 0
+    assert [e["step"] for e in log_entries(out)] == [1, 2, 3]
+
+
+def test_corrupt_newest_checkpoint_and_latent_cache_recover(tmp_path, image_folder, vqgan, capsys):
+    out = tmp_path / "run"
+    assert train(image_folder, vqgan, out, "--max_steps", 2, "--save_every", 1) == 0
+    newest = out / "checkpoints" / "step_0000002" / "tensors.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated (outside save_state_dir: a disk fault, a bad copy)
+    cache = out / "latent_cache" / "tensors.safetensors"
+    cache.write_bytes(cache.read_bytes()[:100])
+    capsys.readouterr()
+    assert train(image_folder, vqgan, out, "--max_steps", 3, "--save_every", 1, "--resume", "auto") == 0
+    printed = capsys.readouterr().out
+    assert "step_0000002 is a corrupt or truncated checkpoint" in printed and "at step 1" in printed
+    assert "latent cache" in printed and "re-encoding" in printed
+    assert [e["step"] for e in log_entries(out)] == [1, 2, 3]
+    assert checkpoints(out) == ["step_0000001", "step_0000002", "step_0000003"]
+    for name in checkpoints(out):
+        assert load_state_dir(out / "checkpoints" / name)["step"] == int(name[5:])
+    (out / "checkpoints" / "step_0000003" / "state.json").write_text("{")
+    with pytest.raises(UserError, match="step_0000003 is a corrupt or truncated checkpoint"):  # named: one line
+        train(image_folder, vqgan, out, "--max_steps", 4, "--resume", out / "checkpoints" / "step_0000003")
 
 
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, image_folder):

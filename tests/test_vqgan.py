@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import vqgan
 from conftest import sigterm_after_log_lines
-from common import UserError, load_state_dir, save_model
+from common import UserError, list_checkpoints, load_state_dir, save_model, save_state_dir
 from vqgan import CONFIGS, LPIPS, NLayerDiscriminator, VQModel, load_init, load_lpips, load_vqgan, save_vqgan
 
 # Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
@@ -70,6 +70,10 @@ def train_args(data, out, *extra):
 
 def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def newest_state(out):
+    return load_state_dir(list_checkpoints(out / "checkpoints")[-1])
 
 
 def test_tiny_config_is_small_and_round_trips(tmp_path):
@@ -218,12 +222,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, image_fold
     common = ["--max_steps", "6", "--ckpt_every", "3", "--perceptual", "effnet", "--disc_start", "2", "--scale_images", "8"]
     assert vqgan.main(train_args(image_folder, tmp_path / "a", *common)) == 0
     assert vqgan.main(train_args(image_folder, tmp_path / "b", *common[2:], "--max_steps", "3")) == 0
-    assert load_state_dir(tmp_path / "b" / "state")["step"] == 3
+    assert newest_state(tmp_path / "b")["step"] == 3
     with pytest.raises(UserError, match="--resume auto"):  # an existing run is never silently overwritten
         vqgan.main(train_args(image_folder, tmp_path / "b", *common))
     assert vqgan.main(train_args(image_folder, tmp_path / "b", *common, "--resume", "auto")) == 0
 
-    state_a, state_b = load_state_dir(tmp_path / "a" / "state"), load_state_dir(tmp_path / "b" / "state")
+    state_a, state_b = newest_state(tmp_path / "a"), newest_state(tmp_path / "b")
     assert state_a["step"] == state_b["step"] == 6
     for part in ("model", "disc"):
         assert all(torch.equal(state_a[part][k], state_b[part][k]) for k in state_a[part]), part
@@ -234,7 +238,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, image_fold
     # resuming with another --lr continues at that rate
     assert vqgan.main(train_args(image_folder, tmp_path / "b", *common[2:], "--max_steps", "7", "--resume", "auto",
                                  "--lr", "1e-4")) == 0
-    state = load_state_dir(tmp_path / "b" / "state")
+    state = newest_state(tmp_path / "b")
     groups = state["opt_ae"]["param_groups"] + state["opt_disc"]["param_groups"]
     assert state["step"] == 7 and {g["lr"] for g in groups} == {1e-4}
 
@@ -246,12 +250,80 @@ def test_sigterm_saves_state_and_export_and_resume_auto_continues(tmp_path, imag
                                  "--scale_images", "4")], out / "log.jsonl", 2)
     assert returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout + stderr
-    step = load_state_dir(out / "state")["step"]
+    step = newest_state(out)["step"]
     assert step >= 2 and read_log(out)[-1]["step"] == step
     assert load_vqgan(out / "vqgan").latent_scale > 0
     assert vqgan.main(train_args(image_folder, out, "--max_steps", str(step + 2), "--log_every", "1", "--perceptual",
                                  "none", "--scale_images", "4", "--resume", "auto")) == 0
     assert [e["step"] for e in read_log(out)] == list(range(1, step + 3))
+
+
+FAST_TRAIN = ["--perceptual", "none", "--scale_images", "4", "--log_every", "1", "--ckpt_every", "1"]
+
+
+def test_resume_refuses_other_settings_and_accepts_states_without_an_identity(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "1")) == 0
+    for flags, message in [(["--seed", "1"], "--seed 0 there, 1 here"),
+                           (["--batch_size", "2"], "--batch_size 4 there, 2 here"),
+                           (["--ch", "64"], "--ch 32 there, 64 here"),
+                           (["--disc_start", "5"], "--disc_start 10000 there, 5 here")]:
+        with pytest.raises(UserError, match=f"belongs to another run \\({message}\\)"):
+            vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2", "--resume", "auto", *flags))
+    state = newest_state(out)
+    del state["identity"]  # a state saved before states recorded their run's identity
+    save_state_dir(list_checkpoints(out / "checkpoints")[-1], state)
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2", "--resume", "auto",
+                                 "--seed", "1")) == 0
+    assert newest_state(out)["step"] == 2
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2")) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "l1": 0.')  # killed half way through a log line
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2")) == 0
+    (out / "checkpoints" / "step_0000002" / "state.json").write_text('{"__dict__": [[')  # truncated
+    capsys.readouterr()
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
+    printed = capsys.readouterr().out
+    assert "step_0000002 is a corrupt or truncated checkpoint" in printed and "at step 1" in printed
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3] and newest_state(out)["step"] == 3
+
+
+class Killed(BaseException):
+    """A kill -9 at one exact moment."""
+
+
+def test_a_kill_while_a_checkpoint_is_swapped_in_keeps_the_previous_one(tmp_path, image_folder, monkeypatch, capsys):
+    """The rename that puts the second checkpoint in place never happens: the first must still be there."""
+    import common
+
+    real_replace, folders_moved_in = os.replace, []
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and os.path.isdir(src):  # save_state_dir's finished folder moving in
+            folders_moved_in.append(dst)
+            if len(folders_moved_in) == 2:
+                raise Killed
+        return real_replace(src, dst)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(common.os, "replace", replace)
+    with pytest.raises(Killed):
+        vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3"))
+    monkeypatch.setattr(common.os, "replace", real_replace)
+    capsys.readouterr()
+    assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
+    assert "resumed from" in capsys.readouterr().out  # not a fresh start from step 0
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
 
 
 def test_dead_codes_restart_from_encoder_outputs():
@@ -316,6 +388,9 @@ def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_
     log = read_log(tuned)
     assert "d_loss" in log[0] and "g_loss" not in log[0]  # steps 0-1: the discriminator trains alone
     assert "g_loss" in log[1]
+    plain = [a for a in args if a != "--finetune_decoder"]  # a resume keeps the flag, or is refused
+    with pytest.raises(UserError, match="--finetune_decoder True there, False here"):
+        vqgan.main([*plain, "--max_steps", "5", "--resume", "auto"])
 
 
 def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
