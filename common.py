@@ -7,6 +7,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -63,11 +64,43 @@ def require_file(path, what):
     return path
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the project's error style: an unknown flag or a bad value raises UserError, which
+    run_cli prints as one `error: ...` line pointing at -h (exit 2), instead of argparse's usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} -h)")
+
+
 def int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def at_least(minimum, kind=int, inclusive=True):
+    """An argparse `type=`: text -> a finite `kind` (int or float) >= minimum (> minimum unless `inclusive`).
+    Anything else is an argparse error naming the bound, e.g. `argument --steps: must be at least 1, got 0`."""
+    bound = f"{'at least' if inclusive else 'greater than'} {minimum}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+positive_float = at_least(0, float, inclusive=False)
+non_negative_float = at_least(0, float)
 
 
 # ----------------------------------------------------------------------------------------------

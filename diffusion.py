@@ -11,7 +11,6 @@ step to alpha_bar = 1 (clean) after the last one.
     python diffusion.py --init_image photo.png --strength 0.6     # img2img (SDEdit)
     python diffusion.py --interpolate --num_images 8              # slerp from the noise of --seed to --seed + 1
 """
-import argparse
 import math
 import os
 import re
@@ -24,8 +23,8 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, native_bf16, pick_device,
-    run_cli, save_model, save_png, tensor_to_images,
+    ArgumentParser, UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths,
+    native_bf16, non_negative_float, pick_device, positive_int, run_cli, save_model, save_png, tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan
@@ -424,6 +423,8 @@ class Pipeline:
             raise UserError("--eta applies to the ddim sampler only")
         if lower_order_final and sampler != "dpmpp-2m":
             raise UserError("--lower_order_final applies to the dpmpp-2m sampler only")
+        if guidance_scale < 0:
+            raise UserError(f"the guidance scale must be at least 0, got {guidance_scale}")
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         if noise is None:
             noise = randn((num_images, *self.latent_shape), generators)
@@ -569,15 +570,16 @@ def next_image_index(outdir):
 def add_sampling_arguments(parser):
     """The sampling flags diffusion.py and evaluate.py --samples_from share; sampling_options(args) reads them."""
     parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"denoising steps (default per sampler: {DEFAULT_STEPS})")
     parser.add_argument("--spacing", default="auto", choices=["auto", "karras", "even"],
                         help="timesteps spaced as Karras et al. 2022 (rho = 7) or evenly in t; auto = karras, or even "
                              "for a zero-terminal-SNR schedule (whose largest sigma is infinite)")
     parser.add_argument("--lower_order_final", action="store_true",
                         help="dpmpp-2m: first-order step into the last timestep (as diffusers' lower_order_final)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0,
-                        help="classifier-free guidance scale with --prompt (1 = conditional prediction only)")
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=5.0,
+                        help="classifier-free guidance scale with --prompt, at least 0 (1 = the conditional "
+                             "prediction alone, 0 = the unconditional one)")
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("SIGMA_LOW", "SIGMA_HIGH"),
                         help="guide only where the noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is in "
                              "(LOW, HIGH] (Kynkäänniemi et al. 2024); elsewhere the conditional prediction alone")
@@ -588,10 +590,6 @@ def add_sampling_arguments(parser):
 
 def sampling_options(args):
     """Pipeline.sample_latents keyword arguments from add_sampling_arguments' flags."""
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance_scale < 0:
-        raise UserError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
         raise UserError(f"--guidance_interval needs 0 <= SIGMA_LOW < SIGMA_HIGH, got {args.guidance_interval}")
     return dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
@@ -605,14 +603,15 @@ def use_bf16(precision, device):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Generate paintings with a trained latent diffusion model.")
+    parser = ArgumentParser(description="Generate paintings with a trained latent diffusion model.")
     parser.add_argument("--unet_ckpt_path", default=None,
                         help="diffusion checkpoint (NAME, NAME.json or NAME.safetensors); default: the bundled "
                              "models/unet-uncond.json, or models/unet-cond.json with --prompt")
-    parser.add_argument("--num_images", type=int, default=16, help="how many images to generate")
-    parser.add_argument("--batch_size", type=int, default=8, help="images denoised together")
+    parser.add_argument("--num_images", type=positive_int, default=16, help="how many images to generate")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images denoised together")
     add_sampling_arguments(parser)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
+    parser.add_argument("--eta", type=non_negative_float, default=0.0,
+                        help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i, so any image can be redone alone")
     parser.add_argument("--prompt", nargs="+", default=None,
                         help="caption to steer a text-conditioned model; several captions give one grid row each "
@@ -637,8 +636,6 @@ def parse_args(argv):
 
 
 def check_args(args):
-    if args.num_images < 1 or args.batch_size < 1:
-        raise UserError("--num_images and --batch_size must be at least 1")
     if args.strength is not None and args.init_image is None:
         raise UserError("--strength needs an --init_image")
     if args.strength is not None and not 0 < args.strength <= 1:

@@ -574,8 +574,9 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     (("--steps", 1001), "steps"),
     (("--sampler", "ddpm", "--eta", 0.5), "eta"),
     (("--num_images", 0), "num_images"),
-    (("--guidance_scale", -1), "--guidance_scale"),
+    (("--guidance_scale", -1), "argument --guidance_scale: must be at least 0"),
     (("--guidance_interval", 2, 1), "--guidance_interval"),
+    (("--eta", -0.5), "argument --eta: must be at least 0"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, checkpoint, flags, message):
     from conftest import make_painting
