@@ -42,7 +42,8 @@ def make_betas(kind, num_train_timesteps, beta_start=None, beta_end=None):
     linear (Ho et al. 2020):               beta_t = linspace(beta_start, beta_end)
     scaled_linear (Rombach et al. 2022):   beta_t = linspace(sqrt(beta_start), sqrt(beta_end)) ** 2
     cosine (Nichol & Dhariwal 2021):       alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2) ** 2, s = 0.008,
-                                           beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999)"""
+                                           beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999)
+    beta_start and beta_end (linear kinds only; None = the kind's default) must lie in (0, 1)."""
     T = num_train_timesteps
     if kind == "cosine":
         s = 0.008
@@ -50,10 +51,21 @@ def make_betas(kind, num_train_timesteps, beta_start=None, beta_end=None):
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     if kind not in DEFAULT_BETAS:
         raise UserError(f"unknown noise schedule {kind!r} (choose linear, scaled_linear or cosine)")
-    start, end = beta_start or DEFAULT_BETAS[kind][0], beta_end or DEFAULT_BETAS[kind][1]
+    start, end = beta_range(kind, beta_start, beta_end)
     if kind == "linear":
         return torch.linspace(start, end, T, dtype=torch.float64)
     return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+
+
+def beta_range(kind, beta_start=None, beta_end=None):
+    """(beta_start, beta_end) of a linear kind: the given values (0.0 included), the kind's defaults for None.
+    A beta outside (0, 1) is a UserError here: later it would be a NaN in alpha_bar or the loss."""
+    start = DEFAULT_BETAS[kind][0] if beta_start is None else beta_start
+    end = DEFAULT_BETAS[kind][1] if beta_end is None else beta_end
+    for name, value in (("beta_start", start), ("beta_end", end)):
+        if not 0 < value < 1:
+            raise UserError(f"{name} must be in (0, 1), got {value}")
+    return start, end
 
 
 def rescale_zero_terminal_snr(betas):

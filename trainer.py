@@ -807,6 +807,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)  # before the latent cache
     if not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond_drop must be in [0, 1), got {args.cond_drop}")
     if not 0 <= args.ema_decay < 1:

@@ -13,8 +13,9 @@ from PIL import Image
 import diffusion
 from common import UserError
 from diffusion import (
-    SAMPLERS, NoiseSchedule, Pipeline, guidance_window, guided_model_fn, load_diffusion_model, make_denoiser, min_snr_weight,
-    predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps, save_diffusion_model, slerp,
+    SAMPLERS, NoiseSchedule, Pipeline, guidance_window, guided_model_fn, load_diffusion_model, make_betas,
+    make_denoiser, min_snr_weight, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
+    save_diffusion_model, slerp,
 )
 from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
@@ -84,6 +85,15 @@ def test_linear_schedule_endpoints_and_monotone():
     t = torch.tensor(500.0)
     expected = math.cos((501 / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
     assert cosine.alpha_bar(t).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_an_explicit_beta_is_used_and_one_outside_0_1_is_refused():
+    """0.0 is a value, not "unset" (it used to give the default range); betas outside (0, 1) would give NaN later."""
+    assert make_betas("linear", 10, beta_end=0.5)[-1].item() == pytest.approx(0.5)
+    for start, end in ((0.0, 0.02), (-0.1, 0.02), (1e-4, 1.0), (1e-4, 1.5)):
+        for kind in ("linear", "scaled_linear"):
+            with pytest.raises(UserError, match=r"beta_(start|end) must be in \(0, 1\)"):
+                NoiseSchedule(kind, 10, start, end)
 
 
 def test_zero_terminal_snr_schedule():

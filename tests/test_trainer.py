@@ -291,6 +291,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, image_fol
     (["--batch_size", "0"], "argument --batch_size: must be at least 1, got 0"),
     (["--max_steps", "-1"], "argument --max_steps: must be at least 0, got -1"),
     (["--guidance_scale", "-2"], "argument --guidance_scale: must be at least 0, got -2"),
+    (["--beta_start", "0"], r"beta_start must be in \(0, 1\), got 0.0"),
+    (["--beta_end", "1.5"], r"beta_end must be in \(0, 1\), got 1.5"),
     (["--cond_drop", "1"], "--cond_drop"),
     (["--resume", "MISSING"], "no such checkpoint folder"),
 ])
