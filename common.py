@@ -232,23 +232,63 @@ def load_model(path, what="model checkpoint"):
 
 
 def safe_torch_load(path, trust=False):
-    """Load a `.ckpt`/`.pt` file with `torch.load(weights_only=True)`. A file that needs
-    arbitrary unpickling (and could run code) is refused unless `trust` is set."""
+    """Load a `.ckpt`/`.pt` file with `torch.load(weights_only=True)`. A file that needs arbitrary unpickling (and
+    could run code) is refused unless `trust` is set. A file that holds no PyTorch checkpoint at all is a UserError
+    either way: it is told apart by reading its pickle without running it, and never reaches the unsafe loader."""
     import pickle
 
     path = require_file(path, "checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not trust:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-            raise UserError(
-                f"{path} holds objects that need arbitrary unpickling ({first_line}); "
-                "refusing to load it. Pass --trust_checkpoint only if you trust its source."
-            ) from None
-    except (RuntimeError, EOFError) as err:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError:
+        pass  # objects the safe loader does not allow, or bytes that are no pickle: told apart below
+    except Exception as err:  # a torn archive (RuntimeError), an empty file (EOFError), text (KeyError), ...
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    names = pickle_globals(path)
+    if names is None:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (no well-formed pickle in it)")
+    if not trust:
+        raise UserError(f"{path} holds objects that need arbitrary unpickling ({', '.join(names[:3]) or 'unknown'}); "
+                        "refusing to load it. Pass --trust_checkpoint only if you trust its source.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # e.g. a class from a package that is not installed
+        raise UserError(f"{path} cannot be unpickled even with --trust_checkpoint: {_first_line(err)}") from None
+
+
+def pickle_globals(path):
+    """The `module.name` globals the pickle of a PyTorch file names (read by pickletools, never run), those outside
+    torch and collections first; None if the file (or its zip archive's data.pkl) holds no well-formed pickle."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if Path(n).name == "data.pkl"))
+        else:
+            data = Path(path).read_bytes()
+        ops = list(pickletools.genops(io.BytesIO(data)))  # raises at the first byte that is no opcode
+    except Exception:  # not a pickle, a torn archive, an archive without data.pkl: no checkpoint
+        return None
+    if ops[0][0].name != "PROTO":  # torch.save always writes a protocol header
+        return None
+    names, strings = [], []
+    for opcode, arg, _ in ops:
+        if opcode.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(".".join(strings[-2:]))
+        if isinstance(arg, str):
+            strings.append(arg)
+    return sorted(dict.fromkeys(names), key=lambda name: name.split(".")[0] in ("torch", "collections"))
+
+
+def _first_line(err):
+    """`Type: first sentence` of an exception, for one-line messages."""
+    text = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def load_weights(module, tensors, what, allow_missing=False):

@@ -1,6 +1,6 @@
 """common.py: atomic writes (all or nothing, no temporary files left behind, a normal file mode), the command
-entry point's handling of signals, the pieces both trainers share (logs, resume lookup, run identity) and argument
-parsing (number ranges, one-line errors)."""
+entry point's handling of signals, the pieces both trainers share (logs, resume lookup, run identity), argument
+parsing (number ranges, one-line errors) and safe_torch_load."""
 import argparse
 import importlib
 import os
@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from common import (
     CorruptCheckpoint, UserError, append_log, at_least, atomic_write, atomic_write_json, check_run_identity,
-    epoch_order, file_digest, load_resume, non_negative_float, non_negative_int, positive_float, positive_int,
-    read_json, read_log, run_cli, save_state_dir, trim_log,
+    epoch_order, file_digest, load_resume, non_negative_float, non_negative_int, pickle_globals, positive_float,
+    positive_int, read_json, read_log, run_cli, safe_torch_load, save_state_dir, trim_log,
 )
 from conftest import ROOT
 
@@ -177,3 +178,38 @@ def test_a_bad_choice_on_the_command_line_is_one_line_naming_the_script():
     assert result.returncode == 2 and result.stdout == ""
     assert re.fullmatch(r"error: argument --size: invalid choice: 'gigantic' \(choose from .*\) \(see unet.py -h\)\n",
                         result.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# safe_torch_load: "not a checkpoint" and "needs unpickling" are different answers
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("the payload ran",))
+
+
+def test_garbage_is_not_a_checkpoint_with_or_without_trust(tmp_path):
+    """Random bytes, text, an empty file and a torn archive are no checkpoint: the answer must not push towards
+    --trust_checkpoint, and the flag must not turn them into tracebacks."""
+    torch.save({"w": torch.ones(3)}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    files = {"random.ckpt": np.random.default_rng(0).bytes(4096), "text.ckpt": b"hello, not a checkpoint\n",
+             "empty.ckpt": b"", "torn.ckpt": whole[:len(whole) // 2]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        for trust in (False, True):
+            with pytest.raises(UserError, match="is not a readable PyTorch checkpoint") as err:
+                safe_torch_load(tmp_path / name, trust)
+            assert "--trust_checkpoint" not in str(err.value) and "\n" not in str(err.value)
+    assert torch.equal(safe_torch_load(tmp_path / "good.pt")["w"], torch.ones(3))
+
+
+def test_a_pickle_that_runs_code_is_refused_naming_it_and_loads_only_when_trusted(tmp_path, capsys):
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match=r"need arbitrary unpickling \(\S*print\).*--trust_checkpoint"):
+        safe_torch_load(tmp_path / "evil.pt")
+    assert "the payload ran" not in capsys.readouterr().out
+    assert pickle_globals(tmp_path / "evil.pt")[0].endswith(".print")  # named first, before torch's own globals
+    safe_torch_load(tmp_path / "evil.pt", trust=True)
+    assert "the payload ran" in capsys.readouterr().out
