@@ -22,6 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+GRID_NAME = "grid-{:05d}.png"  # diffusion.py's mosaics, next to the images they tile: never read as samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +71,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} -h)")
+
+
+def check_output_folder(path, flag):
+    """Before any work, creating nothing: folder `path` must exist or be creatable, and be writable; else a
+    UserError naming `flag` (rather than a traceback once the results are ready to be saved)."""
+    folder = Path(path)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {folder}: {existing} is not writable")
+    return folder
+
+
+def check_output_file(path, flag):
+    """check_output_folder for the folder of file `path`, which must not be a folder itself."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    check_output_folder(Path(path).absolute().parent, flag)
 
 
 def int_list(text):
@@ -536,7 +556,8 @@ def autocast(device, enabled=True):
 
 class ImageSource:
     """Random access to (PIL image or None, metadata dict) pairs.
-    `None` means the image could not be read; callers skip and count it."""
+    `None` means the image could not be read; callers skip and count it. A plain folder is read recursively,
+    leaving out the grids diffusion.py writes next to its images (is_grid), so a sample folder holds its N images."""
 
     def __init__(self, path, split="train", image_column="image"):
         self.path = str(path)
@@ -549,7 +570,7 @@ class ImageSource:
             self._records = [
                 {"file_name": str(p.relative_to(folder))}
                 for p in sorted(folder.rglob("*"))
-                if p.suffix.lower() in IMAGE_EXTENSIONS
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not is_grid(p)
             ]
         else:
             self._dataset = load_hf_dataset(path, split)
@@ -595,6 +616,11 @@ class ImageSource:
             return _open_rgb(value["path"])
         except (OSError, ValueError, Image.DecompressionBombError):
             return None
+
+
+def is_grid(path):
+    """Whether `path` is named as diffusion.py names its grids (GRID_NAME): a mosaic of images, not an image."""
+    return re.fullmatch(GRID_NAME.replace("{:05d}", r"\d{5,}").replace(".", r"\."), Path(path).name) is not None
 
 
 def _open_rgb(file):

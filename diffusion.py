@@ -23,8 +23,9 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    ArgumentParser, UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths,
-    native_bf16, non_negative_float, pick_device, positive_int, run_cli, save_model, save_png, tensor_to_images,
+    GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model, load_weights,
+    make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli, save_model, save_png,
+    tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan
@@ -703,6 +704,7 @@ def main(argv=None):
         weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype])
         print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
         return 0
+    outdir = check_output_folder(args.outdir, "--outdir")
     device = pick_device(args.device)
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=use_bf16(args.precision, device),
                                     channels_last=args.channels_last, compile=args.compile)
@@ -713,7 +715,6 @@ def main(argv=None):
     if args.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(args.seed + k)) for k in (0, 1)]
         frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
-    outdir = Path(args.outdir)
     first = next_image_index(outdir)
     all_images, paths = [], []
     for prompt in args.prompt or [None]:  # one grid row per caption, each over the same seeds
@@ -729,7 +730,7 @@ def main(argv=None):
                 save_png(path, img, image_parameters(args, checkpoint, pipeline, options, start + i, prompt))
                 paths.append(path)
                 all_images.append(img)
-    grid_path = outdir / f"grid-{first:05d}.png"
+    grid_path = outdir / GRID_NAME.format(first)
     grid_params = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, args.prompt)
     grid_params["files"] = [p.name for p in paths]
     row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption

@@ -25,8 +25,9 @@ from tqdm import tqdm, trange
 
 from common import (
     ArgumentParser, ImageSource, ImageTensorDataset, UserError, at_least, atomic_write, atomic_write_json, autocast,
-    collate_skip_none, file_digest, image_to_tensor, load_weights, model_paths, non_negative_int, pick_device,
-    positive_int, read_json, require_file, run_cli, safe_torch_load, save_png, tensor_to_images,
+    check_output_file, check_output_folder, collate_skip_none, file_digest, image_to_tensor, load_weights,
+    model_paths, non_negative_int, pick_device, positive_int, read_json, require_file, run_cli, safe_torch_load,
+    save_png, tensor_to_images,
 )
 from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
@@ -463,10 +464,14 @@ def main(argv=None):
         args.n = args.n or 1000
         settings = sample_settings(args)
         args.fake = args.fake or f"{checkpoint}_samples_{settings['sampler']}_{settings['steps']}_seed{args.seed}"
+        check_output_folder(args.fake, "--fake")
     elif args.fake and not Path(args.fake).is_dir():
         raise UserError(f"fake image folder not found: {args.fake}")
     if args.vqgan_ckpt:
         args.n = args.n or 256
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path:
+            check_output_file(path, flag)
     network = load_feature_network(args.features, args.device, args.inception_weights)
     if args.samples_from:
         generate_samples(args)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import diffusion
-from common import UserError
+from common import ImageSource, UserError
 from diffusion import (
     SAMPLERS, NoiseSchedule, Pipeline, guidance_window, guided_model_fn, load_diffusion_model, make_betas,
     make_denoiser, min_snr_weight, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
@@ -433,6 +433,25 @@ def test_cli_writes_images_grid_and_metadata(tmp_path, checkpoint, capsys):
     # a second run into the same folder adds files instead of overwriting
     assert run(checkpoint, out, "--num_images", 1, "--steps", 2) == 0
     assert (out / "00003.png").is_file() and (out / "grid-00003.png").is_file()
+
+
+def test_a_folder_written_by_diffusion_py_reads_as_exactly_its_images(tmp_path, checkpoint):
+    """evaluate.py --fake samples (and any folder reader) must not count the grids as samples."""
+    out = tmp_path / "out"
+    assert run(checkpoint, out, "--num_images", 3, "--steps", 1) == 0
+    assert run(checkpoint, out, "--num_images", 2, "--steps", 1) == 0  # two runs, two grids
+    assert len(list(out.glob("grid-*.png"))) == 2
+    source = ImageSource(out)
+    assert [source.metadata(i) for i in range(len(source))] == [{}] * 5
+    assert [source.image(i).size for i in range(len(source))] == [(32, 32)] * 5  # no 64 x 64 mosaic among them
+
+
+@pytest.mark.parametrize("outdir", ["taken", "taken/sub"])
+def test_an_outdir_that_cannot_be_a_folder_fails_before_any_work(tmp_path, checkpoint, monkeypatch, outdir):
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(diffusion, "load_diffusion_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(UserError, match=f"--outdir {tmp_path / outdir}: .*taken is a file, not a folder"):
+        run(checkpoint, tmp_path / outdir, "--num_images", 1, "--steps", 1)
 
 
 def test_same_seed_same_images_and_any_image_alone(tmp_path, checkpoint):

@@ -318,6 +318,27 @@ def test_nothing_to_compare_and_unknown_network(image_folder):
         evaluate.main(["--real", str(image_folder), "--fake", str(image_folder), "--features", "resnet"])
 
 
+def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, monkeypatch, image_folder):
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "unet.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "load_feature_network", lambda *a, **k: pytest.fail("work started"))
+    base = ["--real", str(image_folder), "--fake", str(image_folder)]
+    with pytest.raises(UserError, match="--out .* is a folder: give a file name"):
+        evaluate.main(base + ["--out", str(tmp_path)])
+    with pytest.raises(UserError, match="taken is a file, not a folder"):
+        evaluate.main(base + ["--out", str(tmp_path / "taken" / "r.json")])
+    with pytest.raises(UserError, match="--fake .*taken is a file, not a folder"):
+        evaluate.main(["--real", str(image_folder), "--samples_from", str(tmp_path / "unet.json"), "--fake",
+                       str(tmp_path / "taken")])
+
+
+def test_diffusion_grids_in_a_fake_folder_are_not_samples(tmp_path, capsys, cheap_features, image_folder):
+    fake = write_images(tmp_path / "samples", range(100, 103))
+    make_painting(0, (64, 64)).save(fake / "grid-00000.png")  # what diffusion.py writes next to its images
+    run(["--real", image_folder, "--fake", fake, "--no_cache", "--out", tmp_path / "r.json"], capsys)
+    assert json.loads((tmp_path / "r.json").read_text())["n_fake"] == 3
+
+
 def test_too_few_readable_images_is_an_error(tmp_path, cheap_features, image_folder):
     fake = write_images(tmp_path / "fake", [0])
     (fake / "broken.png").write_bytes(b"not a png")
