@@ -361,7 +361,8 @@ def bench_cli(args, device):
     label = "python diffusion.py" + (f" --unet_ckpt_path {args.cli_checkpoint}" if args.cli_checkpoint else "")
     return [{"section": "cli", "what": f"{label}: {few} images, start-up included", "s_per_image": few_seconds / few,
              "peak_mb": None},
-            {"section": "cli", "what": f"{label}: per image, start-up excluded (({many} - {few} images) / {many - few})",
+            {"section": "cli", "what": f"{label}: per image, start-up excluded (({many} - {few} images) / "
+                                       f"{many - few})",
              "s_per_image": (many_seconds - few_seconds) / (many - few), "peak_mb": None}]
 
 

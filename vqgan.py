@@ -244,7 +244,8 @@ class VQModel(nn.Module):
         self.latent_scale = float(config.get("latent_scale", 1.0))
         c = self.arch
         if c["ch"] % 32 or any((c["ch"] * m) % 32 for m in c["ch_mult"]):
-            raise UserError(f"ch * ch_mult must be multiples of 32 (GroupNorm groups): ch {c['ch']}, ch_mult {c['ch_mult']}")
+            raise UserError(f"ch * ch_mult must be multiples of 32 (GroupNorm groups): ch {c['ch']}, "
+                            f"ch_mult {c['ch_mult']}")
         shared = dict(ch=c["ch"], ch_mult=c["ch_mult"], num_res_blocks=c["num_res_blocks"],
                       attn_resolutions=c["attn_resolutions"], dropout=c["dropout"], resolution=c["resolution"],
                       z_channels=c["z_channels"])
@@ -407,7 +408,8 @@ def load_lpips(weights_path, init_tensors, trust):
 
     def add(tensors):
         for key, value in tensors.items():
-            key = re.sub(r"^lins\.(\d+)\.", r"lin\1.", key.removeprefix("loss.perceptual_loss."))  # lpips' ModuleList alias
+            # lins.N is lpips' alias of the linN ModuleList
+            key = re.sub(r"^lins\.(\d+)\.", r"lin\1.", key.removeprefix("loss.perceptual_loss."))
             found.setdefault(key, value)
 
     if weights_path:
@@ -427,8 +429,8 @@ def load_lpips(weights_path, init_tensors, trust):
     missing = [k for k in expected if k not in found and not k.startswith("scaling_layer.")]
     if missing:
         raise UserError(
-            f"LPIPS-VGG weights not found (missing {missing[0]}): pass --perceptual_weights FILE, put {TORCHVISION_VGG16} "
-            f"in {vgg_file.parent} and pip install lpips, or use --perceptual effnet"
+            f"LPIPS-VGG weights not found (missing {missing[0]}): pass --perceptual_weights FILE, put "
+            f"{TORCHVISION_VGG16} in {vgg_file.parent} and pip install lpips, or use --perceptual effnet"
         )
     load_weights(model, {k: found.get(k, v) for k, v in expected.items()}, "LPIPS weights")
     return model
@@ -471,7 +473,9 @@ def read_checkpoint_tensors(path, trust=False):
     checkpoint = safe_torch_load(path, trust)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)} if isinstance(checkpoint, dict) else {}
+    tensors = {}
+    if isinstance(checkpoint, dict):
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"{path} holds no tensors")
     return tensors
@@ -554,7 +558,8 @@ def measure_latent_scale(model, source, resolution, num_images, batch_size, devi
         if images is None:
             continue
         latents = model.encode(images.to(device)).double()
-        total, total_sq, count = total + latents.sum().item(), total_sq + latents.pow(2).sum().item(), count + latents.numel()
+        total, total_sq = total + latents.sum().item(), total_sq + latents.pow(2).sum().item()
+        count += latents.numel()
     model.train(was_training)
     if count == 0:
         raise UserError(f"no readable images in {source.path} to measure the latent scale")
@@ -640,7 +645,8 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights,
         opt_disc.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_disc.step()
-        metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(), logits_fake=logits_fake.mean().item())
+        metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(),
+                       logits_fake=logits_fake.mean().item())
     return metrics, indices, latents
 
 
@@ -648,7 +654,8 @@ def build_config(args):
     if args.config not in CONFIGS:
         raise UserError(f"unknown --config {args.config!r} (choose {', '.join(CONFIGS)})")
     config = copy.deepcopy(CONFIGS[args.config])
-    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed", "dropout", "beta")
+    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
+                   "dropout", "beta")
     for key in overridable:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -726,10 +733,12 @@ def train(args):
     init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if needs_init else {}
     if init_tensors and not state:
         disc_loaded = load_init(model, disc, init_tensors, args.init_ckpt)
-        print(f"loaded {args.init_ckpt} (discriminator {'loaded' if disc_loaded else 'not in it or other shapes: fresh'})")
+        disc_note = "loaded" if disc_loaded else "not in it or other shapes: fresh"
+        print(f"loaded {args.init_ckpt} (discriminator {disc_note})")
     resolution = args.resolution or model.config["resolution"]
     if resolution % model.downsample_factor:
-        raise UserError(f"--resolution {resolution} is not a multiple of the downsampling factor {model.downsample_factor}")
+        raise UserError(f"--resolution {resolution} is not a multiple of the downsampling factor "
+                        f"{model.downsample_factor}")
     source = ImageSource(args.data, args.split or "train", args.image_column) if args.data else None
     if args.max_steps == 0:  # conversion / export only
         path = export(model, out, source, resolution, args, device)
@@ -790,7 +799,8 @@ def train(args):
                 window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
                 last_used[indices.unique()] = step
                 if patience:
-                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents, step, patience)
+                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents,
+                                                              step, patience)
             else:
                 window["skipped"] += args.batch_size
             done = step + 1
@@ -822,8 +832,8 @@ def train(args):
 def write_log(log_path, step, window, bar):
     n = max(window["steps"], 1)
     usage, perplexity = code_statistics(window["codes"])
-    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage, "perplexity": perplexity,
-             "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
+    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage,
+             "perplexity": perplexity, "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
              "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
     append_log(log_path, entry)
     shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
@@ -853,21 +863,26 @@ def parse_args(argv):
     g.add_argument("--ch", type=positive_int, help="override: base channels (multiple of 32)")
     g.add_argument("--ch_mult", type=int_list, help="override: channel multipliers per resolution, e.g. 1,2,2")
     g.add_argument("--num_res_blocks", type=positive_int, help="override: ResNet blocks per encoder resolution")
-    g.add_argument("--attn_resolutions", type=int_list, help="override: resolutions with attention ('' = mid block only)")
+    g.add_argument("--attn_resolutions", type=int_list,
+                   help="override: resolutions with attention ('' = mid block only)")
     g.add_argument("--z_channels", type=positive_int, help="override: encoder output channels")
     g.add_argument("--embed_dim", type=positive_int, help="override: codebook vector size = latent channels")
     g.add_argument("--n_embed", type=positive_int, help="override: codebook size")
     g.add_argument("--dropout", type=float, help="override: dropout in ResNet blocks")
     g.add_argument("--beta", type=float, help="override: commitment loss weight")
-    g.add_argument("--init_ckpt", help="start from these weights: a published model.ckpt (Lightning) or our .safetensors")
+    g.add_argument("--init_ckpt",
+                   help="start from these weights: a published model.ckpt (Lightning) or our .safetensors")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="allow arbitrary unpickling of .ckpt/.pt files (only for files you trust)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
+    g.add_argument("--data",
+                   help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
     g.add_argument("--split", help="dataset split (default: train)")
     g.add_argument("--image_column", default="image", help="image column of a Hugging Face dataset")
-    g.add_argument("--resolution", type=positive_int, help="image size: resize + random crop (default: the config's resolution)")
-    g.add_argument("--num_workers", type=non_negative_int, default=0, help="data-loading worker processes (raise it on a GPU)")
+    g.add_argument("--resolution", type=positive_int,
+                   help="image size: resize + random crop (default: the config's resolution)")
+    g.add_argument("--num_workers", type=non_negative_int, default=0,
+                   help="data-loading worker processes (raise it on a GPU)")
     g = p.add_argument_group("training")
     g.add_argument("--out", help="output folder: checkpoints/step_NNNNNNN/ (resumable), vqgan.safetensors+json, "
                    "log.jsonl, samples/")
@@ -875,21 +890,25 @@ def parse_args(argv):
     g.add_argument("--max_steps", type=non_negative_int, default=20000,
                    help="training steps (0 with --init_ckpt: convert only)")
     g.add_argument("--batch_size", type=positive_int, default=8, help="images per step")
-    g.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate of autoencoder and discriminator "
-                   "(from scratch; fine-tuning vq-f8 wants ~2e-5); with --resume it replaces the saved rate")
-    g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"], help="perceptual loss network")
-    g.add_argument("--perceptual_weights", help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
-    g.add_argument("--perceptual_weight", type=float, help="weight of the perceptual loss (default 1.0 for lpips-vgg as in "
-                   "taming; 0.1 for effnet, whose distance sums six stages and runs ~10x larger)")
+    g.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate of autoencoder and "
+                   "discriminator (from scratch; fine-tuning vq-f8 wants ~2e-5); with --resume it replaces the saved "
+                   "rate")
+    g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"],
+                   help="perceptual loss network")
+    g.add_argument("--perceptual_weights",
+                   help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
+    g.add_argument("--perceptual_weight", type=float, help="weight of the perceptual loss (default 1.0 for lpips-vgg "
+                   "as in taming; 0.1 for effnet, whose distance sums six stages and runs ~10x larger)")
     g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook + commitment loss")
     g.add_argument("--disc_start", type=int, default=10000, help="step at which the GAN loss starts")
-    g.add_argument("--disc_warmup", type=non_negative_int, default=0, help="steps the discriminator trains alone (from --disc_start) "
-                   "before its loss reaches the generator")
+    g.add_argument("--disc_warmup", type=non_negative_int, default=0, help="steps the discriminator trains alone "
+                   "(from --disc_start) before its loss reaches the generator")
     g.add_argument("--finetune_decoder", action="store_true", help="train only post_quant_conv and the decoder of "
-                   "--init_ckpt (one of our VQGANs): encoder, quant_conv and codebook stay frozen bit for bit, so latents "
-                   "and diffusion models trained on them stay valid; the latent scale is kept")
+                   "--init_ckpt (one of our VQGANs): encoder, quant_conv and codebook stay frozen bit for bit, so "
+                   "latents and diffusion models trained on them stay valid; the latent scale is kept")
     g.add_argument("--disc_weight", type=float, default=0.6, help="GAN loss weight (times the adaptive weight)")
-    g.add_argument("--disc_layers", type=positive_int, default=2, help="PatchGAN discriminator layers (2 matches vq-f8)")
+    g.add_argument("--disc_layers", type=positive_int, default=2,
+                   help="PatchGAN discriminator layers (2 matches vq-f8)")
     g.add_argument("--dead_code_steps", type=non_negative_int, help="restart codes unused this many steps (0 = never; "
                    "default 20 from scratch, 0 with --init_ckpt)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with bf16 support)")
