@@ -381,7 +381,7 @@ def print_table(rows, memory):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__file__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="what to time (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")

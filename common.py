@@ -67,7 +67,11 @@ def require_file(path, what):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with the project's error style: an unknown flag or a bad value raises UserError, which
-    run_cli prints as one `error: ...` line pointing at -h (exit 2), instead of argparse's usage block."""
+    run_cli prints as one `error: ...` line pointing at `SCRIPT -h` (exit 2), instead of argparse's usage block.
+    `script` is the script's `__file__`: its name is the program name, however the script was started."""
+
+    def __init__(self, script, **kwargs):
+        super().__init__(prog=Path(script).name, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} -h)")

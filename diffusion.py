@@ -616,7 +616,7 @@ def use_bf16(precision, device):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description="Generate paintings with a trained latent diffusion model.")
+    parser = ArgumentParser(__file__, description="Generate paintings with a trained latent diffusion model.")
     parser.add_argument("--unet_ckpt_path", default=None,
                         help="diffusion checkpoint (NAME, NAME.json or NAME.safetensors); default: the bundled "
                              "models/unet-uncond.json, or models/unet-cond.json with --prompt")

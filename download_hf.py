@@ -58,7 +58,7 @@ USER_AGENT = "noise2art-download_hf/1.0"
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__file__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_name", required=True,
                         help="Hugging Face dataset name (huggan/wikiart), local dataset folder, or parquet "
                              "file(s) (a glob such as 'data/*.parquet' works)")

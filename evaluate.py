@@ -387,6 +387,7 @@ def print_table(results, features):
 
 def parse_args(argv):
     parser = ArgumentParser(
+        __file__,
         description="Fréchet distance and KID between a real and a generated image set; optionally generate the set "
                     "from a diffusion checkpoint first; or a VQGAN's PSNR, SSIM, codebook usage and reconstruction "
                     "FD / KID.",

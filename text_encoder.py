@@ -125,8 +125,8 @@ def dataset_captions(path, split, caption_column=None, caption_template=None, ma
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Encode captions with the frozen text encoder: print their shapes, "
-                                     "or --save them for trainer.py --text_embeddings.")
+    parser = ArgumentParser(__file__, description="Encode captions with the frozen text encoder: print their "
+                            "shapes, or --save them for trainer.py --text_embeddings.")
     parser.add_argument("captions", nargs="*", help="captions to encode")
     parser.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="Hugging Face model name or local path")
     parser.add_argument("--max_length", type=positive_int, default=32, help="tokens per caption (padded/truncated)")

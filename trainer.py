@@ -714,7 +714,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
+    p = ArgumentParser(__file__, description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset_path", required=True,

@@ -255,7 +255,7 @@ def build_unet(size, **overrides):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Print a UNet size's architecture and parameter count.")
+    parser = ArgumentParser(__file__, description="Print a UNet size's architecture and parameter count.")
     parser.add_argument("--size", default="small", choices=list(UNET_CONFIGS), help="named UNet size")
     parser.add_argument("--context_dim", type=positive_int, default=None,
                         help="text-embedding width of a conditional UNet (384 for all-MiniLM-L6-v2); "

@@ -856,6 +856,7 @@ def save_preview(path, model, preview, step):
 
 def parse_args(argv):
     p = ArgumentParser(
+        __file__,
         description="Train, fine-tune or convert a VQGAN (taming-transformers / LDM first stage); "
                     "evaluate.py --vqgan_ckpt evaluates one.")
     g = p.add_argument_group("model")

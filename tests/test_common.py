@@ -169,7 +169,7 @@ def test_argparse_errors_are_one_line_pointing_at_help(script, capsys):
         run_cli(lambda: main(BAD_ARGUMENTS[script]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: ") and err.endswith(" -h)\n")
+    assert err.startswith("error: ") and err.endswith(f"(see {script}.py -h)\n")
 
 
 def test_a_bad_choice_on_the_command_line_is_one_line_naming_the_script():
