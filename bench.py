@@ -48,7 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import trainer
 from common import (
-    ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none, pick_device, run_cli,
+    ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none,
+    pick_device, positive_int, run_cli,
 )
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
 from unet import UNET_CONFIGS, build_unet, count_parameters
@@ -360,7 +361,8 @@ def bench_cli(args, device):
     label = "python diffusion.py" + (f" --unet_ckpt_path {args.cli_checkpoint}" if args.cli_checkpoint else "")
     return [{"section": "cli", "what": f"{label}: {few} images, start-up included", "s_per_image": few_seconds / few,
              "peak_mb": None},
-            {"section": "cli", "what": f"{label}: per image, start-up excluded (({many} - {few} images) / {many - few})",
+            {"section": "cli", "what": f"{label}: per image, start-up excluded (({many} - {few} images) / "
+                                       f"{many - few})",
              "s_per_image": (many_seconds - few_seconds) / (many - few), "peak_mb": None}]
 
 
@@ -379,16 +381,17 @@ def print_table(rows, memory):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__file__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="what to time (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--batch_size", type=int, default=8,
+    parser.add_argument("--batch_size", type=positive_int, default=8,
                         help="batch of the vqgan, unet, train and diffusers UNet timings (default: 8)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median reported (default: 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed runs per figure, median reported (default: 3)")
     parser.add_argument("--vqgan_config", default="vq-f4-small", choices=list(CONFIGS),
                         help="VQGAN configuration of the vqgan and train sections (default: vq-f4-small)")
-    parser.add_argument("--vqgan_resolutions", type=int, nargs="+", default=[128, 256],
+    parser.add_argument("--vqgan_resolutions", type=positive_int, nargs="+", default=[128, 256],
                         help="image sizes of the vqgan section (default: 128 256)")
     parser.add_argument("--unet_size", default="small", choices=list(UNET_CONFIGS),
                         help="named UNet size, unet.UNET_CONFIGS (default: small)")
@@ -397,10 +400,10 @@ def main(argv=None):
                              "../shared/wikiart-mini when present, else synthetic JPEGs in a temporary folder)")
     parser.add_argument("--samplers", nargs="+", default=["dpmpp-2m", "ddim", "ddpm"], choices=list(SAMPLERS),
                         help="samplers to time at their default steps (default: dpmpp-2m ddim ddpm)")
-    parser.add_argument("--max_sampler_steps", type=int, default=100,
+    parser.add_argument("--max_sampler_steps", type=positive_int, default=100,
                         help="samplers with more steps (ddpm: 1000) are timed on this many and scaled (default: 100)")
-    parser.add_argument("--sample_batch", type=int, default=4, help="images per sampler run (default: 4)")
-    parser.add_argument("--cli_images", type=int, nargs=2, default=[16, 48], metavar=("FEW", "MANY"),
+    parser.add_argument("--sample_batch", type=positive_int, default=4, help="images per sampler run (default: 4)")
+    parser.add_argument("--cli_images", type=positive_int, nargs=2, default=[16, 48], metavar=("FEW", "MANY"),
                         help="image counts of the cli section's two runs of the default command (default: 16 48)")
     parser.add_argument("--cli_checkpoint", default=None,
                         help="diffusion checkpoint of the cli section (default: the bundled unconditional model)")
@@ -408,11 +411,8 @@ def main(argv=None):
                         help="bf16 autocast in the vqgan, train, diffusers and sampler sections (unet times both)")
     parser.add_argument("--out", default="bench.json", help="JSON file for the results (default: bench.json)")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "repeats", "max_sampler_steps", "sample_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if not 1 <= args.cli_images[0] < args.cli_images[1]:
-        raise UserError(f"--cli_images needs 1 <= FEW < MANY, got {args.cli_images}")
+    if not args.cli_images[0] < args.cli_images[1]:
+        raise UserError(f"--cli_images needs FEW < MANY, got {args.cli_images}")
     device = pick_device(args.device)
     rows, resettable = [], True
     for section in args.sections:

@@ -7,6 +7,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -21,6 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+GRID_NAME = "grid-{:05d}.png"  # diffusion.py's mosaics, next to the images they tile: never read as samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,11 +65,66 @@ def require_file(path, what):
     return path
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the project's error style: an unknown flag or a bad value raises UserError, which
+    run_cli prints as one `error: ...` line pointing at `SCRIPT -h` (exit 2), instead of argparse's usage block.
+    `script` is the script's `__file__`: its name is the program name, however the script was started."""
+
+    def __init__(self, script, **kwargs):
+        super().__init__(prog=Path(script).name, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} -h)")
+
+
+def check_output_folder(path, flag):
+    """Before any work, creating nothing: folder `path` must exist or be creatable, and be writable; else a
+    UserError naming `flag` (rather than a traceback once the results are ready to be saved)."""
+    folder = Path(path)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {folder}: {existing} is not writable")
+    return folder
+
+
+def check_output_file(path, flag):
+    """check_output_folder for the folder of file `path`, which must not be a folder itself."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    check_output_folder(Path(path).absolute().parent, flag)
+
+
 def int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def at_least(minimum, kind=int, inclusive=True):
+    """An argparse `type=`: text -> a finite `kind` (int or float) >= minimum (> minimum unless `inclusive`).
+    Anything else is an argparse error naming the bound, e.g. `argument --steps: must be at least 1, got 0`."""
+    bound = f"{'at least' if inclusive else 'greater than'} {minimum}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+positive_float = at_least(0, float, inclusive=False)
+non_negative_float = at_least(0, float)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,23 +256,63 @@ def load_model(path, what="model checkpoint"):
 
 
 def safe_torch_load(path, trust=False):
-    """Load a `.ckpt`/`.pt` file with `torch.load(weights_only=True)`. A file that needs
-    arbitrary unpickling (and could run code) is refused unless `trust` is set."""
+    """Load a `.ckpt`/`.pt` file with `torch.load(weights_only=True)`. A file that needs arbitrary unpickling (and
+    could run code) is refused unless `trust` is set. A file that holds no PyTorch checkpoint at all is a UserError
+    either way: it is told apart by reading its pickle without running it, and never reaches the unsafe loader."""
     import pickle
 
     path = require_file(path, "checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not trust:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-            raise UserError(
-                f"{path} holds objects that need arbitrary unpickling ({first_line}); "
-                "refusing to load it. Pass --trust_checkpoint only if you trust its source."
-            ) from None
-    except (RuntimeError, EOFError) as err:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError:
+        pass  # objects the safe loader does not allow, or bytes that are no pickle: told apart below
+    except Exception as err:  # a torn archive (RuntimeError), an empty file (EOFError), text (KeyError), ...
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    names = pickle_globals(path)
+    if names is None:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (no well-formed pickle in it)")
+    if not trust:
+        raise UserError(f"{path} holds objects that need arbitrary unpickling ({', '.join(names[:3]) or 'unknown'}); "
+                        "refusing to load it. Pass --trust_checkpoint only if you trust its source.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # e.g. a class from a package that is not installed
+        raise UserError(f"{path} cannot be unpickled even with --trust_checkpoint: {_first_line(err)}") from None
+
+
+def pickle_globals(path):
+    """The `module.name` globals the pickle of a PyTorch file names (read by pickletools, never run), those outside
+    torch and collections first; None if the file (or its zip archive's data.pkl) holds no well-formed pickle."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if Path(n).name == "data.pkl"))
+        else:
+            data = Path(path).read_bytes()
+        ops = list(pickletools.genops(io.BytesIO(data)))  # raises at the first byte that is no opcode
+    except Exception:  # not a pickle, a torn archive, an archive without data.pkl: no checkpoint
+        return None
+    if ops[0][0].name != "PROTO":  # torch.save always writes a protocol header
+        return None
+    names, strings = [], []
+    for opcode, arg, _ in ops:
+        if opcode.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(".".join(strings[-2:]))
+        if isinstance(arg, str):
+            strings.append(arg)
+    return sorted(dict.fromkeys(names), key=lambda name: name.split(".")[0] in ("torch", "collections"))
+
+
+def _first_line(err):
+    """`Type: first sentence` of an exception, for one-line messages."""
+    text = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def load_weights(module, tensors, what, allow_missing=False):
@@ -463,7 +560,8 @@ def autocast(device, enabled=True):
 
 class ImageSource:
     """Random access to (PIL image or None, metadata dict) pairs.
-    `None` means the image could not be read; callers skip and count it."""
+    `None` means the image could not be read; callers skip and count it. A plain folder is read recursively,
+    leaving out the grids diffusion.py writes next to its images (is_grid), so a sample folder holds its N images."""
 
     def __init__(self, path, split="train", image_column="image"):
         self.path = str(path)
@@ -476,7 +574,7 @@ class ImageSource:
             self._records = [
                 {"file_name": str(p.relative_to(folder))}
                 for p in sorted(folder.rglob("*"))
-                if p.suffix.lower() in IMAGE_EXTENSIONS
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not is_grid(p)
             ]
         else:
             self._dataset = load_hf_dataset(path, split)
@@ -522,6 +620,11 @@ class ImageSource:
             return _open_rgb(value["path"])
         except (OSError, ValueError, Image.DecompressionBombError):
             return None
+
+
+def is_grid(path):
+    """Whether `path` is named as diffusion.py names its grids (GRID_NAME): a mosaic of images, not an image."""
+    return re.fullmatch(GRID_NAME.replace("{:05d}", r"\d{5,}").replace(".", r"\."), Path(path).name) is not None
 
 
 def _open_rgb(file):

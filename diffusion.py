@@ -11,7 +11,6 @@ step to alpha_bar = 1 (clean) after the last one.
     python diffusion.py --init_image photo.png --strength 0.6     # img2img (SDEdit)
     python diffusion.py --interpolate --num_images 8              # slerp from the noise of --seed to --seed + 1
 """
-import argparse
 import math
 import os
 import re
@@ -24,8 +23,9 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    UserError, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, native_bf16, pick_device,
-    run_cli, save_model, save_png, tensor_to_images,
+    GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model, load_weights,
+    make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli, save_model, save_png,
+    tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan
@@ -43,7 +43,8 @@ def make_betas(kind, num_train_timesteps, beta_start=None, beta_end=None):
     linear (Ho et al. 2020):               beta_t = linspace(beta_start, beta_end)
     scaled_linear (Rombach et al. 2022):   beta_t = linspace(sqrt(beta_start), sqrt(beta_end)) ** 2
     cosine (Nichol & Dhariwal 2021):       alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2) ** 2, s = 0.008,
-                                           beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999)"""
+                                           beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999)
+    beta_start and beta_end (linear kinds only; None = the kind's default) must lie in (0, 1)."""
     T = num_train_timesteps
     if kind == "cosine":
         s = 0.008
@@ -51,10 +52,21 @@ def make_betas(kind, num_train_timesteps, beta_start=None, beta_end=None):
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     if kind not in DEFAULT_BETAS:
         raise UserError(f"unknown noise schedule {kind!r} (choose linear, scaled_linear or cosine)")
-    start, end = beta_start or DEFAULT_BETAS[kind][0], beta_end or DEFAULT_BETAS[kind][1]
+    start, end = beta_range(kind, beta_start, beta_end)
     if kind == "linear":
         return torch.linspace(start, end, T, dtype=torch.float64)
     return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+
+
+def beta_range(kind, beta_start=None, beta_end=None):
+    """(beta_start, beta_end) of a linear kind: the given values (0.0 included), the kind's defaults for None.
+    A beta outside (0, 1) is a UserError here: later it would be a NaN in alpha_bar or the loss."""
+    start = DEFAULT_BETAS[kind][0] if beta_start is None else beta_start
+    end = DEFAULT_BETAS[kind][1] if beta_end is None else beta_end
+    for name, value in (("beta_start", start), ("beta_end", end)):
+        if not 0 < value < 1:
+            raise UserError(f"{name} must be in (0, 1), got {value}")
+    return start, end
 
 
 def rescale_zero_terminal_snr(betas):
@@ -424,6 +436,8 @@ class Pipeline:
             raise UserError("--eta applies to the ddim sampler only")
         if lower_order_final and sampler != "dpmpp-2m":
             raise UserError("--lower_order_final applies to the dpmpp-2m sampler only")
+        if guidance_scale < 0:
+            raise UserError(f"the guidance scale must be at least 0, got {guidance_scale}")
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         if noise is None:
             noise = randn((num_images, *self.latent_shape), generators)
@@ -569,15 +583,16 @@ def next_image_index(outdir):
 def add_sampling_arguments(parser):
     """The sampling flags diffusion.py and evaluate.py --samples_from share; sampling_options(args) reads them."""
     parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampling algorithm")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"denoising steps (default per sampler: {DEFAULT_STEPS})")
     parser.add_argument("--spacing", default="auto", choices=["auto", "karras", "even"],
                         help="timesteps spaced as Karras et al. 2022 (rho = 7) or evenly in t; auto = karras, or even "
                              "for a zero-terminal-SNR schedule (whose largest sigma is infinite)")
     parser.add_argument("--lower_order_final", action="store_true",
                         help="dpmpp-2m: first-order step into the last timestep (as diffusers' lower_order_final)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0,
-                        help="classifier-free guidance scale with --prompt (1 = conditional prediction only)")
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=5.0,
+                        help="classifier-free guidance scale with --prompt, at least 0 (1 = the conditional "
+                             "prediction alone, 0 = the unconditional one)")
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("SIGMA_LOW", "SIGMA_HIGH"),
                         help="guide only where the noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is in "
                              "(LOW, HIGH] (Kynkäänniemi et al. 2024); elsewhere the conditional prediction alone")
@@ -588,10 +603,6 @@ def add_sampling_arguments(parser):
 
 def sampling_options(args):
     """Pipeline.sample_latents keyword arguments from add_sampling_arguments' flags."""
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance_scale < 0:
-        raise UserError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
         raise UserError(f"--guidance_interval needs 0 <= SIGMA_LOW < SIGMA_HIGH, got {args.guidance_interval}")
     return dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
@@ -605,14 +616,15 @@ def use_bf16(precision, device):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Generate paintings with a trained latent diffusion model.")
+    parser = ArgumentParser(__file__, description="Generate paintings with a trained latent diffusion model.")
     parser.add_argument("--unet_ckpt_path", default=None,
                         help="diffusion checkpoint (NAME, NAME.json or NAME.safetensors); default: the bundled "
                              "models/unet-uncond.json, or models/unet-cond.json with --prompt")
-    parser.add_argument("--num_images", type=int, default=16, help="how many images to generate")
-    parser.add_argument("--batch_size", type=int, default=8, help="images denoised together")
+    parser.add_argument("--num_images", type=positive_int, default=16, help="how many images to generate")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images denoised together")
     add_sampling_arguments(parser)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
+    parser.add_argument("--eta", type=non_negative_float, default=0.0,
+                        help="DDIM noise: 0 deterministic, 1 = DDPM (ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i, so any image can be redone alone")
     parser.add_argument("--prompt", nargs="+", default=None,
                         help="caption to steer a text-conditioned model; several captions give one grid row each "
@@ -637,8 +649,6 @@ def parse_args(argv):
 
 
 def check_args(args):
-    if args.num_images < 1 or args.batch_size < 1:
-        raise UserError("--num_images and --batch_size must be at least 1")
     if args.strength is not None and args.init_image is None:
         raise UserError("--strength needs an --init_image")
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -694,6 +704,7 @@ def main(argv=None):
         weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype])
         print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
         return 0
+    outdir = check_output_folder(args.outdir, "--outdir")
     device = pick_device(args.device)
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=use_bf16(args.precision, device),
                                     channels_last=args.channels_last, compile=args.compile)
@@ -704,7 +715,6 @@ def main(argv=None):
     if args.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(args.seed + k)) for k in (0, 1)]
         frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
-    outdir = Path(args.outdir)
     first = next_image_index(outdir)
     all_images, paths = [], []
     for prompt in args.prompt or [None]:  # one grid row per caption, each over the same seeds
@@ -720,7 +730,7 @@ def main(argv=None):
                 save_png(path, img, image_parameters(args, checkpoint, pipeline, options, start + i, prompt))
                 paths.append(path)
                 all_images.append(img)
-    grid_path = outdir / f"grid-{first:05d}.png"
+    grid_path = outdir / GRID_NAME.format(first)
     grid_params = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, args.prompt)
     grid_params["files"] = [p.name for p in paths]
     row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption

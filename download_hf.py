@@ -47,7 +47,10 @@ import requests
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import UserError, atomic_write, class_label_names, load_hf_dataset, run_cli
+from common import (
+    ArgumentParser, UserError, atomic_write, class_label_names, load_hf_dataset, non_negative_float, non_negative_int,
+    positive_float, positive_int, run_cli,
+)
 
 METADATA = "metadata.jsonl"
 SAVE_OPTIONS = {"jpg": {"format": "JPEG", "quality": 95, "subsampling": 0}, "png": {"format": "PNG"}}
@@ -55,7 +58,7 @@ USER_AGENT = "noise2art-download_hf/1.0"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__file__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_name", required=True,
                         help="Hugging Face dataset name (huggan/wikiart), local dataset folder, or parquet "
                              "file(s) (a glob such as 'data/*.parquet' works)")
@@ -67,17 +70,17 @@ def parse_args(argv):
     parser.add_argument("--rows", type=int, default=None,
                         help="read only the first ROWS rows of the split (default, or -1: all rows)")
     parser.add_argument("--output_dir", default="images", help="ImageFolder to write (created; default: images)")
-    parser.add_argument("--workers", type=int, default=4,
+    parser.add_argument("--workers", type=positive_int, default=4,
                         help="threads that download, decode and save images (default: 4)")
-    parser.add_argument("--timeout", type=float, default=20.0,
+    parser.add_argument("--timeout", type=positive_float, default=20.0,
                         help="seconds allowed for one HTTP request, connect to last byte (default: 20)")
-    parser.add_argument("--retries", type=int, default=3,
+    parser.add_argument("--retries", type=non_negative_int, default=3,
                         help="extra attempts after a connection error, timeout, HTTP 5xx or 429 (default: 3)")
-    parser.add_argument("--backoff", type=float, default=1.0,
+    parser.add_argument("--backoff", type=non_negative_float, default=1.0,
                         help="seconds before the first retry, doubling each time (default: 1)")
-    parser.add_argument("--max_bytes", type=int, default=20_000_000,
+    parser.add_argument("--max_bytes", type=positive_int, default=20_000_000,
                         help="skip images larger than this many bytes (default: 20000000)")
-    parser.add_argument("--min_side", type=int, default=None,
+    parser.add_argument("--min_side", type=positive_int, default=None,
                         help="skip images whose shorter side is below this many pixels (checked from WIDTH/HEIGHT "
                              "columns before downloading where the dataset has them, and on the decoded image)")
     parser.add_argument("--max_pwatermark", type=float, default=None,
@@ -86,10 +89,10 @@ def parse_args(argv):
                         help="skip rows whose punsafe column (NSFW probability) is above this or missing")
     parser.add_argument("--min_aesthetic", type=float, default=None,
                         help="skip rows whose aesthetic column (aesthetic score) is below this or missing")
-    parser.add_argument("--max_side", type=int, default=None,
+    parser.add_argument("--max_side", type=positive_int, default=None,
                         help="downsize images whose longer side exceeds this many pixels, keeping the aspect "
                              "(default: keep the size)")
-    parser.add_argument("--center_crop", type=int, default=None, metavar="N",
+    parser.add_argument("--center_crop", type=positive_int, default=None, metavar="N",
                         help="save N x N squares: resize (Lanczos) so the shorter side is N, then crop the centre; "
                              "smaller images are upscaled unless --min_side filters them (not with --max_side)")
     parser.add_argument("--image_format", choices=sorted(SAVE_OPTIONS), default="jpg",
@@ -106,18 +109,12 @@ def check_args(args):
         raise UserError("give exactly one of --image_bytes_key (images in the dataset) or --url_key (image URLs)")
     if args.rows is not None and args.rows != -1 and args.rows < 1:
         raise UserError(f"--rows must be a positive number of rows (or -1 for all), got {args.rows}")
-    for flag in ("workers", "timeout", "max_bytes", "min_side", "max_side", "center_crop"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UserError(f"--{flag} must be positive, got {value}")
     if args.center_crop and args.max_side:
         raise UserError("give --center_crop (square images) or --max_side (keep the aspect), not both")
     if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
         raise UserError(f"--jpeg_quality must be 1..100, got {args.jpeg_quality}")
     if args.jpeg_quality is not None and args.image_format != "jpg":
         raise UserError("--jpeg_quality applies to JPEG only: drop it or use --image_format jpg")
-    if args.retries < 0 or args.backoff < 0:
-        raise UserError("--retries and --backoff cannot be negative")
     if args.image_bytes_key is not None and args.image_bytes_key in args.metadata_columns:
         raise UserError(f"--metadata_columns cannot include the image column {args.image_bytes_key!r}")
 

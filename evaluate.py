@@ -1,4 +1,5 @@
-"""Evaluation metrics for Noise2Art: reconstruction metrics (PSNR, SSIM) and set metrics (Fréchet distance, KID).
+"""Evaluation for Noise2Art: Fréchet distance and KID between image sets (the feature networks, real-set caching,
+sampling a checkpoint first), and the VQGAN evaluation. The metrics themselves live in metrics.py.
 
 Images are float tensors B x 3 x H x W in [-1, 1].
 
@@ -9,10 +10,9 @@ Images are float tensors B x 3 x H x W in [-1, 1].
         --inception_weights pt_inception-2015-12-05-6726825d.pth
     # generate the fake set from a diffusion checkpoint first (resumable), then score it
     python evaluate.py --samples_from runs/unet/unet.json --n 1000 --real ../shared/wikiart-mini --resolution 128
-    # a VQGAN's reconstructions: PSNR, SSIM and reconstruction FD / KID (originals vs reconstructions)
-    python evaluate.py --vqgan_ckpt runs/vq-f4-small/vqgan --real ../shared/wikiart-mini --n 256 --resolution 128
+    # a VQGAN's reconstructions: PSNR, SSIM, codebook usage, reconstruction FD / KID, and a grid PNG
+    python evaluate.py --vqgan_ckpt runs/vq-f4-small/vqgan --real ../shared/wikiart-mini --n 256 --grid grid.png
 """
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -24,13 +24,15 @@ from torchvision.models import inception
 from tqdm import tqdm, trange
 
 from common import (
-    ImageSource, ImageTensorDataset, UserError, atomic_write, atomic_write_json, collate_skip_none, file_digest,
-    image_to_tensor, load_weights, model_paths, pick_device, read_json, require_file, run_cli, safe_torch_load,
+    ArgumentParser, ImageSource, ImageTensorDataset, UserError, at_least, atomic_write, atomic_write_json, autocast,
+    check_output_file, check_output_folder, collate_skip_none, file_digest, image_to_tensor, load_weights,
+    model_paths, non_negative_int, pick_device, positive_int, read_json, require_file, run_cli, safe_torch_load,
     save_png, tensor_to_images,
 )
 from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
-from vqgan import load_vqgan
+from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
+from vqgan import load_vqgan, reconstruction_grid
 
 FEATURE_SIZES = {"effnet-lite0": EFFNET_IMAGE_SIZE, "inception": 299}  # network -> input size
 FID_INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -39,106 +41,6 @@ RESIZE_POLICY = ("every image (real, generated or reconstructed) is first brough
                  "to the feature network's input the same way (224 x 224 EfficientNet-Lite0, 299 x 299 Inception); "
                  "without --resolution only the second step is done")
 STATS_CACHE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Reconstruction metrics
-
-
-def psnr(images, references):
-    """Peak signal-to-noise ratio in dB per image (B-vector), on [0, 1] intensities."""
-    mse = ((images.float() - references.float()) / 2).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def _gaussian_window(size=11, sigma=1.5):
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()  # size x size
-
-
-def ssim(images, references, window_size=11, sigma=1.5):
-    """Structural similarity per image (B-vector), Wang et al. 2004: 11x11 Gaussian window
-    (sigma 1.5), K1 = 0.01, K2 = 0.03, on [0, 1] intensities, averaged over channels."""
-    x = (images.float() + 1) / 2
-    y = (references.float() + 1) / 2
-    channels = x.shape[1]
-    window = _gaussian_window(window_size, sigma).to(x.device).expand(channels, 1, window_size, window_size)
-
-    def blur(z):
-        return F.conv2d(z, window, groups=channels)  # valid convolution, as in the reference code
-
-    c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov_xy = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean(dim=(1, 2, 3))
-
-
-# ----------------------------------------------------------------------------------------------
-# Set metrics on features N x d
-
-
-def mean_and_covariance(features):
-    """Features N x d -> (mean d, covariance d x d) in float64; unbiased (N - 1) covariance as in the FID code."""
-    features = np.asarray(features, dtype=np.float64)
-    if len(features) < 2:
-        raise UserError(f"the statistics need at least 2 images, got {len(features)}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def drop_rounding_noise(eigenvalues):
-    """Eigenvalues of a symmetric PSD matrix with those at rounding-error level (negative ones included) set to 0,
-    the tolerance np.linalg.matrix_rank uses: singular covariances (fewer images than dimensions) stay exact."""
-    tolerance = eigenvalues.max(initial=0) * len(eigenvalues) * np.finfo(eigenvalues.dtype).eps
-    return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
-
-
-def symmetric_sqrt(matrix):
-    """Square root of a symmetric positive semi-definite matrix."""
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(drop_rounding_noise(eigenvalues))) @ eigenvectors.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 C),
-    C = (sigma1 sigma2)^1/2. tr C is the sum of the square roots of the eigenvalues of sigma1 sigma2, which are
-    those of the symmetric PSD matrix sigma1^1/2 sigma2 sigma1^1/2: symmetric eigendecompositions only, so no
-    complex parts and no eps offset (scipy.linalg.sqrtm needs one for singular covariances)."""
-    sqrt_sigma1 = symmetric_sqrt(sigma1)
-    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    trace_sqrt_product = np.sqrt(drop_rounding_noise(np.linalg.eigvalsh((product + product.T) / 2))).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
-
-
-def polynomial_kernel(x, y):
-    """k(x, y) = (x.y / d + 1)^3, the KID kernel (Binkowski et al. 2018): N x d, M x d -> N x M."""
-    return (x @ y.T / x.shape[1] + 1) ** 3
-
-
-def mmd2_unbiased(x, y):
-    """Unbiased estimate of the squared MMD between the distributions of x and y (m x d each, m >= 2)."""
-    m = len(x)
-    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
-    same = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return same - 2 * k_xy.mean()
-
-
-def kid(features_a, features_b, subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance: mean and std of mmd2_unbiased over `subsets` random subsets of
-    m = min(subset_size, N_a, N_b) rows of each set (rows drawn without replacement within a subset).
-    Unbiased, so it scatters around 0, negative values included, when both sets come from one distribution."""
-    features_a, features_b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    m = min(subset_size, len(features_a), len(features_b))
-    if m < 2:
-        raise UserError(f"KID needs at least 2 images in each set, got {len(features_a)} and {len(features_b)}")
-    rng = np.random.default_rng(seed)
-    values = [mmd2_unbiased(features_a[rng.choice(len(features_a), m, replace=False)],
-                            features_b[rng.choice(len(features_b), m, replace=False)]) for _ in range(subsets)]
-    return float(np.mean(values)), float(np.std(values))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,45 +299,81 @@ def generate_samples(args):
             save_png(path, img, {"parameters": {**settings, "seed": args.seed + start + i}})
 
 
+def vqgan_loader(args, resolution):
+    """Batches of --n (or all) --real images at `resolution`, centre-cropped, as the VQGAN reconstructs them."""
+    source = ImageSource(args.real, args.real_split, args.image_column)
+    dataset = torch.utils.data.Subset(ImageTensorDataset(source, resolution, random_crop=False, flip=False),
+                                      pick_indices(len(source), args.n))
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
+                                       num_workers=args.num_workers)
+
+
+@torch.no_grad()
+def reconstruct(model, images, bf16=False):
+    """(reconstructions B x 3 x H x W in [-1, 1], fp32; code indices B x h x w) of a VQGAN."""
+    with autocast(images.device, bf16):
+        reconstructions, _, indices, _ = model(images)
+    return reconstructions.float().clamp(-1, 1), indices
+
+
+def network_features(network, images, size, device):
+    """Features of images B x 3 x H x W in [-1, 1], brought to the network's input as saved PNGs would be."""
+    prepared = torch.stack([prepare(img, size) for img in tensor_to_images(images)])
+    return extract_features(network, [prepared], device)
+
+
 @torch.no_grad()
 def score_vqgan(args, network):
-    """PSNR and SSIM of the reconstructions at --resolution, and FD / KID of originals vs reconstructions."""
+    """The VQGAN evaluation: PSNR and SSIM of the reconstructions at --resolution, codebook usage and perplexity,
+    and FD / KID of originals vs reconstructions; --grid: the first --grid_images originals over their
+    reconstructions."""
     model = load_vqgan(args.vqgan_ckpt, args.device)
     resolution = args.resolution or model.config["resolution"]
     if resolution % model.downsample_factor:
         raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's factor {model.downsample_factor}")
-    source = ImageSource(args.real, args.real_split, args.image_column)
-    dataset = torch.utils.data.Subset(ImageTensorDataset(source, resolution, random_crop=False, flip=False),
-                                      pick_indices(len(source), args.n))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
-                                         num_workers=args.num_workers)
     size = FEATURE_SIZES[args.features]
-    psnrs, ssims, original_features, reconstruction_features = [], [], [], []
-    for images in tqdm(loader, desc="reconstructions", dynamic_ncols=True):
+    bf16 = args.precision == "bf16"  # only when asked for: --precision auto keeps reconstructions in fp32
+    seen = {"psnr": [], "ssim": [], "originals": [], "reconstructions": [], "shown": []}
+    code_counts = torch.zeros(model.config["n_embed"])
+    for images in tqdm(vqgan_loader(args, resolution), desc="reconstructions", dynamic_ncols=True):
         if images is None:
             continue
         images = images.to(args.device)
-        reconstructions = model(images)[0].float().clamp(-1, 1)
-        psnrs.append(psnr(reconstructions, images).cpu())
-        ssims.append(ssim(reconstructions, images).cpu())
-        for batch, out in ((images, original_features), (reconstructions, reconstruction_features)):
-            prepared = torch.stack([prepare(img, size) for img in tensor_to_images(batch)])
-            out.append(extract_features(network, [prepared], args.device))
-    if sum(len(p) for p in psnrs) < 2:
+        reconstructions, indices = reconstruct(model, images, bf16)
+        seen["psnr"].append(psnr(reconstructions, images).cpu())
+        seen["ssim"].append(ssim(reconstructions, images).cpu())
+        code_counts += torch.bincount(indices.flatten().cpu(), minlength=len(code_counts))
+        seen["originals"].append(network_features(network, images, size, args.device))
+        seen["reconstructions"].append(network_features(network, reconstructions, size, args.device))
+        if args.grid and sum(len(pair[0]) for pair in seen["shown"]) < args.grid_images:
+            seen["shown"].append((images.cpu(), reconstructions.cpu()))
+    if sum(len(p) for p in seen["psnr"]) < 2:
         raise UserError(f"{args.real} has fewer than 2 readable images; the statistics need at least 2")
-    originals, reconstructions = np.concatenate(original_features), np.concatenate(reconstruction_features)
+    originals, reconstructions = np.concatenate(seen["originals"]), np.concatenate(seen["reconstructions"])
     mu, sigma = mean_and_covariance(originals)
+    usage, perplexity = code_statistics(code_counts)
     results = {"vqgan_ckpt": str(args.vqgan_ckpt), "real": str(args.real), "real_split": args.real_split,
-               "n": len(originals), "resolution": resolution,
-               "PSNR": torch.cat(psnrs).mean().item(), "SSIM": torch.cat(ssims).mean().item()}
-    return {**results, **set_metrics(originals, reconstructions, mu, sigma, args, prefix="r")}
+               "n": len(originals), "resolution": resolution, "bf16": bf16,
+               "PSNR": torch.cat(seen["psnr"]).mean().item(), "SSIM": torch.cat(seen["ssim"]).mean().item(),
+               "code_usage": usage, "perplexity": perplexity}
+    results.update(set_metrics(originals, reconstructions, mu, sigma, args, prefix="r"))
+    if args.grid:
+        save_grid(args.grid, seen["shown"], args.grid_images, results)
+    return results
+
+
+def save_grid(path, shown, count, results):
+    """PNG of the first `count` originals, each row of them over its row of reconstructions; `results` in its text."""
+    originals, reconstructions = (torch.cat([pair[k] for pair in shown])[:count] for k in (0, 1))
+    save_png(path, reconstruction_grid(originals, reconstructions), results)
+    print(f"wrote {path} (rows of originals, each over its reconstructions)")
 
 
 def print_table(results, features):
     """The metrics, one per line; every set metric's name carries the feature network it was computed with."""
     print(f"{'metric':<28}value")
     for name, value in results.items():
-        if name in ("PSNR", "SSIM") or name.endswith(f"FD_{features}"):
+        if name in ("PSNR", "SSIM", "code_usage", "perplexity") or name.endswith(f"FD_{features}"):
             print(f"{name + (' (FID)' if name == 'FD_inception' else ''):<28}{value:.4f}")
         elif name.endswith(f"KID_{features}"):
             print(f"{name:<28}{value:.6f} ± {results[name + '_std']:.6f}")
@@ -448,9 +386,11 @@ def print_table(results, features):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        __file__,
         description="Fréchet distance and KID between a real and a generated image set; optionally generate the set "
-                    "from a diffusion checkpoint first; or PSNR, SSIM and reconstruction FD / KID of a VQGAN.",
+                    "from a diffusion checkpoint first; or a VQGAN's PSNR, SSIM, codebook usage and reconstruction "
+                    "FD / KID.",
         epilog=f"Resizing: {RESIZE_POLICY}. The metric names carry the feature network (FD_effnet-lite0, "
                "FD_inception = the standard FID), so numbers from different networks are never mixed.")
     data = parser.add_argument_group("image sets")
@@ -463,10 +403,10 @@ def parse_args(argv):
     data.add_argument("--fake", default=None,
                       help="folder of generated images (with --samples_from: where they are written, default "
                            "CKPT_samples_SAMPLER_STEPS_seedSEED next to the checkpoint)")
-    data.add_argument("--n", type=int, default=None,
+    data.add_argument("--n", type=at_least(2), default=None,
                       help="images per set; a set with more uses a fixed random subset of N (default: every image; "
                            "1000 with --samples_from; 256 with --vqgan_ckpt)")
-    data.add_argument("--resolution", type=int, default=None,
+    data.add_argument("--resolution", type=positive_int, default=None,
                       help="bring every image to R x R first (the generation resolution; with --vqgan_ckpt the size it "
                            "reconstructs, default its training resolution)")
     metric = parser.add_argument_group("metrics")
@@ -476,8 +416,9 @@ def parse_args(argv):
     metric.add_argument("--inception_weights", default=None,
                         help=f"path to {FID_INCEPTION_WEIGHTS} (default: the torch hub cache, "
                              "~/.cache/torch/hub/checkpoints/)")
-    metric.add_argument("--kid_subsets", type=int, default=100, help="number of random subsets KID averages over")
-    metric.add_argument("--kid_subset_size", type=int, default=1000,
+    metric.add_argument("--kid_subsets", type=positive_int, default=100,
+                        help="number of random subsets KID averages over")
+    metric.add_argument("--kid_subset_size", type=at_least(2), default=1000,
                         help="images per KID subset (capped at the set sizes)")
     metric.add_argument("--cache_dir", default="~/.cache/noise2art/stats",
                         help="folder for cached real-set statistics (.npz: mu, sigma, features)")
@@ -485,13 +426,20 @@ def parse_args(argv):
     metric.add_argument("--out", default=None, help="write the results to this JSON file")
     gen = parser.add_argument_group("generating the fake set")
     gen.add_argument("--samples_from", default=None, help="diffusion checkpoint to sample --n images from first")
-    add_sampling_arguments(gen)  # the same flags and defaults as diffusion.py
+    add_sampling_arguments(gen)  # the same flags and defaults as diffusion.py; --precision bf16 also the VQGAN's
     gen.add_argument("--prompt", default=None, help="caption for a text-conditioned model")
     gen.add_argument("--seed", type=int, default=0, help="image i comes from seed + i; also seeds KID subsets")
     gen.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA ones")
-    parser.add_argument("--vqgan_ckpt", default=None, help="score this VQGAN's reconstructions of --real instead")
-    parser.add_argument("--batch_size", type=int, default=16, help="images per batch (features, sampling, VQGAN)")
-    parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    vq = parser.add_argument_group("a VQGAN's reconstructions (the VQGAN evaluation)")
+    vq.add_argument("--vqgan_ckpt", default=None,
+                    help="score this VQGAN's reconstructions of --real instead: PSNR, SSIM, codebook usage and "
+                         "perplexity, reconstruction FD / KID")
+    vq.add_argument("--grid", default=None,
+                    help="with --vqgan_ckpt: write a PNG of originals over their reconstructions here")
+    vq.add_argument("--grid_images", type=positive_int, default=16, help="images in the --grid PNG")
+    parser.add_argument("--batch_size", type=positive_int, default=16,
+                        help="images per batch (features, sampling, VQGAN)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="data-loading worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     return parser.parse_args(argv)
 
@@ -501,16 +449,10 @@ def check_args(args):
         raise UserError("--samples_from and --vqgan_ckpt are separate jobs: give one")
     if args.vqgan_ckpt and args.fake:
         raise UserError("--fake does not apply with --vqgan_ckpt (the reconstructions are the second set)")
+    if args.grid and not args.vqgan_ckpt:
+        raise UserError("--grid shows a VQGAN's reconstructions: it needs --vqgan_ckpt")
     if not (args.fake or args.samples_from or args.vqgan_ckpt):
         raise UserError("nothing to compare --real with: give --fake DIR, --samples_from CKPT or --vqgan_ckpt CKPT")
-    if args.n is not None and args.n < 2:
-        raise UserError(f"--n must be at least 2 (the statistics need 2 images), got {args.n}")
-    if args.kid_subsets < 1 or args.kid_subset_size < 2:
-        raise UserError("--kid_subsets must be at least 1 and --kid_subset_size at least 2")
-    for flag in ("batch_size", "resolution", "steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1, got {value}")
 
 
 def main(argv=None):
@@ -523,10 +465,14 @@ def main(argv=None):
         args.n = args.n or 1000
         settings = sample_settings(args)
         args.fake = args.fake or f"{checkpoint}_samples_{settings['sampler']}_{settings['steps']}_seed{args.seed}"
+        check_output_folder(args.fake, "--fake")
     elif args.fake and not Path(args.fake).is_dir():
         raise UserError(f"fake image folder not found: {args.fake}")
     if args.vqgan_ckpt:
         args.n = args.n or 256
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path:
+            check_output_file(path, flag)
     network = load_feature_network(args.features, args.device, args.inception_weights)
     if args.samples_from:
         generate_samples(args)

@@ -76,9 +76,8 @@ class EfficientNetLiteFeatures(nn.Module):
 
     def pooled(self, images):
         if images.shape[-2:] != (EFFNET_IMAGE_SIZE, EFFNET_IMAGE_SIZE):
-            images = F.interpolate(
-                images, size=(EFFNET_IMAGE_SIZE, EFFNET_IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=True
-            )
+            size = (EFFNET_IMAGE_SIZE, EFFNET_IMAGE_SIZE)
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
         return self.net.extract_features(images).mean(dim=(2, 3))
 
 

@@ -12,13 +12,12 @@ then trains without loading the encoder, e.g. on a machine that lacks its weight
     python text_encoder.py --save runs/style_captions --dataset_path ../shared/wikiart-mini \
         --caption_template "a {style} painting"
 """
-import argparse
 import string
 from pathlib import Path
 
 import torch
 
-from common import ImageSource, UserError, load_model, run_cli, save_model
+from common import ArgumentParser, ImageSource, UserError, load_model, positive_int, run_cli, save_model
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}
@@ -126,17 +125,17 @@ def dataset_captions(path, split, caption_column=None, caption_template=None, ma
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Encode captions with the frozen text encoder: print their shapes, "
-                                     "or --save them for trainer.py --text_embeddings.")
+    parser = ArgumentParser(__file__, description="Encode captions with the frozen text encoder: print their "
+                            "shapes, or --save them for trainer.py --text_embeddings.")
     parser.add_argument("captions", nargs="*", help="captions to encode")
     parser.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="Hugging Face model name or local path")
-    parser.add_argument("--max_length", type=int, default=32, help="tokens per caption (padded/truncated)")
+    parser.add_argument("--max_length", type=positive_int, default=32, help="tokens per caption (padded/truncated)")
     parser.add_argument("--save", metavar="FILE", help="write the embeddings to FILE.safetensors + FILE.json")
     parser.add_argument("--dataset_path", help="also encode this dataset's captions (ImageFolder or HF dataset)")
     parser.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
     parser.add_argument("--caption_column", help="metadata column holding the dataset's captions")
     parser.add_argument("--caption_template", help='template over metadata columns, e.g. "a {style} painting"')
-    parser.add_argument("--max_images", type=int, help="only the dataset's first N rows (default: all)")
+    parser.add_argument("--max_images", type=positive_int, help="only the dataset's first N rows (default: all)")
     args = parser.parse_args(argv)
     captions = list(args.captions)
     if args.dataset_path:

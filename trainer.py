@@ -39,10 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    CorruptCheckpoint, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, atomic_write, autocast,
-    check_run_identity, checkpoint_path, collate_skip_none, epoch_order, file_digest, int_list, load_resume,
-    load_state_dir, load_weights, make_grid, model_paths, native_bf16, pick_device, prune_checkpoints, read_log,
-    rng_state, run_cli, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    ArgumentParser, CorruptCheckpoint, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log,
+    atomic_write, autocast, check_run_identity, checkpoint_path, collate_skip_none, epoch_order, file_digest, int_list,
+    load_resume, load_state_dir, load_weights, make_grid, model_paths, native_bf16, non_negative_float,
+    non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_log, rng_state, run_cli,
+    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
     PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, make_betas, read_diffusion_model, save_diffusion_model,
@@ -713,20 +714,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(__file__, description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset_path", required=True,
                    help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
     g.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
     g.add_argument("--image_column", default="image", help="image column (Hugging Face datasets)")
-    g.add_argument("--max_images", type=int, default=None, help="use only the first N images (default: all)")
-    g.add_argument("--resolution", type=int, default=None,
+    g.add_argument("--max_images", type=positive_int, default=None, help="use only the first N images (default: all)")
+    g.add_argument("--resolution", type=positive_int, default=None,
                    help="image size (shorter side resized, centre crop); default: the VQGAN's training resolution")
     g.add_argument("--vqgan_ckpt", required=True, help="frozen VQGAN exported by vqgan.py (NAME[.safetensors|.json])")
     g.add_argument("--latent_cache", default=None,
                    help="latent cache folder (default: OUTPUT_DIR/latent_cache); rebuilt when its inputs change")
-    g.add_argument("--num_workers", type=int, default=2, help="image-decoding processes while the cache is built")
+    g.add_argument("--num_workers", type=non_negative_int, default=2,
+                   help="image-decoding processes while the cache is built")
     g = p.add_argument_group("model")
     g.add_argument("--unet_size", default="small", choices=list(UNET_CONFIGS), help="named UNet size (unet.py)")
     size = "; default: the --unet_size's"
@@ -741,24 +743,26 @@ def parse_args(argv=None):
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                    help="noise schedule (diffusion.py)")
-    g.add_argument("--num_train_timesteps", type=int, default=1000, help="diffusion steps T")
+    g.add_argument("--num_train_timesteps", type=positive_int, default=1000, help="diffusion steps T")
     g.add_argument("--beta_start", type=float, default=None, help="first beta (default: the schedule's)")
     g.add_argument("--beta_end", type=float, default=None, help="last beta (default: the schedule's)")
     g.add_argument("--zero_terminal_snr", action="store_true",
                    help="rescale the schedule to end at pure noise (Lin et al. 2023; needs --prediction_type v)")
     g.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES, help="what the UNet predicts")
-    g.add_argument("--min_snr_gamma", type=float, default=None,
+    g.add_argument("--min_snr_gamma", type=positive_float, default=None,
                    help="min-SNR loss weighting (Hang et al. 2023), e.g. 5; default: unweighted")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_steps", type=int, default=20000, help="optimizer steps (0: build the latent cache and stop)")
-    g.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch per process")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
+    g.add_argument("--max_steps", type=non_negative_int, default=20000,
+                   help="optimizer steps (0: build the latent cache and stop)")
+    g.add_argument("--batch_size", type=positive_int, default=32, help="samples per micro-batch per process")
+    g.add_argument("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW peak learning rate")
     g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up")
-    g.add_argument("--warmup_steps", type=int, default=500, help="linear learning-rate warm-up")
-    g.add_argument("--min_lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (weights, not biases/norms)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--warmup_steps", type=non_negative_int, default=500, help="linear learning-rate warm-up")
+    g.add_argument("--min_lr", type=non_negative_float, default=0.0, help="final learning rate of the cosine schedule")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.01,
+                   help="AdamW weight decay (weights, not biases/norms)")
+    g.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay, reached after a warm-up")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast; default: on where the device computes bf16 natively "
@@ -770,15 +774,15 @@ def parse_args(argv=None):
     g.add_argument("--caption_template", default=None,
                    help='captions made from metadata columns, e.g. "a {style} painting by {artist}" (default: none)')
     g.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="frozen Hugging Face text encoder")
-    g.add_argument("--max_text_length", type=int, default=32, help="tokens per caption")
+    g.add_argument("--max_text_length", type=positive_int, default=32, help="tokens per caption")
     g.add_argument("--text_embeddings", default=None,
                    help="captions encoded in advance by text_encoder.py --save: the encoder's weights are not loaded")
     g.add_argument("--cond_drop", type=float, default=0.1,
                    help="probability of dropping a caption in training (classifier-free guidance)")
     g = p.add_argument_group("checkpoints and feedback")
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
-    g.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints (and at the end)")
-    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--save_every", type=positive_int, default=1000, help="steps between checkpoints (and at the end)")
+    g.add_argument("--keep_last", type=positive_int, default=3, help="checkpoints kept")
     g.add_argument("--init_from", default=None,
                    help="start from the weights of a diffusion checkpoint (e.g. runs/unet/unet; EMA where it has "
                         "them), fine-tuning it; a conditional run may start from an unconditional checkpoint "
@@ -788,36 +792,26 @@ def parse_args(argv=None):
                    help="'auto' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder; default: a fresh run")
     g.add_argument("--embed_vqgan", action="store_true",
                    help="embed the VQGAN in the exported unet.safetensors instead of referencing its path")
-    g.add_argument("--log_every", type=int, default=10, help="steps between log.jsonl lines")
-    g.add_argument("--sample_every", type=int, default=1000, help="steps between EMA sample grids (0 = never)")
-    g.add_argument("--num_samples", type=int, default=8, help="images per sample grid")
+    g.add_argument("--log_every", type=positive_int, default=10, help="steps between log.jsonl lines")
+    g.add_argument("--sample_every", type=non_negative_int, default=1000,
+                   help="steps between EMA sample grids (0 = never)")
+    g.add_argument("--num_samples", type=positive_int, default=8, help="images per sample grid")
     g.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampler for the grids")
-    g.add_argument("--sample_steps", type=int, default=20, help="sampler steps for the grids")
+    g.add_argument("--sample_steps", type=positive_int, default=20, help="sampler steps for the grids")
     g.add_argument("--sample_prompts", nargs="+", default=None,
                    help="prompts of the grids (conditional; default: the dataset's first distinct captions)")
-    g.add_argument("--guidance_scale", type=float, default=4.0, help="classifier-free guidance of the grids")
+    g.add_argument("--guidance_scale", type=non_negative_float, default=4.0,
+                   help="classifier-free guidance of the grids")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    at_least_one = ["batch_size", "grad_accum", "save_every", "keep_last", "log_every", "num_samples",
-                    "sample_steps", "num_train_timesteps", "max_text_length"]
-    for name in at_least_one + ["max_images", "resolution"]:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    for name in ("max_steps", "sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "min_lr"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+    make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)  # before the latent cache
     if not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond_drop must be in [0, 1), got {args.cond_drop}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.min_snr_gamma is not None and args.min_snr_gamma <= 0:
-        raise UserError(f"--min_snr_gamma must be positive, got {args.min_snr_gamma}")
     if args.zero_terminal_snr and args.prediction_type != "v":
         raise UserError("--zero_terminal_snr needs --prediction_type v (an epsilon model cannot sample from pure "
                         "noise)")

@@ -8,14 +8,13 @@ that end a residual branch start at zero, so a fresh UNet is the identity on its
     python unet.py --size small                   # architecture summary and parameter count
     python unet.py --size base --context_dim 384  # a text-conditioned one
 """
-import argparse
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, positive_int, run_cli
 
 # Named sizes for 4x32x32 latents; "small" (11.7M) is the bundled models' size. Parameter counts (unconditional)
 # are printed by `python unet.py --size NAME`.
@@ -256,13 +255,13 @@ def build_unet(size, **overrides):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print a UNet size's architecture and parameter count.")
+    parser = ArgumentParser(__file__, description="Print a UNet size's architecture and parameter count.")
     parser.add_argument("--size", default="small", choices=list(UNET_CONFIGS), help="named UNet size")
-    parser.add_argument("--context_dim", type=int, default=None,
+    parser.add_argument("--context_dim", type=positive_int, default=None,
                         help="text-embedding width of a conditional UNet (384 for all-MiniLM-L6-v2); "
                              "default: unconditional")
-    parser.add_argument("--sample_size", type=int, default=32, help="latent height/width")
-    parser.add_argument("--in_channels", type=int, default=4, help="latent channels")
+    parser.add_argument("--sample_size", type=positive_int, default=32, help="latent height/width")
+    parser.add_argument("--in_channels", type=positive_int, default=4, help="latent channels")
     parser.add_argument("--full", action="store_true", help="print every layer, not just the summary")
     args = parser.parse_args(argv)
     with torch.device("meta"):  # shapes only: nothing allocated, instant even for large sizes

@@ -10,10 +10,9 @@ on a CPU.
     # convert the published checkpoint, then fine-tune it on art
     python vqgan.py --config vq-f8 --init_ckpt model.ckpt --max_steps 0 --out runs/f8
     python vqgan.py --config vq-f8 --init_ckpt runs/f8/vqgan.safetensors --data art/ --out runs/f8-art --lr 2e-5
-    # PSNR / SSIM / codebook usage on held-out images, and an original-vs-reconstruction grid
-    python vqgan.py --eval --ckpt runs/vq/vqgan --data ../shared/wikiart-mini --split test
+    # PSNR / SSIM / codebook usage on held-out images, and an original-vs-reconstruction grid: evaluate.py
+    python evaluate.py --vqgan_ckpt runs/vq/vqgan --real ../shared/wikiart-mini --grid runs/vq/eval.png
 """
-import argparse
 import copy
 import dataclasses
 import random
@@ -29,11 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast, check_run_identity,
+    ArgumentParser, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast, check_run_identity,
     checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume, load_weights, make_grid,
-    model_paths, pick_device, prune_checkpoints, read_json, rng_state, run_cli, safe_torch_load, save_model,
-    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    model_paths, non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_json, rng_state,
+    run_cli, safe_torch_load, save_model, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
+    trim_log,
 )
+from metrics import code_statistics
 
 # Architecture of each named model. `vq-f8` is latent-diffusion's models/first_stage_models/vq-f8.
 CONFIGS = {
@@ -243,7 +244,8 @@ class VQModel(nn.Module):
         self.latent_scale = float(config.get("latent_scale", 1.0))
         c = self.arch
         if c["ch"] % 32 or any((c["ch"] * m) % 32 for m in c["ch_mult"]):
-            raise UserError(f"ch * ch_mult must be multiples of 32 (GroupNorm groups): ch {c['ch']}, ch_mult {c['ch_mult']}")
+            raise UserError(f"ch * ch_mult must be multiples of 32 (GroupNorm groups): ch {c['ch']}, "
+                            f"ch_mult {c['ch_mult']}")
         shared = dict(ch=c["ch"], ch_mult=c["ch_mult"], num_res_blocks=c["num_res_blocks"],
                       attn_resolutions=c["attn_resolutions"], dropout=c["dropout"], resolution=c["resolution"],
                       z_channels=c["z_channels"])
@@ -406,7 +408,8 @@ def load_lpips(weights_path, init_tensors, trust):
 
     def add(tensors):
         for key, value in tensors.items():
-            key = re.sub(r"^lins\.(\d+)\.", r"lin\1.", key.removeprefix("loss.perceptual_loss."))  # lpips' ModuleList alias
+            # lins.N is lpips' alias of the linN ModuleList
+            key = re.sub(r"^lins\.(\d+)\.", r"lin\1.", key.removeprefix("loss.perceptual_loss."))
             found.setdefault(key, value)
 
     if weights_path:
@@ -426,8 +429,8 @@ def load_lpips(weights_path, init_tensors, trust):
     missing = [k for k in expected if k not in found and not k.startswith("scaling_layer.")]
     if missing:
         raise UserError(
-            f"LPIPS-VGG weights not found (missing {missing[0]}): pass --perceptual_weights FILE, put {TORCHVISION_VGG16} "
-            f"in {vgg_file.parent} and pip install lpips, or use --perceptual effnet"
+            f"LPIPS-VGG weights not found (missing {missing[0]}): pass --perceptual_weights FILE, put "
+            f"{TORCHVISION_VGG16} in {vgg_file.parent} and pip install lpips, or use --perceptual effnet"
         )
     load_weights(model, {k: found.get(k, v) for k, v in expected.items()}, "LPIPS weights")
     return model
@@ -470,7 +473,9 @@ def read_checkpoint_tensors(path, trust=False):
     checkpoint = safe_torch_load(path, trust)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)} if isinstance(checkpoint, dict) else {}
+    tensors = {}
+    if isinstance(checkpoint, dict):
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"{path} holds no tensors")
     return tensors
@@ -553,7 +558,8 @@ def measure_latent_scale(model, source, resolution, num_images, batch_size, devi
         if images is None:
             continue
         latents = model.encode(images.to(device)).double()
-        total, total_sq, count = total + latents.sum().item(), total_sq + latents.pow(2).sum().item(), count + latents.numel()
+        total, total_sq = total + latents.sum().item(), total_sq + latents.pow(2).sum().item()
+        count += latents.numel()
     model.train(was_training)
     if count == 0:
         raise UserError(f"no readable images in {source.path} to measure the latent scale")
@@ -571,13 +577,6 @@ def reconstruction_grid(originals, reconstructions, columns=8):
     for start in range(0, len(originals), columns):
         tiles += originals[start:start + columns] + reconstructions[start:start + columns]
     return make_grid(tiles, ncols=columns)
-
-
-def code_statistics(code_counts):
-    """Fraction of codes used and perplexity (exp of the entropy of code frequencies)."""
-    probs = code_counts / code_counts.sum().clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-    return (code_counts > 0).float().mean().item(), entropy.exp().item()
 
 
 def restart_dead_codes(codebook, last_used, latents, step, patience):
@@ -646,7 +645,8 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights,
         opt_disc.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_disc.step()
-        metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(), logits_fake=logits_fake.mean().item())
+        metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(),
+                       logits_fake=logits_fake.mean().item())
     return metrics, indices, latents
 
 
@@ -654,7 +654,8 @@ def build_config(args):
     if args.config not in CONFIGS:
         raise UserError(f"unknown --config {args.config!r} (choose {', '.join(CONFIGS)})")
     config = copy.deepcopy(CONFIGS[args.config])
-    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed", "dropout", "beta")
+    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
+                   "dropout", "beta")
     for key in overridable:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -732,10 +733,12 @@ def train(args):
     init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if needs_init else {}
     if init_tensors and not state:
         disc_loaded = load_init(model, disc, init_tensors, args.init_ckpt)
-        print(f"loaded {args.init_ckpt} (discriminator {'loaded' if disc_loaded else 'not in it or other shapes: fresh'})")
+        disc_note = "loaded" if disc_loaded else "not in it or other shapes: fresh"
+        print(f"loaded {args.init_ckpt} (discriminator {disc_note})")
     resolution = args.resolution or model.config["resolution"]
     if resolution % model.downsample_factor:
-        raise UserError(f"--resolution {resolution} is not a multiple of the downsampling factor {model.downsample_factor}")
+        raise UserError(f"--resolution {resolution} is not a multiple of the downsampling factor "
+                        f"{model.downsample_factor}")
     source = ImageSource(args.data, args.split or "train", args.image_column) if args.data else None
     if args.max_steps == 0:  # conversion / export only
         path = export(model, out, source, resolution, args, device)
@@ -796,7 +799,8 @@ def train(args):
                 window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
                 last_used[indices.unique()] = step
                 if patience:
-                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents, step, patience)
+                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents,
+                                                              step, patience)
             else:
                 window["skipped"] += args.batch_size
             done = step + 1
@@ -828,8 +832,8 @@ def train(args):
 def write_log(log_path, step, window, bar):
     n = max(window["steps"], 1)
     usage, perplexity = code_statistics(window["codes"])
-    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage, "perplexity": perplexity,
-             "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
+    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage,
+             "perplexity": perplexity, "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
              "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
     append_log(log_path, entry)
     shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
@@ -847,144 +851,93 @@ def save_preview(path, model, preview, step):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(args):
-    from tqdm import tqdm
-
-    from evaluate import psnr, ssim
-
-    device = pick_device(args.device)
-    model = load_vqgan(args.ckpt, device)
-    resolution = args.resolution or model.config["resolution"]
-    source = ImageSource(args.data, args.split or "test", args.image_column)
-    dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
-    subset = torch.utils.data.Subset(dataset, range(min(args.num_eval, len(dataset))))
-    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, collate_fn=collate_skip_none,
-                                         num_workers=args.num_workers)
-    psnrs, ssims, originals, reconstructions = [], [], [], []
-    code_counts = torch.zeros(model.config["n_embed"], device=device)
-    for images in tqdm(loader, desc="eval", dynamic_ncols=True):
-        if images is None:
-            continue
-        images = images.to(device)
-        with autocast(device, args.bf16):
-            recon, _, indices, _ = model(images)
-        recon = recon.float().clamp(-1, 1)
-        psnrs.append(psnr(recon, images).cpu())
-        ssims.append(ssim(recon, images).cpu())
-        code_counts += torch.bincount(indices.flatten(), minlength=len(code_counts))
-        if sum(len(x) for x in originals) < args.grid_images:
-            originals.append(images.cpu())
-            reconstructions.append(recon.cpu())
-    if not psnrs:
-        raise UserError(f"no readable images in {args.data}")
-    usage, perplexity = code_statistics(code_counts)
-    psnrs, ssims = torch.cat(psnrs), torch.cat(ssims)
-    report = {"psnr": psnrs.mean().item(), "ssim": ssims.mean().item(), "code_usage": usage, "perplexity": perplexity,
-              "images": len(psnrs), "resolution": resolution, "ckpt": str(args.ckpt), "data": str(args.data)}
-    weights_path = model_paths(args.ckpt)[0]
-    grid_path = Path(args.grid) if args.grid else weights_path.with_name(weights_path.stem + "_eval.png")
-    grid = reconstruction_grid(torch.cat(originals)[:args.grid_images], torch.cat(reconstructions)[:args.grid_images])
-    save_png(grid_path, grid, report)
-    print(f"PSNR {report['psnr']:.2f} dB  SSIM {report['ssim']:.4f}  codebook usage {usage:.1%} "
-          f"({int((code_counts > 0).sum())}/{len(code_counts)})  perplexity {perplexity:.1f}  on {len(psnrs)} images")
-    print(f"wrote {grid_path} (top rows originals, rows below reconstructions)")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        description="Train, fine-tune, convert or evaluate a VQGAN (taming-transformers / LDM first stage).")
+    p = ArgumentParser(
+        __file__,
+        description="Train, fine-tune or convert a VQGAN (taming-transformers / LDM first stage); "
+                    "evaluate.py --vqgan_ckpt evaluates one.")
     g = p.add_argument_group("model")
     g.add_argument("--config", default="vq-f4-small", help=f"named architecture: {', '.join(CONFIGS)}")
-    g.add_argument("--ch", type=int, help="override: base channels (multiple of 32)")
+    g.add_argument("--ch", type=positive_int, help="override: base channels (multiple of 32)")
     g.add_argument("--ch_mult", type=int_list, help="override: channel multipliers per resolution, e.g. 1,2,2")
-    g.add_argument("--num_res_blocks", type=int, help="override: ResNet blocks per encoder resolution")
-    g.add_argument("--attn_resolutions", type=int_list, help="override: resolutions with attention ('' = mid block only)")
-    g.add_argument("--z_channels", type=int, help="override: encoder output channels")
-    g.add_argument("--embed_dim", type=int, help="override: codebook vector size = latent channels")
-    g.add_argument("--n_embed", type=int, help="override: codebook size")
+    g.add_argument("--num_res_blocks", type=positive_int, help="override: ResNet blocks per encoder resolution")
+    g.add_argument("--attn_resolutions", type=int_list,
+                   help="override: resolutions with attention ('' = mid block only)")
+    g.add_argument("--z_channels", type=positive_int, help="override: encoder output channels")
+    g.add_argument("--embed_dim", type=positive_int, help="override: codebook vector size = latent channels")
+    g.add_argument("--n_embed", type=positive_int, help="override: codebook size")
     g.add_argument("--dropout", type=float, help="override: dropout in ResNet blocks")
     g.add_argument("--beta", type=float, help="override: commitment loss weight")
-    g.add_argument("--init_ckpt", help="start from these weights: a published model.ckpt (Lightning) or our .safetensors")
+    g.add_argument("--init_ckpt",
+                   help="start from these weights: a published model.ckpt (Lightning) or our .safetensors")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="allow arbitrary unpickling of .ckpt/.pt files (only for files you trust)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
-    g.add_argument("--split", help="dataset split (default: train for training, test for --eval)")
+    g.add_argument("--data",
+                   help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
+    g.add_argument("--split", help="dataset split (default: train)")
     g.add_argument("--image_column", default="image", help="image column of a Hugging Face dataset")
-    g.add_argument("--resolution", type=int, help="image size: resize + random crop (default: the config's resolution)")
-    g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes (raise it on a GPU)")
+    g.add_argument("--resolution", type=positive_int,
+                   help="image size: resize + random crop (default: the config's resolution)")
+    g.add_argument("--num_workers", type=non_negative_int, default=0,
+                   help="data-loading worker processes (raise it on a GPU)")
     g = p.add_argument_group("training")
     g.add_argument("--out", help="output folder: checkpoints/step_NNNNNNN/ (resumable), vqgan.safetensors+json, "
                    "log.jsonl, samples/")
     g.add_argument("--resume", help="'auto' (the newest intact checkpoint in OUT, if any) or a checkpoint folder")
-    g.add_argument("--max_steps", type=int, default=20000, help="training steps (0 with --init_ckpt: convert only)")
-    g.add_argument("--batch_size", type=int, default=8, help="images per step")
-    g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate of autoencoder and discriminator "
-                   "(from scratch; fine-tuning vq-f8 wants ~2e-5); with --resume it replaces the saved rate")
-    g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"], help="perceptual loss network")
-    g.add_argument("--perceptual_weights", help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
-    g.add_argument("--perceptual_weight", type=float, help="weight of the perceptual loss (default 1.0 for lpips-vgg as in "
-                   "taming; 0.1 for effnet, whose distance sums six stages and runs ~10x larger)")
+    g.add_argument("--max_steps", type=non_negative_int, default=20000,
+                   help="training steps (0 with --init_ckpt: convert only)")
+    g.add_argument("--batch_size", type=positive_int, default=8, help="images per step")
+    g.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate of autoencoder and "
+                   "discriminator (from scratch; fine-tuning vq-f8 wants ~2e-5); with --resume it replaces the saved "
+                   "rate")
+    g.add_argument("--perceptual", default="effnet", choices=["lpips-vgg", "effnet", "none"],
+                   help="perceptual loss network")
+    g.add_argument("--perceptual_weights",
+                   help="LPIPS-VGG weights file (state dict, linear layers only, or an LDM .ckpt)")
+    g.add_argument("--perceptual_weight", type=float, help="weight of the perceptual loss (default 1.0 for lpips-vgg "
+                   "as in taming; 0.1 for effnet, whose distance sums six stages and runs ~10x larger)")
     g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of the codebook + commitment loss")
     g.add_argument("--disc_start", type=int, default=10000, help="step at which the GAN loss starts")
-    g.add_argument("--disc_warmup", type=int, default=0, help="steps the discriminator trains alone (from --disc_start) "
-                   "before its loss reaches the generator")
+    g.add_argument("--disc_warmup", type=non_negative_int, default=0, help="steps the discriminator trains alone "
+                   "(from --disc_start) before its loss reaches the generator")
     g.add_argument("--finetune_decoder", action="store_true", help="train only post_quant_conv and the decoder of "
-                   "--init_ckpt (one of our VQGANs): encoder, quant_conv and codebook stay frozen bit for bit, so latents "
-                   "and diffusion models trained on them stay valid; the latent scale is kept")
+                   "--init_ckpt (one of our VQGANs): encoder, quant_conv and codebook stay frozen bit for bit, so "
+                   "latents and diffusion models trained on them stay valid; the latent scale is kept")
     g.add_argument("--disc_weight", type=float, default=0.6, help="GAN loss weight (times the adaptive weight)")
-    g.add_argument("--disc_layers", type=int, default=2, help="PatchGAN discriminator layers (2 matches vq-f8)")
-    g.add_argument("--dead_code_steps", type=int, help="restart codes unused this many steps (0 = never; "
+    g.add_argument("--disc_layers", type=positive_int, default=2,
+                   help="PatchGAN discriminator layers (2 matches vq-f8)")
+    g.add_argument("--dead_code_steps", type=non_negative_int, help="restart codes unused this many steps (0 = never; "
                    "default 20 from scratch, 0 with --init_ckpt)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with bf16 support)")
-    g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
-    g.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints, preview grids and exports")
-    g.add_argument("--keep_last", type=int, default=2, help="checkpoints kept")
-    g.add_argument("--scale_images", type=int, default=256, help="images used to measure the latent scale at export")
+    g.add_argument("--log_every", type=positive_int, default=50, help="steps between log.jsonl lines")
+    g.add_argument("--ckpt_every", type=positive_int, default=500,
+                   help="steps between checkpoints, preview grids and exports")
+    g.add_argument("--keep_last", type=positive_int, default=2, help="checkpoints kept")
+    g.add_argument("--scale_images", type=positive_int, default=256,
+                   help="images used to measure the latent scale at export")
     g.add_argument("--export_dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="storage dtype of exported weights")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", action="store_true", help="evaluate --ckpt on --data: PSNR, SSIM, codebook usage, grid PNG")
-    g.add_argument("--ckpt", help="VQGAN to evaluate (NAME, NAME.safetensors or NAME.json)")
-    g.add_argument("--num_eval", type=int, default=256, help="held-out images to evaluate (the first N of the split)")
-    g.add_argument("--grid", help="grid PNG path (default: next to --ckpt, NAME_eval.png)")
-    g.add_argument("--grid_images", type=int, default=16, help="images in the grid")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = p.parse_args(argv)
-    positive = ["batch_size", "log_every", "ckpt_every", "keep_last", "scale_images", "num_eval", "grid_images"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive")
     if args.perceptual_weight is None:
         args.perceptual_weight = 0.1 if args.perceptual == "effnet" else 1.0
-    if args.max_steps < 0 or args.num_workers < 0:
-        raise UserError("--max_steps and --num_workers must not be negative")
-    if args.eval and not (args.ckpt and args.data):
-        raise UserError("--eval needs --ckpt and --data")
-    if not args.eval and not args.out:
+    if not args.out:
         raise UserError("training and conversion need --out")
     if args.finetune_decoder and not args.init_ckpt:
         raise UserError("--finetune_decoder needs --init_ckpt: the VQGAN whose decoder to fine-tune")
-    if args.disc_warmup < 0:
-        raise UserError("--disc_warmup must not be negative")
-    if not args.eval and args.max_steps == 0 and not args.init_ckpt:
+    if args.max_steps == 0 and not args.init_ckpt:
         raise UserError("--max_steps 0 converts a checkpoint: it needs --init_ckpt")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return evaluate(args) if args.eval else train(args)
+    return train(args)
 
 
 if __name__ == "__main__":

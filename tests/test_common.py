@@ -1,17 +1,26 @@
 """common.py: atomic writes (all or nothing, no temporary files left behind, a normal file mode), the command
-entry point's handling of signals, and the pieces both trainers share (logs, resume lookup, run identity)."""
+entry point's handling of signals, the pieces both trainers share (logs, resume lookup, run identity), argument
+parsing (number ranges, one-line errors) and safe_torch_load."""
+import argparse
+import importlib
 import os
+import re
 import signal
 import stat
+import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from common import (
-    CorruptCheckpoint, UserError, append_log, atomic_write, atomic_write_json, check_run_identity, epoch_order,
-    file_digest, load_resume, read_json, read_log, run_cli, save_state_dir, trim_log,
+    CorruptCheckpoint, UserError, append_log, at_least, atomic_write, atomic_write_json, check_run_identity,
+    epoch_order, file_digest, load_resume, non_negative_float, non_negative_int, pickle_globals, positive_float,
+    positive_int, read_json, read_log, run_cli, safe_torch_load, save_state_dir, trim_log,
 )
+from conftest import ROOT
 
 
 def test_atomic_write_is_all_or_nothing_and_leaves_a_normal_file(tmp_path):
@@ -118,3 +127,89 @@ def test_epoch_order_and_file_digest(tmp_path):
     b.write_bytes(b"def")
     assert file_digest(a) == file_digest([a]) != file_digest([a, b])
     assert file_digest(str(a)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line arguments: one home for "must be positive", one line for every argparse error
+
+
+def test_number_types_accept_their_range_and_name_the_bound():
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and at_least(2)("2") == 2
+    assert positive_float("1e-4") == 1e-4 and non_negative_float("0") == 0.0
+    for parse, text, message in [(positive_int, "0", "must be at least 1, got 0"),
+                                 (non_negative_int, "-1", "must be at least 0, got -1"),
+                                 (at_least(2), "1", "must be at least 2, got 1"),
+                                 (positive_float, "0", "must be greater than 0, got 0"),
+                                 (non_negative_float, "-0.5", "must be at least 0, got -0.5"),
+                                 (non_negative_float, "nan", "must be at least 0, got nan"),
+                                 (positive_float, "inf", "must be greater than 0, got inf"),
+                                 (positive_int, "1.5", "expected an integer, got '1.5'"),
+                                 (positive_float, "x", "expected a number, got 'x'")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(text)
+
+
+BAD_ARGUMENTS = {  # script -> an argument list argparse rejects
+    "bench": ["--repeats", "0"],
+    "diffusion": ["--steps", "x"],
+    "download_hf": ["--dataset_name", "d", "--url_key", "u", "--workers", "0"],
+    "evaluate": ["--real", "r", "--fake", "f", "--n", "1"],
+    "trainer": ["--dataset_path", "d", "--vqgan_ckpt", "v", "--batch_size", "-3"],
+    "vqgan": ["--out", "o", "--no_such_flag"],
+    "text_encoder": ["--max_length", "0"],
+    "unet": ["--size", "gigantic"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(BAD_ARGUMENTS))
+def test_argparse_errors_are_one_line_pointing_at_help(script, capsys):
+    """The README promises one `error: ...` line and exit status 2: not argparse's usage block."""
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(BAD_ARGUMENTS[script]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and err.endswith(f"(see {script}.py -h)\n")
+
+
+def test_a_bad_choice_on_the_command_line_is_one_line_naming_the_script():
+    result = subprocess.run([sys.executable, "unet.py", "--size", "gigantic"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.fullmatch(r"error: argument --size: invalid choice: 'gigantic' \(choose from .*\) \(see unet.py -h\)\n",
+                        result.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# safe_torch_load: "not a checkpoint" and "needs unpickling" are different answers
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("the payload ran",))
+
+
+def test_garbage_is_not_a_checkpoint_with_or_without_trust(tmp_path):
+    """Random bytes, text, an empty file and a torn archive are no checkpoint: the answer must not push towards
+    --trust_checkpoint, and the flag must not turn them into tracebacks."""
+    torch.save({"w": torch.ones(3)}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    files = {"random.ckpt": np.random.default_rng(0).bytes(4096), "text.ckpt": b"hello, not a checkpoint\n",
+             "empty.ckpt": b"", "torn.ckpt": whole[:len(whole) // 2]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        for trust in (False, True):
+            with pytest.raises(UserError, match="is not a readable PyTorch checkpoint") as err:
+                safe_torch_load(tmp_path / name, trust)
+            assert "--trust_checkpoint" not in str(err.value) and "\n" not in str(err.value)
+    assert torch.equal(safe_torch_load(tmp_path / "good.pt")["w"], torch.ones(3))
+
+
+def test_a_pickle_that_runs_code_is_refused_naming_it_and_loads_only_when_trusted(tmp_path, capsys):
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match=r"need arbitrary unpickling \(\S*print\).*--trust_checkpoint"):
+        safe_torch_load(tmp_path / "evil.pt")
+    assert "the payload ran" not in capsys.readouterr().out
+    assert pickle_globals(tmp_path / "evil.pt")[0].endswith(".print")  # named first, before torch's own globals
+    safe_torch_load(tmp_path / "evil.pt", trust=True)
+    assert "the payload ran" in capsys.readouterr().out

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 import diffusion
-from common import UserError
+from common import ImageSource, UserError
 from diffusion import (
-    SAMPLERS, NoiseSchedule, Pipeline, guidance_window, guided_model_fn, load_diffusion_model, make_denoiser, min_snr_weight,
-    predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps, save_diffusion_model, slerp,
+    SAMPLERS, NoiseSchedule, Pipeline, guidance_window, guided_model_fn, load_diffusion_model, make_betas,
+    make_denoiser, min_snr_weight, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
+    save_diffusion_model, slerp,
 )
 from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
@@ -84,6 +85,15 @@ def test_linear_schedule_endpoints_and_monotone():
     t = torch.tensor(500.0)
     expected = math.cos((501 / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
     assert cosine.alpha_bar(t).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_an_explicit_beta_is_used_and_one_outside_0_1_is_refused():
+    """0.0 is a value, not "unset" (it used to give the default range); betas outside (0, 1) would give NaN later."""
+    assert make_betas("linear", 10, beta_end=0.5)[-1].item() == pytest.approx(0.5)
+    for start, end in ((0.0, 0.02), (-0.1, 0.02), (1e-4, 1.0), (1e-4, 1.5)):
+        for kind in ("linear", "scaled_linear"):
+            with pytest.raises(UserError, match=r"beta_(start|end) must be in \(0, 1\)"):
+                NoiseSchedule(kind, 10, start, end)
 
 
 def test_zero_terminal_snr_schedule():
@@ -425,6 +435,25 @@ def test_cli_writes_images_grid_and_metadata(tmp_path, checkpoint, capsys):
     assert (out / "00003.png").is_file() and (out / "grid-00003.png").is_file()
 
 
+def test_a_folder_written_by_diffusion_py_reads_as_exactly_its_images(tmp_path, checkpoint):
+    """evaluate.py --fake samples (and any folder reader) must not count the grids as samples."""
+    out = tmp_path / "out"
+    assert run(checkpoint, out, "--num_images", 3, "--steps", 1) == 0
+    assert run(checkpoint, out, "--num_images", 2, "--steps", 1) == 0  # two runs, two grids
+    assert len(list(out.glob("grid-*.png"))) == 2
+    source = ImageSource(out)
+    assert [source.metadata(i) for i in range(len(source))] == [{}] * 5
+    assert [source.image(i).size for i in range(len(source))] == [(32, 32)] * 5  # no 64 x 64 mosaic among them
+
+
+@pytest.mark.parametrize("outdir", ["taken", "taken/sub"])
+def test_an_outdir_that_cannot_be_a_folder_fails_before_any_work(tmp_path, checkpoint, monkeypatch, outdir):
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(diffusion, "load_diffusion_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(UserError, match=f"--outdir {tmp_path / outdir}: .*taken is a file, not a folder"):
+        run(checkpoint, tmp_path / outdir, "--num_images", 1, "--steps", 1)
+
+
 def test_same_seed_same_images_and_any_image_alone(tmp_path, checkpoint):
     flags = ("--num_images", 3, "--batch_size", 3, "--sampler", "ddpm", "--steps", 4, "--seed", 11)
     run(checkpoint, tmp_path / "a", *flags)
@@ -574,8 +603,9 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     (("--steps", 1001), "steps"),
     (("--sampler", "ddpm", "--eta", 0.5), "eta"),
     (("--num_images", 0), "num_images"),
-    (("--guidance_scale", -1), "--guidance_scale"),
+    (("--guidance_scale", -1), "argument --guidance_scale: must be at least 0"),
     (("--guidance_interval", 2, 1), "--guidance_interval"),
+    (("--eta", -0.5), "argument --eta: must be at least 0"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, checkpoint, flags, message):
     from conftest import make_painting

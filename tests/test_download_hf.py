@@ -300,7 +300,7 @@ BAD_INPUT = {
     "both keys": ("--dataset_name DS --image_bytes_key image --url_key URL --output_dir OUT", "exactly one of"),
     "rows 0": ("--dataset_name DS --image_bytes_key image --rows 0 --output_dir OUT", "--rows must be"),
     "negative workers": ("--dataset_name DS --image_bytes_key image --workers -2 --output_dir OUT",
-                         "--workers must be positive"),
+                         "argument --workers: must be at least 1, got -2 (see download_hf.py -h)"),
     "unknown dataset": ("--dataset_name nobody/no-such-dataset --image_bytes_key image --output_dir OUT",
                         "nobody/no-such-dataset"),
     "missing parquet": ("--dataset_name MISSING --image_bytes_key image --output_dir OUT", "none*.parquet"),

@@ -1,13 +1,12 @@
-"""Set metrics checked against closed forms (Fréchet distance) and their statistics (KID is unbiased), PSNR/SSIM
-against hand-computed values, the real-set cache, the FID Inception plumbing (random weights), the three command
-jobs (score two folders, sample a diffusion checkpoint first, score a VQGAN) and bad input."""
+"""evaluate.py: the feature networks (FID Inception plumbing with random weights), the real-set cache, the three
+command jobs (score two folders, sample a diffusion checkpoint first, evaluate a VQGAN) and bad input. The metrics
+themselves are tested in test_metrics.py."""
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
@@ -18,9 +17,10 @@ from common import ImageSource, ImageTensorDataset, UserError
 from conftest import make_painting
 from diffusion import NoiseSchedule, save_diffusion_model
 from evaluate import (
-    FIDInceptionA, FIDInceptionE, FIDInceptionV3, extract_features, frechet_distance, kid, load_feature_network,
-    mean_and_covariance, mmd2_unbiased, psnr, real_stats_key, ssim, stats_cache_path,
+    FIDInceptionA, FIDInceptionE, FIDInceptionV3, extract_features, load_feature_network, real_stats_key,
+    stats_cache_path,
 )
+from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
 from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
 
@@ -70,142 +70,6 @@ def inception_weights(tmp_path_factory):
 def run(argv, capsys):
     assert evaluate.main([str(a) for a in argv]) == 0
     return capsys.readouterr().out
-
-
-# ----------------------------------------------------------------------------------------------
-# Fréchet distance
-
-
-def diagonal_fd(mu1, s1, mu2, s2):
-    return ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
-
-
-MU1, S1 = np.array([0.0, 1.0, 2.0, -1.0]), np.array([1.0, 4.0, 9.0, 0.5])
-MU2, S2 = np.array([1.0, 1.0, 0.0, -1.0]), np.array([4.0, 1.0, 0.25, 0.5])
-
-
-def test_frechet_distance_of_exact_diagonal_moments_is_the_closed_form():
-    fd = frechet_distance(MU1, np.diag(S1), MU2, np.diag(S2))
-    assert fd == pytest.approx(diagonal_fd(MU1, S1, MU2, S2), rel=1e-12)  # 5 + 8.25 = 13.25
-    assert fd == pytest.approx(13.25, rel=1e-12)
-
-
-def test_frechet_distance_of_full_covariances_matches_scipy_sqrtm():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
-    sigma1, sigma2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
-    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-    reference = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * scipy.linalg.sqrtm(sigma1 @ sigma2).real)
-    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-9)
-
-
-def test_frechet_distance_of_sampled_gaussians_is_near_the_closed_form():
-    rng = np.random.default_rng(1)
-    x = MU1 + np.sqrt(S1) * rng.normal(size=(20000, 4))
-    y = MU2 + np.sqrt(S2) * rng.normal(size=(20000, 4))
-    fd = frechet_distance(*mean_and_covariance(x), *mean_and_covariance(y))
-    assert fd == pytest.approx(13.25, abs=0.25)  # sampling error of the moments of 20k draws: about 0.1
-
-
-@pytest.mark.parametrize("n, d", [(500, 8), (10, 32)])  # full rank, and singular (fewer images than dimensions)
-def test_frechet_distance_of_a_set_with_itself_is_zero(n, d):
-    features = np.random.default_rng(2).normal(size=(n, d)) * np.linspace(0.1, 3, d)
-    mu, sigma = mean_and_covariance(features)
-    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-12 * np.trace(sigma)
-    shifted = frechet_distance(mu, sigma, mu + 1, sigma)
-    assert shifted == pytest.approx(d, rel=1e-6)
-
-
-def test_statistics_need_two_images():
-    with pytest.raises(UserError, match="at least 2"):
-        mean_and_covariance(np.zeros((1, 4)))
-
-
-# ----------------------------------------------------------------------------------------------
-# KID
-
-
-def test_mmd2_unbiased_is_the_u_statistic():
-    rng = np.random.default_rng(3)
-    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) + 0.3
-
-    def k(a, b):
-        return (a @ b / 3 + 1) ** 3
-
-    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
-    expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / 20
-                - 2 * sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25)
-    assert mmd2_unbiased(x, y) == pytest.approx(expected, rel=1e-12)
-
-
-def test_kid_is_unbiased_on_one_distribution_and_positive_on_shifted_ones():
-    rng = np.random.default_rng(4)
-    same = np.array([kid(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)), subsets=1)[0] for _ in range(400)])
-    standard_error = same.std() / np.sqrt(len(same))
-    assert abs(same.mean()) < 4 * standard_error  # a biased (V-statistic) estimate sits well above 0
-    assert (same < 0).mean() > 0.2  # unbiased: negative values are common
-    shifted = np.array([kid(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 0.5, subsets=1)[0]
-                        for _ in range(100)])
-    assert shifted.mean() > same.mean() + 20 * standard_error and (shifted > 0).mean() > 0.9
-
-
-def test_kid_averages_over_subsets_of_the_capped_size():
-    rng = np.random.default_rng(5)
-    a, b = rng.normal(size=(30, 4)), rng.normal(size=(12, 4)) + 1
-    mean, std = kid(a, b, subsets=50, subset_size=1000, seed=0)
-    assert std > 0  # 12-row subsets of the 30-row set differ
-    assert kid(a, b, subsets=50, subset_size=1000, seed=0) == (mean, std)  # seeded
-    full = kid(a[:12], b, subsets=3, subset_size=12)
-    assert full[0] == pytest.approx(mmd2_unbiased(a[:12], b)) and full[1] < 1e-12  # subsets of the whole set
-
-
-# ----------------------------------------------------------------------------------------------
-# PSNR / SSIM
-
-
-def test_psnr_of_identical_images_is_capped_and_of_a_constant_offset_exact():
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert torch.allclose(psnr(x, x), torch.tensor(100.0))
-    # +0.1 in [-1, 1] is 0.05 in [0, 1]: PSNR = -20 log10(0.05)
-    assert torch.allclose(psnr(x + 0.1, x), torch.tensor(-20 * np.log10(0.05), dtype=torch.float32), atol=1e-3)
-
-
-def test_ssim_of_identical_images_is_one_and_noise_lowers_both_metrics():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.from_numpy(np.asarray(make_painting(0, (48, 48)), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    noise = torch.randn(x.shape, generator=generator)
-    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
-    scores = [(psnr(x + s * noise, x).item(), ssim(x + s * noise, x).item()) for s in (0.02, 0.1, 0.3)]
-    assert scores[0][0] > scores[1][0] > scores[2][0] and 1 > scores[0][1] > scores[1][1] > scores[2][1]
-
-
-def test_ssim_of_constant_images_is_the_luminance_term():
-    a, b = 0.2, 0.6  # [0, 1] intensities; no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
-    x, y = torch.full((1, 3, 16, 16), 2 * a - 1), torch.full((1, 3, 16, 16), 2 * b - 1)
-    c1 = 0.01**2
-    # fp32 blurs leave variances of about 1e-8 (not 0) against C2 = 9e-4: agreement to about 3e-5
-    assert ssim(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-4)
-
-
-def test_ssim_matches_a_direct_window_by_window_computation():
-    rng = np.random.default_rng(6)
-    x = rng.uniform(size=(3, 14, 15))
-    y = np.clip(x + rng.normal(scale=0.1, size=x.shape), 0, 1) ** 1.5
-    coords = np.arange(11) - 5
-    w = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * 1.5**2))
-    w /= w.sum()
-    c1, c2 = 0.01**2, 0.03**2
-    values = []
-    for c in range(3):
-        for i in range(14 - 10):
-            for j in range(15 - 10):
-                px, py = x[c, i:i + 11, j:j + 11], y[c, i:i + 11, j:j + 11]
-                mx, my = (w * px).sum(), (w * py).sum()
-                vx, vy = (w * px * px).sum() - mx**2, (w * py * py).sum() - my**2
-                cov = (w * px * py).sum() - mx * my
-                values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
-    to_tensor = lambda a: torch.from_numpy(a * 2 - 1).float()[None]  # noqa: E731
-    assert ssim(to_tensor(y), to_tensor(x)).item() == pytest.approx(np.mean(values), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,19 +267,28 @@ def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch
         evaluate.main([str(a) for a in argv[:6]] + ["--steps", "3", "--fake", str(fake)])
 
 
-def test_vqgan_reconstruction_metrics(tmp_path, capsys, cheap_features, image_folder):
+def test_vqgan_evaluation_metrics_codebook_and_grid(tmp_path, capsys, cheap_features, image_folder):
+    """The one VQGAN evaluation: PSNR, SSIM, codebook usage and perplexity, reconstruction FD, and the grid PNG."""
     torch.manual_seed(0)
     model = VQModel(CONFIGS["vq-f4-tiny"]).eval()
     save_vqgan(model, tmp_path / "vqgan")
-    out = run(["--vqgan_ckpt", tmp_path / "vqgan", "--real", image_folder, "--out", tmp_path / "r.json"], capsys)
+    grid = tmp_path / "grid.png"
+    out = run(["--vqgan_ckpt", tmp_path / "vqgan", "--real", image_folder, "--out", tmp_path / "r.json",
+               "--batch_size", 5, "--grid", grid], capsys)
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["n"] == 12 and results["resolution"] == 32 and "rFD_effnet-lite0" in out
     images = torch.stack(list(ImageTensorDataset(ImageSource(image_folder), 32, random_crop=False, flip=False)))
     with torch.no_grad():
-        reconstructions = model(images)[0].clamp(-1, 1)
+        reconstructions, _, indices, _ = model(images)
+    reconstructions = reconstructions.clamp(-1, 1)
     assert results["PSNR"] == pytest.approx(psnr(reconstructions, images).mean().item(), rel=1e-5)
     assert results["SSIM"] == pytest.approx(ssim(reconstructions, images).mean().item(), rel=1e-5, abs=1e-6)
-    assert results["rFD_effnet-lite0"] > 0
+    usage, perplexity = code_statistics(torch.bincount(indices.flatten(), minlength=256).float())
+    assert results["code_usage"] == pytest.approx(usage) and results["perplexity"] == pytest.approx(perplexity)
+    assert results["rFD_effnet-lite0"] > 0 and "code_usage" in out and "perplexity" in out
+    with Image.open(grid) as img:  # 12 images: rows of 8 and 4 originals, each over its reconstructions
+        assert img.size == (8 * 32, 4 * 32)
+        assert json.loads(img.text["PSNR"]) == pytest.approx(results["PSNR"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,10 +296,11 @@ def test_vqgan_reconstruction_metrics(tmp_path, capsys, cheap_features, image_fo
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--n", "1"], "--n must be at least 2"),
+    (["--n", "1"], "argument --n: must be at least 2, got 1"),
     (["--fake", "MISSING"], "fake image folder not found"),
     (["--vqgan_ckpt", "v", "--samples_from", "s"], "separate jobs"),
     (["--vqgan_ckpt", "v"], "--fake does not apply"),
+    (["--grid", "g.png"], "--grid .* needs --vqgan_ckpt"),
     (["--kid_subset_size", "1"], "--kid_subset_size"),
     (["--samples_from", "MISSING"], "diffusion checkpoint config not found"),
 ])
@@ -440,9 +314,29 @@ def test_bad_arguments_are_one_line_errors(tmp_path, extra, message, image_folde
 def test_nothing_to_compare_and_unknown_network(image_folder):
     with pytest.raises(UserError, match="nothing to compare"):
         evaluate.main(["--real", str(image_folder)])
-    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and one error line
+    with pytest.raises(UserError, match="argument --features: invalid choice: 'resnet'"):
         evaluate.main(["--real", str(image_folder), "--fake", str(image_folder), "--features", "resnet"])
-    assert exit_info.value.code == 2
+
+
+def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, monkeypatch, image_folder):
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "unet.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "load_feature_network", lambda *a, **k: pytest.fail("work started"))
+    base = ["--real", str(image_folder), "--fake", str(image_folder)]
+    with pytest.raises(UserError, match="--out .* is a folder: give a file name"):
+        evaluate.main(base + ["--out", str(tmp_path)])
+    with pytest.raises(UserError, match="taken is a file, not a folder"):
+        evaluate.main(base + ["--out", str(tmp_path / "taken" / "r.json")])
+    with pytest.raises(UserError, match="--fake .*taken is a file, not a folder"):
+        evaluate.main(["--real", str(image_folder), "--samples_from", str(tmp_path / "unet.json"), "--fake",
+                       str(tmp_path / "taken")])
+
+
+def test_diffusion_grids_in_a_fake_folder_are_not_samples(tmp_path, capsys, cheap_features, image_folder):
+    fake = write_images(tmp_path / "samples", range(100, 103))
+    make_painting(0, (64, 64)).save(fake / "grid-00000.png")  # what diffusion.py writes next to its images
+    run(["--real", image_folder, "--fake", fake, "--no_cache", "--out", tmp_path / "r.json"], capsys)
+    assert json.loads((tmp_path / "r.json").read_text())["n_fake"] == 3
 
 
 def test_too_few_readable_images_is_an_error(tmp_path, cheap_features, image_folder):

@@ -288,8 +288,11 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, image_fol
     (["--resolution", "30"], "--resolution 30 is not a multiple of the VQGAN's downsampling factor 4"),
     (["--resolution", "24", "--unet_size", "small"], "cannot be halved"),  # 6x6 latents, 3 halvings
     (["--zero_terminal_snr"], "needs --prediction_type v"),
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--max_steps", "-1"], "--max_steps must not be negative"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1, got 0"),
+    (["--max_steps", "-1"], "argument --max_steps: must be at least 0, got -1"),
+    (["--guidance_scale", "-2"], "argument --guidance_scale: must be at least 0, got -2"),
+    (["--beta_start", "0"], r"beta_start must be in \(0, 1\), got 0.0"),
+    (["--beta_end", "1.5"], r"beta_end must be in \(0, 1\), got 1.5"),
     (["--cond_drop", "1"], "--cond_drop"),
     (["--resume", "MISSING"], "no such checkpoint folder"),
 ])
