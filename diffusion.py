@@ -79,6 +79,27 @@ def rescale_zero_terminal_snr(betas):
     return 1 - alphas
 
 
+# Training timesteps: the distribution of the log-SNR, lambda = log(alpha_bar / (1 - alpha_bar)), the loss sees.
+# name -> default (loc, scale) of sample_log_snr; "uniform" is the DDPM default, t ~ U{0..T-1}.
+TIMESTEP_SAMPLINGS = {"uniform": None, "logit-normal": (0.0, 1.0), "laplace": (0.0, 0.5)}
+
+
+def sample_log_snr(kind, n, loc, scale):
+    """n log-SNRs (float64) from the global torch RNG:
+    logit-normal (Esser et al. 2024, SD3, Sec. 3.1): the rectified-flow noise level t = sigmoid(u),
+        u ~ N(loc, scale^2), density 1 / (scale sqrt(2 pi)) / (t (1 - t)) exp(-(logit(t) - loc)^2 / (2 scale^2));
+        its SNR is ((1 - t) / t)^2, so lambda = -2 u ~ N(-2 loc, (2 scale)^2);
+    laplace (Hang et al. 2024, "Improved noise schedule for diffusion training"): lambda ~ Laplace(loc, scale),
+        p(lambda) = exp(-|lambda - loc| / scale) / (2 scale), drawn through its inverse CDF:
+        lambda = loc - scale sgn(a - 1/2) log(1 - 2 |a - 1/2|), a ~ U(0, 1)."""
+    if kind == "logit-normal":
+        return -2 * (loc + scale * torch.randn(n, dtype=torch.float64))
+    if kind == "laplace":
+        a = torch.rand(n, dtype=torch.float64) - 0.5
+        return loc - scale * a.sign() * torch.log1p(-2 * a.abs())
+    raise UserError(f"unknown timestep sampling {kind!r} (choose {', '.join(TIMESTEP_SAMPLINGS)})")
+
+
 class NoiseSchedule:
     """The forward process q(x_t | x0) over T discrete steps: betas and alphas_cumprod (= alpha_bar), float64."""
 
@@ -105,6 +126,18 @@ class NoiseSchedule:
         ascending = self.alphas_cumprod.flip(0).numpy()
         t = np.interp(np.asarray(alpha_bar, dtype=np.float64), ascending, np.arange(self.num_train_timesteps)[::-1])
         return torch.from_numpy(t)
+
+    def training_timesteps(self, n, sampling="uniform", loc=None, scale=None, device="cpu"):
+        """n training timesteps: t ~ U{0..T-1} (uniform: integers, exactly as training_loss draws them), or
+        fractional timesteps at log-SNRs from sample_log_snr (loc, scale default: TIMESTEP_SAMPLINGS) mapped
+        through this schedule's inverse, t = timestep(sigmoid(lambda)). A log-SNR beyond the schedule's range
+        lands on its end (t = 0 or T - 1)."""
+        if sampling == "uniform":
+            return torch.randint(0, self.num_train_timesteps, (n,), device=device)
+        default_loc, default_scale = TIMESTEP_SAMPLINGS.get(sampling, (None, None))  # unknown: sample_log_snr says
+        log_snr = sample_log_snr(sampling, n, default_loc if loc is None else loc,
+                                 default_scale if scale is None else scale)
+        return self.timestep(torch.sigmoid(log_snr)).to(device, torch.float32)
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x0) for timesteps t (B)."""

@@ -189,18 +189,22 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
+        self.feature_shapes = {}  # stage name -> (channels, size) of its output, for forward(feature_layer=...)
         skip_channels, ch, resolution = [model_channels], model_channels, sample_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 self.down.append(Stage(res_and_attn(ch, model_channels * mult, resolution)))
                 ch = model_channels * mult
                 skip_channels.append(ch)
+                self.feature_shapes[f"down.{len(self.down) - 1}"] = (ch, resolution)
             if level != len(channel_mult) - 1:
                 self.down.append(Stage([Downsample(ch)]))
                 skip_channels.append(ch)
                 resolution //= 2
+                self.feature_shapes[f"down.{len(self.down) - 1}"] = (ch, resolution)
         self.middle = Stage([ResBlock(ch, ch, emb_channels, dropout), SpatialTransformer(ch, num_heads, context_dim),
                              ResBlock(ch, ch, emb_channels, dropout)])
+        self.feature_shapes["middle"] = (ch, resolution)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -210,6 +214,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                     resolution *= 2
                 self.up.append(Stage(layers))
+                self.feature_shapes[f"up.{len(self.up) - 1}"] = (ch, resolution)
         self.norm_out = normalization(ch)
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
 
@@ -224,7 +229,11 @@ class UNet(nn.Module):
         context = torch.where(drop[:, None, None], torch.where(null_mask[..., None], null, 0.0), context)
         return context, torch.where(drop[:, None], null_mask, context_mask)
 
-    def forward(self, x, t, context=None, context_mask=None):
+    def forward(self, x, t, context=None, context_mask=None, feature_layer=None):
+        """The prediction B x C x h x w; with `feature_layer` (a key of feature_shapes: "down.N", "middle" or
+        "up.N"), (the prediction, that stage's output B x channels x size x size), for representation alignment."""
+        if feature_layer is not None and feature_layer not in self.feature_shapes:
+            raise ValueError(f"no UNet stage {feature_layer!r} (choose from {', '.join(self.feature_shapes)})")
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config["model_channels"]).to(x.dtype))
         if self.context_dim is not None and context is None:
@@ -233,14 +242,18 @@ class UNet(nn.Module):
         if self.context_dim is None:
             context = context_mask = None
         h = self.conv_in(x)
-        skips = [h]
-        for stage in self.down:
+        skips, feature = [h], None
+        for i, stage in enumerate(self.down):
             h = stage(h, emb, context, context_mask)
             skips.append(h)
+            feature = h if feature_layer == f"down.{i}" else feature
         h = self.middle(h, emb, context, context_mask)
-        for stage in self.up:
+        feature = h if feature_layer == "middle" else feature
+        for i, stage in enumerate(self.up):
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            feature = h if feature_layer == f"up.{i}" else feature
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out if feature_layer is None else (out, feature)
 
 
 def count_parameters(module):

@@ -184,6 +184,73 @@ def test_training_loss_draws_t_and_noise_and_backpropagates():
     assert loss.item() > 0 and weight.grad.abs().item() > 0
 
 
+
+def log_snr_of(schedule, t):
+    alpha_bar = schedule.alpha_bar(t)
+    return (alpha_bar / (1 - alpha_bar)).log()
+
+
+def normal_cdf(x, mean, std):
+    return 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+
+
+def laplace_cdf(x, loc, scale):
+    return 0.5 * math.exp((x - loc) / scale) if x < loc else 1 - 0.5 * math.exp(-(x - loc) / scale)
+
+
+@pytest.mark.parametrize("kind,loc,scale,cdf,mean,std", [
+    ("logit-normal", 0.5, 0.8, lambda x: normal_cdf(x, -1.0, 1.6), -1.0, 1.6),  # lambda = -2 logit(t)
+    ("logit-normal", None, None, lambda x: normal_cdf(x, 0.0, 2.0), 0.0, 2.0),   # SD3's default m = 0, s = 1
+    ("laplace", 1.0, 0.5, lambda x: laplace_cdf(x, 1.0, 0.5), 1.0, 0.5 * math.sqrt(2)),
+    ("laplace", None, None, lambda x: laplace_cdf(x, 0.0, 0.5), 0.0, 0.5 * math.sqrt(2)),  # Hang et al.'s 0, 0.5
+])
+def test_timestep_samplers_hit_their_log_snr_distribution(kind, loc, scale, cdf, mean, std):
+    """The log-SNR of the drawn (fractional) timesteps, read back through the schedule, has the target's mean,
+    std and CDF: the samples are right and NoiseSchedule.timestep inverts alpha_bar."""
+    schedule = NoiseSchedule("scaled_linear", beta_start=0.0015, beta_end=0.0195)  # the bundled models' schedule
+    torch.manual_seed(0)
+    t = schedule.training_timesteps(20000, kind, loc, scale)
+    assert t.dtype == torch.float32 and ((t > 0) & (t < 999)).double().mean() > 0.998  # a few land on the ends
+    assert not torch.equal(t, t.round())
+    log_snr = log_snr_of(schedule, t)
+    assert log_snr.mean().item() == pytest.approx(mean, abs=0.04)
+    assert log_snr.std().item() == pytest.approx(std, rel=0.03)
+    for x in np.linspace(mean - 2 * std, mean + 2 * std, 9):
+        assert (log_snr <= x).double().mean().item() == pytest.approx(cdf(x), abs=0.012)
+
+
+def test_uniform_timesteps_are_the_old_draw_and_log_snrs_beyond_the_schedule_land_on_its_ends():
+    schedule = NoiseSchedule("linear")
+    torch.manual_seed(3)
+    uniform = schedule.training_timesteps(500)
+    torch.manual_seed(3)
+    assert torch.equal(uniform, torch.randint(0, 1000, (500,)))  # what training_loss draws itself
+    counts = torch.bincount(uniform // 100, minlength=10)
+    assert counts.min() > 25 and counts.max() < 75
+    assert torch.equal(schedule.training_timesteps(50, "laplace", 30.0, 0.5), torch.zeros(50))
+    assert torch.equal(schedule.training_timesteps(50, "laplace", -30.0, 0.5), torch.full((50,), 999.0))
+    with pytest.raises(UserError, match="unknown timestep sampling 'beta'"):
+        schedule.training_timesteps(4, "beta")
+
+
+def test_focused_timesteps_compose_with_min_snr():
+    """A training loss at logit-normal timesteps with min-SNR weighting: each sample is weighted by its own
+    alpha_bar (the fractional t's), as with uniform timesteps."""
+    schedule = NoiseSchedule("linear")
+    torch.manual_seed(1)
+    t = schedule.training_timesteps(64, "logit-normal")
+    x0, noise, delta = torch.randn(64, 4, 2, 2), torch.randn(64, 4, 2, 2), 0.1
+    alpha_bar = schedule.alpha_bar(t)
+
+    def off_by_delta(x_t, t_seen):
+        assert torch.equal(t_seen, t)
+        return noise + delta  # eps error delta everywhere: x0 error delta / sqrt(SNR)
+
+    snr = alpha_bar / (1 - alpha_bar)
+    weighted = schedule.training_loss(off_by_delta, x0, "epsilon", min_snr_gamma=5.0, t=t, noise=noise).item()
+    assert weighted == pytest.approx((5 / snr).clamp(max=1).mean().item() * delta**2, rel=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers with the exact denoiser: every sampler reproduces the data distribution
 

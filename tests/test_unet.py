@@ -149,3 +149,26 @@ def test_cli_prints_parameter_count(capsys):
     assert f"{count:,} parameters" in out and "UNet tiny" in out
     assert main(["--size", "small", "--context_dim", "384"]) == 0
     assert "UNet small" in capsys.readouterr().out
+
+
+def test_feature_layer_returns_a_stage_output_and_leaves_the_prediction_alone():
+    """forward(..., feature_layer=NAME) adds the named stage's output (for REPA) and changes nothing else; every
+    stage's shape is in feature_shapes; the small UNet's middle is 128 x 4 x 4 on 32 x 32 latents."""
+    model = randomized(tiny())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    plain = model(x, t)
+    assert list(model.feature_shapes) == ["down.0", "down.1", "down.2", "middle", "up.0", "up.1", "up.2", "up.3"]
+    features = {}
+    for layer, (channels, size) in model.feature_shapes.items():
+        out, features[layer] = model(x, t, feature_layer=layer)
+        assert torch.equal(out, plain) and features[layer].shape == (2, channels, size, size)
+    assert model.feature_shapes["middle"] == (32, 4) and model.feature_shapes["up.3"] == (32, 8)
+    assert not torch.equal(features["down.1"], features["up.2"])
+    captured = {}
+    model.middle.register_forward_hook(lambda module, inputs, output: captured.update(middle=output))
+    model(x, t)
+    assert torch.equal(captured["middle"], features["middle"])  # what the middle stage really computed
+    with pytest.raises(ValueError, match="no UNet stage 'mid' \\(choose from down.0, "):
+        model(x, t, feature_layer="mid")
+    with torch.device("meta"):
+        assert build_unet("small").feature_shapes["middle"] == (128, 4)
