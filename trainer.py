@@ -8,17 +8,25 @@ captions). Training reads latents, never pixels. With --conditional, captions (a
 column or a template over columns) are encoded once by the frozen text encoder and cached with the latents; they
 are dropped with probability --cond_drop during training so that one model serves classifier-free guidance.
 
+Two levers, both off by default (issue 14): --timestep_sampling logit-normal|laplace spends the loss where the
+log-SNR is middling (diffusion.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
+frozen EfficientNet-Lite2 feature maps of every cached image and its mirror (REPA, Yu et al. 2024), computed once
+into a second cache beside the latent cache (LATENT_CACHE-repa), through a training-only projector that is saved in
+the checkpoints but never exported.
+
     python trainer.py --dataset_path ../shared/wikiart-mini --vqgan_ckpt runs/vq/vqgan --output_dir runs/unet
     python trainer.py ... --conditional --caption_template "a {style} painting"      # text conditioning
     python trainer.py ... --resume auto            # continue the latest checkpoint in --output_dir, exactly
+    python trainer.py ... --timestep_sampling logit-normal --repa_weight 0.5 --repa_until 4000   # issue 14 levers
     torchrun --nproc_per_node 4 trainer.py ...     # DistributedDataParallel, one process per GPU
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 trainer.py ...  # on nodes R = 0, 1,
                                                    # with --output_dir on a filesystem both nodes share
     python diffusion.py --unet_ckpt_path runs/unet/unet --prompt "a Baroque painting"   # sample the result
 
-Output folder: latent_cache/ (unless --latent_cache), checkpoints/step_NNNNNNN/ (resumable training state, the last
---keep_last), unet.safetensors + unet.json (the sampling checkpoint diffusion.py reads, EMA weights included),
-samples/step_NNNNNNN.png (EMA samples, fixed seeds and prompts), log.jsonl, loss.png.
+Output folder: latent_cache/ (unless --latent_cache; with REPA also latent_cache-repa/), checkpoints/step_NNNNNNN/
+(resumable training state, the last --keep_last), unet.safetensors + unet.json (the sampling checkpoint
+diffusion.py reads, EMA weights included), samples/step_NNNNNNN.png (EMA samples, fixed seeds and prompts),
+log.jsonl (with REPA also repa_loss), loss.png.
 """
 import argparse
 import contextlib
@@ -35,6 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -46,9 +56,10 @@ from common import (
     save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
-    PREDICTION_TYPES, SAMPLERS, NoiseSchedule, Pipeline, make_betas, read_diffusion_model, save_diffusion_model,
-    unet_weights,
+    PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas, read_diffusion_model,
+    save_diffusion_model, unet_weights,
 )
+from features import TEACHER, EfficientNetLiteFeatures
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet, zero_module
 from vqgan import load_vqgan
@@ -217,50 +228,161 @@ def build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16
 CAPTION_KEYS = ("captions", "caption_ids", "context", "context_mask")  # what encode_captions adds to a cache
 
 
-def read_latent_cache(path, identity):
+def read_latent_cache(path, identity, what="latent cache"):
     """The cache at `path` if it was built for `identity`; None (saying why) if absent or built for other inputs.
     An unconditional run also uses the latents of a cache built with captions (a conditional run's) and ignores
-    the captions, so the two runs of one data set encode it once."""
+    the captions, so the two runs of one data set encode it once. `what` names the cache in messages."""
     if not path.exists():
         return None
     if not (path / "state.json").is_file():
-        raise UserError(f"--latent_cache {path} exists and is not a latent cache: choose another path")
+        raise UserError(f"{what} {path} exists and is not a {what}: choose another --latent_cache")
     try:
         cache = load_state_dir(path)
     except CorruptCheckpoint as err:
-        say(f"latent cache: {err}: re-encoding")
+        say(f"{what}: {err}: re-encoding")
         return None
     if not isinstance(cache, dict) or "key" not in cache:
-        raise UserError(f"--latent_cache {path} is not a latent cache (a checkpoint?): choose another path")
+        raise UserError(f"{what} {path} is not a {what} (a checkpoint?): choose another --latent_cache")
     if cache["key"] == cache_key(identity):
         return cache
     old = cache.get("identity", {})
-    if identity["captions"] is None and cache_key({**old, "captions": None}) == cache_key(identity):
+    if identity.get("captions") is None and cache_key({**old, "captions": None}) == cache_key(identity):
         say(f"latent cache {path} was built with captions: this unconditional run uses its latents alone")
         return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
     changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
-    say(f"latent cache {path} was built for another {', '.join(changed)}: re-encoding")
+    say(f"{what} {path} was built for another {', '.join(changed)}: re-encoding")
     return None
 
 
-def load_or_build_cache(path, identity, build):
-    """Rank 0 reuses the cache at `path` or calls build() and writes it; the other ranks wait, then read it."""
+def load_or_build_cache(path, identity, build, what="latent cache", rows_key="latents"):
+    """Rank 0 reuses the cache at `path` or calls build() and writes it; the other ranks wait, then read it.
+    `rows_key` names the tensor with one row per image (for the messages)."""
     cache = None
     if is_main():
-        cache = read_latent_cache(path, identity)
+        cache = read_latent_cache(path, identity, what)
         if cache is None:
             cache = {"key": cache_key(identity), "identity": identity, **build()}
             save_state_dir(path, cache)
-            say(f"latent cache: encoded {len(cache['latents'])} images into {path}")
+            say(f"{what}: encoded {len(cache[rows_key])} images into {path}")
         else:
-            say(f"latent cache: reusing {path} ({len(cache['latents'])} images)")
+            say(f"{what}: reusing {path} ({len(cache[rows_key])} images)")
     barrier()
     if cache is None:
-        cache = read_latent_cache(path, identity)
+        cache = read_latent_cache(path, identity, what)
         if cache is None:
             raise UserError(f"cannot read the latent cache {path} written by rank 0: multi-node training needs "
                             "--latent_cache on a filesystem all nodes share")
     return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Representation alignment (REPA, Yu et al. 2024): a UNet stage, through a small convolutional projector, is pulled
+# towards frozen EfficientNet-Lite2 features of the clean image (never Lite0, the FD judge). The teacher's last
+# feature map (stride 32: a g x g grid, g = --repa_image_size / 32, 352 channels) of every cached image and its
+# mirror image is computed once, reduced by PCA to --repa_channels and kept in a second cache beside the latents:
+# repa: N x 2 x K x g x g float16, row-aligned with the latent cache (the same rows, the same unreadable ones
+# skipped). At 10,010 images x 2, g = 8, K = 64 that is 164 MB (the latents at 128 px: 164 MB).
+
+REPA_PCA_IMAGES = 512  # the first images (and mirrors) whose feature vectors fit the PCA
+REPA_FORMAT = 1        # bump when the REPA cache layout changes
+
+
+def repa_identity(args, source, resolution):
+    """Everything the REPA targets depend on (its hash is the REPA cache's key): the images, the teacher and the
+    reduction."""
+    return dict(format=REPA_FORMAT, dataset=dataset_identity(args, source), max_images=args.max_images,
+                resolution=resolution, teacher=TEACHER, image_size=args.repa_image_size,
+                channels=args.repa_channels, pca_images=REPA_PCA_IMAGES)
+
+
+@torch.no_grad()
+def teacher_maps(teacher, source, rows, resolution, image_size, batch_size, device, num_workers=0, progress=True):
+    """Yields the teacher's last feature map of each readable image of `rows` and its mirror image, batch by
+    batch: B x 2 x D x g x g float32 (the centre crop at `resolution`, resized to `image_size`; always in fp32, so
+    the targets do not depend on --bf16)."""
+    loader = torch.utils.data.DataLoader(IndexedImages(source, rows, resolution), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=collate_skip_none)
+    for batch in tqdm(loader, desc="teacher", unit="batch", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        images = batch[1].to(device)
+        images = F.interpolate(torch.cat([images, images.flip(-1)]), size=(image_size, image_size), mode="bilinear",
+                               align_corners=False, antialias=True)  # 2B x 3 x S x S
+        maps = teacher.feature_maps(images)[-1].float()  # 2B x D x g x g
+        yield torch.stack(maps.chunk(2), dim=1)
+
+
+def fit_pca(vectors, channels):
+    """(mean D, components D x K, explained variance fraction) of the top-K principal directions of N x D vectors:
+    the eigenvectors of their covariance with the largest eigenvalues (float64 maths, float32 results)."""
+    vectors = vectors.double()
+    mean = vectors.mean(0)
+    centred = vectors - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(vectors) - 1))  # ascending
+    explained = (eigenvalues[-channels:].sum() / eigenvalues.sum()).item()
+    return mean.float(), eigenvectors[:, -channels:].flip(1).float(), explained
+
+
+def project(maps, mean, components):
+    """PCA coordinates of feature maps: ... x D x g x g -> ... x K x g x g."""
+    return torch.einsum("...dhw,dk->...khw", maps - mean[:, None, None], components)
+
+
+def build_repa_cache(source, rows, resolution, image_size, channels, batch_size, device, num_workers=0,
+                     progress=True):
+    """The REPA cache: PCA fitted on the first REPA_PCA_IMAGES rows' feature vectors (every position of the image
+    and its mirror), then every row's maps projected onto it."""
+    teacher = EfficientNetLiteFeatures(TEACHER).to(device)
+    common = dict(teacher=teacher, source=source, resolution=resolution, image_size=image_size,
+                  batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+    sample = torch.cat(list(teacher_maps(rows=rows[:REPA_PCA_IMAGES], **common)))  # n x 2 x D x g x g
+    if channels > sample.shape[2]:
+        raise UserError(f"--repa_channels {channels} is more than the teacher's {sample.shape[2]} channels")
+    mean, components, explained = fit_pca(sample.transpose(2, -1).reshape(-1, sample.shape[2]), channels)
+    targets = [project(maps, mean, components).half().cpu() for maps in teacher_maps(rows=rows, **common)]
+    return dict(repa=torch.cat(targets), pca_mean=mean.cpu(), pca_components=components.cpu(),
+                explained_variance=explained)
+
+
+def load_repa_targets(path, identity, build, num_latents):
+    """The REPA cache's targets (N x 2 x K x g x g), checked to cover the latent cache's rows."""
+    repa = load_or_build_cache(path, identity, build, "REPA cache", "repa")
+    if len(repa["repa"]) != num_latents:
+        raise UserError(f"the REPA cache {path} holds {len(repa['repa'])} images, the latent cache {num_latents}: "
+                        "delete the REPA cache and run again")
+    say(f"REPA targets: {tuple(repa['repa'].shape[2:])} per image, PCA keeps "
+        f"{repa['explained_variance']:.1%} of the teacher's variance")
+    return repa["repa"]
+
+
+class RepaProjector(nn.Module):
+    """UNet stage output B x C x h x w -> B x K x g x g: two 3x3 convolutions (a convolutional projector keeps
+    spatial structure; Singh et al. 2025, iREPA), then resized to the target grid (area mean down, bilinear up)."""
+
+    def __init__(self, in_channels, out_channels, grid):
+        super().__init__()
+        hidden = max(in_channels, out_channels)
+        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(hidden, out_channels, 3, padding=1))
+        self.grid = grid
+
+    def forward(self, features):
+        x = self.net(features)
+        if x.shape[-1] > self.grid:
+            return F.adaptive_avg_pool2d(x, self.grid)
+        return F.interpolate(x, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+
+
+def spatially_normalised(targets):
+    """iREPA's per-image spatial normalisation of the targets: y <- (y - mean_hw y) / std_hw y per image and
+    channel, so the alignment transfers where things are rather than the global mean feature."""
+    mean = targets.mean(dim=(2, 3), keepdim=True)
+    return (targets - mean) / (targets.std(dim=(2, 3), keepdim=True) + 1e-6)
+
+
+def repa_loss(projected, targets):
+    """REPA's alignment loss: -1/(B g^2) sum over images and positions of cos(projected, normalised target)."""
+    return -F.cosine_similarity(projected.float(), spatially_normalised(targets.float()), dim=1).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,14 +408,15 @@ def batch_rows(num_rows, batch_size, seed, position):
 
 
 def cache_batch(cache, rows, device):
-    """(scaled latents B x C x h x w, context B x L x D or None, mask B x L or None) for cache rows; each sample
-    is the image or its mirror image at random."""
+    """(scaled latents B x C x h x w, context B x L x D or None, mask B x L or None, REPA targets B x K x g x g or
+    None) for cache rows; each sample is the image or its mirror image at random."""
     flips = torch.randint(0, 2, (len(rows),))
     latents = cache["latents"][rows, flips].to(device).float() * cache["latent_scale"]
+    targets = cache["repa"][rows, flips].to(device).float() if "repa" in cache else None
     if "caption_ids" not in cache:
-        return latents, None, None
+        return latents, None, None, targets
     ids = cache["caption_ids"][rows]
-    return latents, cache["context"][ids].to(device).float(), cache["context_mask"][ids].to(device)
+    return latents, cache["context"][ids].to(device).float(), cache["context_mask"][ids].to(device), targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +487,8 @@ def update_ema(ema, model, decay):
 @dataclasses.dataclass
 class RunState:
     """What a training step reads and changes: the UNet, `model` (the UNet, or its DDP wrapper under torchrun),
-    its EMA copy (eval mode; what sampling uses), AdamW, the LR scheduler, the noise schedule, the device and the
-    number of optimizer steps taken."""
+    its EMA copy (eval mode; what sampling uses), AdamW, the LR scheduler, the noise schedule, the device, the
+    number of optimizer steps taken and the REPA projector (None without REPA)."""
     unet: torch.nn.Module
     model: torch.nn.Module
     ema: torch.nn.Module
@@ -374,75 +497,140 @@ class RunState:
     schedule: NoiseSchedule
     device: torch.device
     step: int = 0
+    projector: torch.nn.Module | None = None  # REPA's, training-only
+
+    def trained_parameters(self):
+        return trained_parameters(self.unet, self.projector)
 
 
-def build_training(args, unet, device):
+def trained_parameters(unet, projector=None):
+    """The UNet's parameters, then the REPA projector's (if any): what AdamW updates and clipping bounds."""
+    return list(unet.parameters()) + (list(projector.parameters()) if projector else [])
+
+
+def make_projector(args, unet, repa_shape):
+    """The REPA projector from the --repa_layer stage onto targets K x g x g, initialised from --seed alone (the
+    same on every process) without moving the global random stream."""
+    channels, grid = repa_shape[0], repa_shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return RepaProjector(unet.feature_shapes[args.repa_layer][0], channels, grid)
+
+
+def check_repa_layer(args, unet):
+    if args.repa_weight and args.repa_layer not in unet.feature_shapes:
+        raise UserError(f"--repa_layer {args.repa_layer}: no such UNet stage (choose from "
+                        f"{', '.join(unet.feature_shapes)})")
+
+
+def build_training(args, unet, device, repa_shape=None):
     """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
-    (in eval mode, what sampling uses), AdamW (weight decay on matrices and convolutions only), the LR schedule,
-    the noise schedule and the optimizer step count."""
+    (in eval mode, what sampling uses), the REPA projector (None unless `repa_shape`, the targets' K x g x g, is
+    given), AdamW (weight decay on matrices and convolutions only), the LR schedule, the noise schedule and the
+    optimizer step count."""
     unet = unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    projector = None if repa_shape is None else make_projector(args, unet, repa_shape).to(device).train()
     model = unet
     if dist.is_initialized():
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    groups = [{"params": [p for p in unet.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in unet.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    trained = trained_parameters(unet, projector)
+    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule_of(args))
     schedule = NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
                              args.zero_terminal_snr)
     return RunState(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                    schedule=schedule, device=device)
+                    schedule=schedule, device=device, projector=projector)
 
 
 def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon", min_snr_gamma=None,
-                   cond_drop=0.0):
-    """The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss); captions
-    B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training)."""
+                   cond_drop=0.0, timestep_sampling="uniform", timestep_loc=None, timestep_scale=None,
+                   repa_layer="middle", repa_targets=None):
+    """(The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss), the REPA
+    loss or None). Timesteps come from NoiseSchedule.training_timesteps(timestep_sampling, loc, scale); captions
+    B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training).
+    With `repa_targets` (B x K x g x g) the same forward pass also returns stage `repa_layer`, which the projector
+    aligns with them."""
     if context is not None:
         drop = torch.rand(latents.shape[0], device=latents.device) < cond_drop
         context, context_mask = run.unet.drop_context(context, context_mask, drop)
+    t = run.schedule.training_timesteps(latents.shape[0], timestep_sampling, timestep_loc, timestep_scale,
+                                        latents.device)
+    stage = {}
 
     def model_fn(x_t, t):
-        return run.model(x_t, t, context, context_mask)
+        if repa_targets is None:
+            return run.model(x_t, t, context, context_mask)
+        prediction, stage["features"] = run.model(x_t, t, context, context_mask, feature_layer=repa_layer)
+        return prediction
 
-    return run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma)
+    loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t)
+    if repa_targets is None:
+        return loss, None
+    return loss, repa_loss(run.projector(stage["features"]), repa_targets)
 
 
 def loss_settings(args):
     """The keyword arguments of diffusion_loss that the command line sets."""
-    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop}
+    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
+            "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
+            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
 
 
-def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max_ema_decay=0.9999):
-    """One optimizer step over micro-batches [(latents, context, mask)] (gradient accumulation; under DDP the
-    gradients are averaged across processes on the last one): bf16 autocast, clipping to `grad_clip` (0 = off),
-    AdamW, LR schedule, EMA (ema_decay up to `max_ema_decay`); `loss_settings` are diffusion_loss's keywords.
-    Returns (loss averaged over micro-batches and processes, gradient norm before clipping). A non-finite loss or
-    gradient norm changes nothing and is returned as it is, for the caller to stop on."""
-    total = torch.zeros((), device=run.device)
-    for i, (latents, context, context_mask) in enumerate(micro_batches):
+def repa_active(run, repa_until):
+    """REPA is on from the start until `repa_until` steps (None: always; alignment helps early, can hurt late)."""
+    return run.projector is not None and (repa_until is None or run.step < repa_until)
+
+
+def average_over_ranks(module):
+    """Average the gradients of a module that DDP does not wrap (the REPA projector) across processes."""
+    if dist.is_initialized():
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max_ema_decay=0.9999, repa_weight=0.0,
+               repa_until=None):
+    """One optimizer step over micro-batches [(latents, context, mask, REPA targets)] (gradient accumulation;
+    under DDP the gradients are averaged across processes on the last one): bf16 autocast, the DDPM loss plus
+    `repa_weight` times the REPA loss while REPA is on (repa_active), clipping to `grad_clip` (0 = off), AdamW,
+    LR schedule, EMA (ema_decay up to `max_ema_decay`); `loss_settings` are diffusion_loss's keywords. Returns
+    (DDPM loss averaged over micro-batches and processes, gradient norm before clipping, REPA loss likewise or
+    None). A non-finite loss or gradient norm changes nothing and is returned as it is, for the caller to stop on."""
+    total, repa_total = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    aligning = repa_active(run, repa_until)
+    for i, (latents, context, context_mask, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or run.model is run.unet else run.model.no_sync()
         with sync:
             with autocast(run.device, bf16):
-                loss = diffusion_loss(run, latents, context, context_mask, **loss_settings)
-            (loss / len(micro_batches)).backward()
+                loss, alignment = diffusion_loss(run, latents, context, context_mask, **loss_settings,
+                                                 repa_targets=targets if aligning else None)
+            objective = loss if alignment is None else loss + repa_weight * alignment
+            (objective / len(micro_batches)).backward()
         total += loss.detach()
+        repa_total += 0.0 if alignment is None else alignment.detach()
+    if aligning:
+        average_over_ranks(run.projector)
     loss = mean_over_ranks(total / len(micro_batches))
+    repa = mean_over_ranks(repa_total / len(micro_batches)) if aligning else None
     grad_norm = math.nan
-    if math.isfinite(loss):
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), grad_clip or math.inf).item()
+    if math.isfinite(loss) and (repa is None or math.isfinite(repa)):
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trained_parameters(), grad_clip or math.inf).item()
     if not math.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+        return loss, grad_norm, repa
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
     update_ema(run.ema, run.unet, ema_decay(run.step, max_ema_decay))
     run.step += 1
-    return loss, grad_norm
+    return loss, grad_norm, repa
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +652,17 @@ def run_identity(args, vqgan_digest, resolution):
                 zero_terminal_snr=args.zero_terminal_snr,
                 prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
-                **{name: getattr(args, name) if args.conditional else None for name in captions})
+                **{name: getattr(args, name) if args.conditional else None for name in captions},
+                **lever_identity(args))
+
+
+def lever_identity(args):
+    """Issue 14's levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
+    REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
+    repa = ("repa_layer", "repa_image_size", "repa_channels")
+    return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
+                timestep_scale=args.timestep_scale, **{name: getattr(args, name) if args.repa_weight else None
+                                                       for name in repa})
 
 
 def check_same_architecture(state, unet, path):
@@ -480,8 +678,13 @@ def check_same_architecture(state, unet, path):
 
 def restore(run, state, path, rank, world_size, lr):
     """Continue checkpoint `path` at peak learning rate `lr` (--lr may change on resume)."""
+    if ("repa_projector" in state) != (run.projector is not None):
+        raise UserError(f"{path} was trained {'with' if 'repa_projector' in state else 'without'} REPA: resume it "
+                        "with the --repa_weight it had (switch REPA off with --repa_until), or start a new run")
     load_weights(run.unet, state["model"], f"UNet weights of {path}")
     load_weights(run.ema, state["ema"], f"EMA weights of {path}")
+    if run.projector is not None:
+        load_weights(run.projector, state["repa_projector"], f"REPA projector of {path}")
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.step = state["step"]
@@ -513,9 +716,12 @@ def save_checkpoint(run, args, cache, vqgan, out, identity):
     if not is_main():
         return path
     config = sampling_config(args, run, cache)
-    save_state_dir(path, dict(step=run.step, config=config, model=run.unet.state_dict(), ema=run.ema.state_dict(),
-                              optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
-                              rng=rng_states, identity=identity))
+    state = dict(step=run.step, config=config, model=run.unet.state_dict(), ema=run.ema.state_dict(),
+                 optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(), rng=rng_states,
+                 identity=identity)
+    if run.projector is not None:  # training-only: in the resumable state, never in the exported model
+        state["repa_projector"] = run.projector.state_dict()
+    save_state_dir(path, state)
     prune_checkpoints(out / "checkpoints", args.keep_last)
     save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config,
                          vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt)
@@ -599,6 +805,7 @@ def prepare(args, rank, world_size, device):
     seed_everything(args.seed)  # the initial weights depend on the seed alone
     unet = make_unet(args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
                      text_encoder.dim if text_encoder else None)
+    check_repa_layer(args, unet)
     if state is not None:
         check_same_architecture(state, unet, resume_path)
         check_run_identity(state.get("identity"), identity, resume_path, "start a new --output_dir")
@@ -614,9 +821,14 @@ def prepare(args, rank, world_size, device):
             args.num_workers))
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
+    if args.repa_weight:
+        cache["repa"] = load_repa_targets(
+            Path(f"{cache_path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(
+                source, rows, resolution, args.repa_image_size, args.repa_channels, args.batch_size, device,
+                args.num_workers), len(cache["latents"]))
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
-    run = build_training(args, unet, device)
+    run = build_training(args, unet, device, cache["repa"].shape[2:] if args.repa_weight else None)
     if state is not None:
         restore(run, state, resume_path, rank, world_size, args.lr)
         say(f"resumed from {resume_path} at step {run.step}")
@@ -627,9 +839,12 @@ def log_entry(window, step, lr, samples_per_step, num_rows):
     """A log.jsonl line: means over the steps since the last one."""
     elapsed = time.perf_counter() - window["start"]
     n = window["steps"]
-    return dict(step=step, epoch=round(step * samples_per_step / num_rows, 3), loss=window["loss"] / n, lr=lr,
-                grad_norm=window["grad_norm"] / n, steps_per_s=n / elapsed,
-                samples_per_s=n * samples_per_step / elapsed)
+    entry = dict(step=step, epoch=round(step * samples_per_step / num_rows, 3), loss=window["loss"] / n, lr=lr,
+                 grad_norm=window["grad_norm"] / n, steps_per_s=n / elapsed,
+                 samples_per_s=n * samples_per_step / elapsed)
+    if window.get("repa_steps"):
+        entry["repa_loss"] = window["repa_loss"] / window["repa_steps"]
+    return entry
 
 
 def train(args, rank, world_size, device):
@@ -667,8 +882,8 @@ def train(args, rank, world_size, device):
             micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, stream_position(
                 run.step, micro, rank, args, world_size)), device) for micro in range(args.grad_accum)]
             lr = run.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = train_step(run, micro_batches, loss_settings(args), args.bf16, args.grad_clip,
-                                         args.ema_decay)
+            loss, grad_norm, repa = train_step(run, micro_batches, loss_settings(args), args.bf16, args.grad_clip,
+                                               args.ema_decay, args.repa_weight, args.repa_until)
             if not math.isfinite(grad_norm):
                 bar.close()
                 what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
@@ -676,13 +891,15 @@ def train(args, rank, world_size, device):
                                 f"the last good checkpoint is {checkpoint or 'none (nothing saved)'}")
             window.update(loss=window["loss"] + loss, grad_norm=window["grad_norm"] + grad_norm,
                           steps=window["steps"] + 1)
+            if repa is not None:
+                window.update(repa_loss=window.get("repa_loss", 0.0) + repa, repa_steps=window.get("repa_steps", 0) + 1)
             bar.update(1)
             step = run.step
             if is_main() and (step % args.log_every == 0 or step == args.max_steps):
                 entry = log_entry(window, step, lr, samples_per_step, num_rows)
                 append_log(log_path, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
-                window.update(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
+                window.update(loss=0.0, grad_norm=0.0, steps=0, repa_loss=0.0, repa_steps=0, start=time.perf_counter())
             stopping = any_rank(stop.name is not None, device)
             paused = time.perf_counter()
             if step % args.save_every == 0 or step == args.max_steps or stopping:
@@ -751,6 +968,27 @@ def parse_args(argv=None):
     g.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES, help="what the UNet predicts")
     g.add_argument("--min_snr_gamma", type=positive_float, default=None,
                    help="min-SNR loss weighting (Hang et al. 2023), e.g. 5; default: unweighted")
+    g.add_argument("--timestep_sampling", default="uniform", choices=list(TIMESTEP_SAMPLINGS),
+                   help="training timesteps: uniform over 0..T-1 (DDPM), or fractional ones at a log-SNR drawn from "
+                        "logit-normal (Esser et al. 2024) or laplace (Hang et al. 2024) and mapped through the "
+                        "schedule's inverse; combines with --min_snr_gamma")
+    g.add_argument("--timestep_loc", type=float, default=None,
+                   help="logit-normal: mean of logit(t) of the rectified-flow noise level t (log-SNR = -2 logit(t)); "
+                        "laplace: centre of the log-SNR (default: 0 for both, the papers' choice)")
+    g.add_argument("--timestep_scale", type=positive_float, default=None,
+                   help="logit-normal: std of logit(t); laplace: scale of the log-SNR (default: 1 and 0.5, the "
+                        "papers' choices)")
+    g = p.add_argument_group("representation alignment (REPA with EfficientNet-Lite2 targets; off by default)")
+    g.add_argument("--repa_weight", type=non_negative_float, default=0.0,
+                   help="weight of the REPA loss (negative cosine per position; Yu et al. 2024 use 0.5); 0 = off")
+    g.add_argument("--repa_layer", default=None,
+                   help="UNet stage aligned: middle, down.N or up.N (unet.py feature_shapes; default: middle, as "
+                        "U-REPA does for UNets)")
+    g.add_argument("--repa_until", type=non_negative_int, default=None,
+                   help="switch the REPA loss off after this many optimizer steps (default: never)")
+    g.add_argument("--repa_image_size", type=int, default=256,
+                   help="images are resized to this (a multiple of 32) for the teacher: its target grid is size/32")
+    g.add_argument("--repa_channels", type=positive_int, default=64, help="PCA components of the teacher features kept")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_steps", type=non_negative_int, default=20000,
                    help="optimizer steps (0: build the latent cache and stop)")
@@ -812,6 +1050,7 @@ def check_args(args):
         raise UserError(f"--cond_drop must be in [0, 1), got {args.cond_drop}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    check_lever_args(args)
     if args.zero_terminal_snr and args.prediction_type != "v":
         raise UserError("--zero_terminal_snr needs --prediction_type v (an epsilon model cannot sample from pure "
                         "noise)")
@@ -821,6 +1060,18 @@ def check_args(args):
     if not args.conditional and (captioned or args.sample_prompts or args.text_embeddings):
         raise UserError("--caption_column, --caption_template, --sample_prompts and --text_embeddings need "
                         "--conditional")
+
+
+def check_lever_args(args):
+    """The issue-14 levers: a location or scale needs a focused sampling; REPA settings need --repa_weight.
+    Fills in --repa_layer's default (middle)."""
+    if args.timestep_sampling == "uniform" and (args.timestep_loc is not None or args.timestep_scale is not None):
+        raise UserError("--timestep_loc and --timestep_scale need --timestep_sampling logit-normal or laplace")
+    if not args.repa_weight and (args.repa_layer is not None or args.repa_until is not None):
+        raise UserError("--repa_layer and --repa_until need --repa_weight")
+    if args.repa_image_size < 64 or args.repa_image_size % 32:
+        raise UserError(f"--repa_image_size must be a multiple of 32 of at least 64, got {args.repa_image_size}")
+    args.repa_layer = args.repa_layer or "middle"
 
 
 def main(argv=None):

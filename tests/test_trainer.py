@@ -3,6 +3,7 @@
 samples through diffusion.py, torchrun runs two CPU processes, SIGTERM and NaN leave loadable checkpoints, and bad
 input is one clear line."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -293,6 +294,12 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, image_fol
     (["--guidance_scale", "-2"], "argument --guidance_scale: must be at least 0, got -2"),
     (["--beta_start", "0"], r"beta_start must be in \(0, 1\), got 0.0"),
     (["--beta_end", "1.5"], r"beta_end must be in \(0, 1\), got 1.5"),
+    (["--timestep_loc", "1"], "need --timestep_sampling logit-normal or laplace"),
+    (["--timestep_sampling", "laplace", "--timestep_scale", "0"],
+     "argument --timestep_scale: must be greater than 0, got 0"),
+    (["--repa_until", "5"], "--repa_layer and --repa_until need --repa_weight"),
+    (["--repa_weight", "0.5", "--repa_image_size", "100"], "--repa_image_size must be a multiple of 32"),
+    (["--repa_weight", "0.5", "--repa_layer", "mid"], r"--repa_layer mid: no such UNet stage \(choose from down.0"),
     (["--cond_drop", "1"], "--cond_drop"),
     (["--resume", "MISSING"], "no such checkpoint folder"),
 ])
@@ -469,3 +476,141 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         train(image_folder, vqgan, tmp_path / "wide", "--max_steps", 1, "--model_channels", 64, *cond_flags, *init)
     with pytest.raises(UserError, match=r"is not a Noise2Art diffusion checkpoint \(model: 'vqgan'\)"):
         train(image_folder, vqgan, tmp_path / "bad", "--max_steps", 1, "--init_from", vqgan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 14's levers: focused timesteps and REPA, both off by default
+
+# The first four losses of `train(..., "--max_steps", 4)` before the levers existed (commit 39ea698): the default
+# path must stay bit-identical, so old runs resume exactly.
+LOSSES_BEFORE_THE_LEVERS = [1.0066276788711548, 0.9997965097427368, 0.9271605014801025, 0.8414212465286255]
+REPA = ["--repa_weight", 0.5, "--repa_image_size", 128, "--repa_channels", 16]  # 4 x 4 targets of 16 channels
+
+
+def test_default_training_is_unchanged_by_the_levers(tmp_path, image_folder, vqgan):
+    out = tmp_path / "default"
+    assert train(image_folder, vqgan, out, "--max_steps", 4) == 0
+    assert [e["loss"] for e in log_entries(out)] == pytest.approx(LOSSES_BEFORE_THE_LEVERS, rel=1e-6, abs=0)
+    assert "repa_loss" not in log_entries(out)[0] and not (out / "latent_cache-repa").exists()
+    assert "repa_projector" not in load_state_dir(out / "checkpoints" / "step_0000004")
+
+
+def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, image_folder, vqgan, monkeypatch):
+    seen = []
+    training_loss = diffusion.NoiseSchedule.training_loss
+
+    def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None):
+        seen.append((t, min_snr_gamma))
+        return training_loss(self, model_fn, x0, prediction_type, min_snr_gamma, t, noise)
+
+    monkeypatch.setattr(diffusion.NoiseSchedule, "training_loss", spy)
+    out = tmp_path / "laplace"
+    assert train(image_folder, vqgan, out, "--max_steps", 4, "--timestep_sampling", "laplace", "--timestep_loc", -1,
+                 "--timestep_scale", 0.5, "--min_snr_gamma", 5) == 0
+    t = torch.cat([t for t, _ in seen])
+    assert len(seen) == 4 and all(gamma == 5 for _, gamma in seen) and not torch.equal(t, t.round())
+    schedule = diffusion.NoiseSchedule("linear")
+    log_snr = (schedule.alpha_bar(t) / (1 - schedule.alpha_bar(t))).log()
+    assert (log_snr - -1).abs().max() < 4  # 16 draws of Laplace(-1, 0.5): uniform t would spread over [-10, 9]
+    losses = [e["loss"] for e in log_entries(out)]
+    assert all(math.isfinite(x) for x in losses) and losses != pytest.approx(LOSSES_BEFORE_THE_LEVERS)
+
+
+def test_repa_cache_holds_lite2_targets_of_each_image_and_mirror_and_is_keyed_by_its_settings(
+        tmp_path, image_folder, vqgan, capsys, monkeypatch):
+    import features
+
+    variants = []
+    init = features.EfficientNetLiteFeatures.__init__
+
+    def recording_init(self, variant=features.JUDGE):
+        variants.append(variant)
+        init(self, variant)
+
+    monkeypatch.setattr(features.EfficientNetLiteFeatures, "__init__", recording_init)
+    cache_path = tmp_path / "cache"
+
+    def run(name, *flags):
+        assert train(image_folder, vqgan, tmp_path / name, "--max_steps", 1, "--latent_cache", cache_path,
+                     *flags) == 0
+        return load_state_dir(tmp_path / "cache-repa"), capsys.readouterr().out
+
+    repa, output = run("a", *REPA)
+    assert "REPA cache: encoded 12 images" in output and variants == [features.TEACHER] == ["efficientnet-lite2"]
+    assert repa["repa"].shape == (12, 2, 16, 4, 4) and repa["repa"].dtype == torch.float16
+    assert repa["identity"]["teacher"] == "efficientnet-lite2" and 0 < repa["explained_variance"] < 1
+    teacher = features.EfficientNetLiteFeatures(features.TEACHER)
+    with Image.open(image_folder / "00000003.png") as img:
+        image = image_to_tensor(img.convert("RGB"), 32)[None]
+    with torch.no_grad():
+        pair = torch.nn.functional.interpolate(torch.cat([image, image.flip(-1)]), size=(128, 128), mode="bilinear",
+                                               antialias=True)
+        maps = teacher.feature_maps(pair)[-1]  # 2 x 352 x 4 x 4: the image and its mirror image
+    expected = trainer.project(maps, repa["pca_mean"], repa["pca_components"])
+    assert torch.allclose(repa["repa"][3].float(), expected, atol=0.02 * expected.abs().max().item())
+    assert not torch.allclose(repa["repa"][3, 0], repa["repa"][3, 1], atol=0.1)
+    latent_key = load_state_dir(cache_path)["key"]
+
+    def must_not_run(*_):
+        raise AssertionError("an encoder ran although its cache is valid")
+
+    monkeypatch.setattr(features.EfficientNetLiteFeatures, "feature_maps", must_not_run)
+    monkeypatch.setattr(VQModel, "encode", must_not_run)
+    _, output = run("b", *REPA)
+    assert f"REPA cache: reusing {tmp_path / 'cache-repa'}" in output
+    monkeypatch.undo()
+    for flags, changed in ((["--repa_channels", 8], "channels"),
+                           (["--repa_channels", 8, "--repa_image_size", 64], "image_size")):
+        monkeypatch.setattr(VQModel, "encode", must_not_run)  # the latents do not depend on REPA's settings
+        repa_before = repa["key"]
+        repa, output = run("c" + changed, *REPA, *flags)
+        assert f"REPA cache {tmp_path / 'cache-repa'} was built for another {changed}: re-encoding" in output
+        assert repa["key"] != repa_before and load_state_dir(cache_path)["key"] == latent_key
+        monkeypatch.undo()
+    assert repa["repa"].shape == (12, 2, 8, 2, 2)
+
+
+def test_repa_loss_falls_and_the_projector_stays_out_of_the_export(tmp_path, image_folder, vqgan):
+    out = tmp_path / "repa"
+    assert train(image_folder, vqgan, out, "--max_steps", 40, *REPA, "--repa_until", 36) == 0
+    log = log_entries(out)
+    repa = [e["repa_loss"] for e in log if "repa_loss" in e]
+    assert len(repa) == 36 and all("repa_loss" not in e for e in log[36:])  # switched off after 36 steps
+    first, last = sum(repa[:6]) / 6, sum(repa[-6:]) / 6
+    assert -1 <= last < first - 0.2, (first, last)  # negative cosine: -1 is perfect alignment
+    state = load_state_dir(out / "checkpoints" / "step_0000040")
+    assert {k.split(".")[0] for k in state["repa_projector"]} == {"net"}
+    tensors, config = diffusion.read_diffusion_model(out / "unet")
+    unet_keys = set(state["model"])
+    assert set(tensors) == {f"{part}.{k}" for part in ("model", "ema") for k in unet_keys}  # no projector
+    exported = tmp_path / "export"
+    diffusion.export_diffusion_model(out / "unet", exported)
+    assert all(k.startswith("ema.") for k in diffusion.read_diffusion_model(exported)[0])
+    pipeline = load_diffusion_model(exported, "cpu")
+    assert not any("repa" in name or "projector" in name for name, _ in pipeline.unet.named_modules())
+    assert config["training"]["args"]["repa_weight"] == 0.5
+
+
+def test_resume_with_repa_is_exact_across_the_switch_off(tmp_path, image_folder, vqgan):
+    """6 steps straight vs 3 + 3 with REPA switched off after step 4 and focused timesteps: the same UNet, EMA,
+    projector and optimizer state, bit for bit; a REPA checkpoint cannot be resumed without REPA (run identity)."""
+    flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5, "--grad_accum", 2, *REPA, "--repa_until", 4,
+             "--timestep_sampling", "logit-normal", "--min_snr_gamma", 5]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(image_folder, vqgan, straight, *flags) == 0
+    assert train(image_folder, vqgan, resumed, *flags, "--resume", straight / "checkpoints" / "step_0000003",
+                 "--latent_cache", straight / "latent_cache") == 0
+    a = load_state_dir(straight / "checkpoints" / "step_0000006")
+    b = load_state_dir(resumed / "checkpoints" / "step_0000006")
+    for part in ("model", "ema", "repa_projector"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for index, moments in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][index][k]) for k, v in moments.items())
+    assert [e["loss"] for e in log_entries(straight)[3:]] == [e["loss"] for e in log_entries(resumed)]
+    assert [e.get("repa_loss") for e in log_entries(straight)[3:]] == [e.get("repa_loss") for e in log_entries(resumed)]
+    halfway = load_state_dir(straight / "checkpoints" / "step_0000003")["repa_projector"]
+    assert not all(torch.equal(halfway[k], a["repa_projector"][k]) for k in halfway)  # the projector trained
+    same_but_repa = ["--grad_accum", 2, "--timestep_sampling", "logit-normal", "--min_snr_gamma", 5]
+    with pytest.raises(UserError, match=r"belongs to another run \(--repa_layer middle there, None here; "
+                                        r"--repa_image_size 128 there, None here"):
+        train(image_folder, vqgan, straight, "--max_steps", 8, "--resume", "auto", *same_but_repa)
