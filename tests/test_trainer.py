@@ -614,3 +614,17 @@ def test_resume_with_repa_is_exact_across_the_switch_off(tmp_path, image_folder,
     with pytest.raises(UserError, match=r"belongs to another run \(--repa_layer middle there, None here; "
                                         r"--repa_image_size 128 there, None here"):
         train(image_folder, vqgan, straight, "--max_steps", 8, "--resume", "auto", *same_but_repa)
+
+
+def test_cache_batch_takes_the_repa_targets_of_the_same_image_and_flip():
+    code = torch.arange(12, dtype=torch.float16).reshape(6, 2)  # image i, flip f -> 2 i + f
+    cache = dict(latents=code[:, :, None, None, None].expand(6, 2, 4, 2, 2).clone(), latent_scale=1.0,
+                 repa=code[:, :, None, None, None].expand(6, 2, 3, 2, 2).clone())
+    torch.manual_seed(0)
+    latents, context, mask, targets = trainer.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
+    assert context is None and mask is None and targets.shape == (5, 3, 2, 2)
+    assert torch.equal(latents[:, 0, 0, 0], targets[:, 0, 0, 0])  # the same image and the same flip
+    codes = latents[:, 0, 0, 0].long()
+    assert (codes // 2).tolist() == [5, 0, 3, 3, 1] and len(set((codes % 2).tolist())) == 2  # both flips drawn
+    del cache["repa"]
+    assert trainer.cache_batch(cache, torch.tensor([1]), "cpu")[3] is None
