@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Issue 14's ablation (results/ablation.md): which training levers make recognisable paintings per CPU-hour.
+# Every variant trains the bundled recipe's UNet (results/train_bundle.sh: small UNet, scaled-linear schedule,
+# min-SNR 5, batch 32, lr 2e-4) from scratch on the same data with the same seed for the same wall-clock budget,
+# then is scored by evaluate.py (FD_effnet-lite0 and KID of N samples against the `test` split) and drawn as a
+# fixed-seed grid of 16. Both caches (VQGAN latents; EfficientNet-Lite2 REPA targets) are built once, before and
+# outside the timed budgets. Run it with nothing else on the machine: the budget is wall-clock.
+#
+#   bash results/ablation.sh                       # every variant, 45 min each (about 4 h plus the caches)
+#   VARIANTS="baseline repa" bash results/ablation.sh
+#   COMBO_FLAGS="--timestep_sampling laplace --repa_weight 0.5" VARIANTS=combo bash results/ablation.sh
+#   SMOKE=1 bash results/ablation.sh               # the whole pipeline on 48 images, 45 s per variant
+#
+# Variables: DATA (training data; its `train` split, default ../shared/wikiart-mini, all 10,010), REAL (the
+# reference set, its `test` split), SECONDS_PER_VARIANT (default 2700), SEED, VARIANTS (default: all below),
+# COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), RESULTS (JSON, grids,
+# table.md), N (samples scored), DEVICE, BF16 (--bf16 or --no-bf16; default: --bf16 where the CPU has
+# avx512_bf16). SMOKE=1 shrinks everything and writes under runs/ablation-smoke only.
+set -uo pipefail
+DATA=${DATA:-../shared/wikiart-mini}
+REAL=${REAL:-../shared/wikiart-mini}
+SECONDS_PER_VARIANT=${SECONDS_PER_VARIANT:-2700}
+SEED=${SEED:-0}
+DEVICE=${DEVICE:-cpu}
+VARIANTS=${VARIANTS:-baseline logit-normal laplace repa combo}
+COMBO_FLAGS=${COMBO_FLAGS:---timestep_sampling logit-normal --repa_weight 0.5}
+OUT=${OUT:-runs/ablation}
+RESULTS=${RESULTS:-results/ablation}
+N=${N:-1000}
+SIZE=()                          # every image; SMOKE takes 48
+BATCH=32
+STEPS=()                         # sampler steps: diffusion.py's default (20)
+# bf16 autocast only where the CPU computes bf16 natively (emulated bf16 is many times slower than fp32)
+BF16=${BF16:-$(grep -q avx512_bf16 /proc/cpuinfo && echo --bf16 || echo --no-bf16)}
+if [[ -n ${SMOKE:-} ]]; then
+    SECONDS_PER_VARIANT=45 N=16 BATCH=8 OUT=runs/ablation-smoke RESULTS=runs/ablation-smoke/results
+    SIZE=(--max_images 48)
+    STEPS=(--steps 4)
+fi
+
+declare -A LEVERS=(
+    [baseline]=""
+    [logit-normal]="--timestep_sampling logit-normal"    # Esser et al. 2024: logit(t) ~ N(0, 1)
+    [laplace]="--timestep_sampling laplace"              # Hang et al. 2024: log-SNR ~ Laplace(0, 0.5)
+    [repa]="--repa_weight 0.5"                           # Yu et al. 2024's weight; middle stage (U-REPA)
+    [combo]="$COMBO_FLAGS"
+)
+# the bundled recipe (results/train_bundle.sh), one latent cache and one REPA cache for every variant
+RECIPE=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_size small
+        --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
+        --batch_size "$BATCH" --lr 2e-4 --warmup_steps 200 --ema_decay 0.999 --max_steps 1000000 --seed "$SEED"
+        --save_every 200 --sample_every 0 --log_every 20 --num_workers 1 --device "$DEVICE" "$BF16"
+        --latent_cache "$OUT/latents128" "${SIZE[@]}")
+box() { timeout --foreground --preserve-status -s TERM "$@"; }  # SIGTERM: trainer.py saves, exports and exits
+
+mkdir -p "$OUT" "$RESULTS"
+echo "caches (untimed): $OUT/latents128 and $OUT/latents128-repa"
+python trainer.py "${RECIPE[@]}" --repa_weight 0.5 --max_steps 0 --output_dir "$OUT/cache-only" \
+    > "$OUT/cache.log" 2>&1 || { tail -n 3 "$OUT/cache.log"; exit 1; }
+
+for variant in $VARIANTS; do
+    [[ -v LEVERS[$variant] ]] || { echo "unknown variant $variant (choose: ${!LEVERS[*]})"; exit 2; }
+    run="$OUT/$variant"
+    rm -rf "$run"  # from scratch, every time
+    read -ra flags <<< "${LEVERS[$variant]}"
+    echo "$variant: ${flags[*]:-(the bundled recipe)}, ${SECONDS_PER_VARIANT} s"
+    box "$SECONDS_PER_VARIANT" python trainer.py "${RECIPE[@]}" "${flags[@]}" --output_dir "$run" \
+        > "$run.log" 2>&1
+    [[ -f $run/unet.json ]] || { tail -n 3 "$run.log"; exit 1; }
+    python evaluate.py --samples_from "$run/unet" --n "$N" --real "$REAL" --real_split test --resolution 128 \
+        --seed 0 "${STEPS[@]}" --fake "$run/eval_samples" --out "$RESULTS/$variant.json" --device "$DEVICE" \
+        > "$run.eval.log" 2>&1 || { tail -n 3 "$run.eval.log"; exit 1; }
+    python diffusion.py --unet_ckpt_path "$run/unet" --num_images 16 --seed 0 "${STEPS[@]}" --outdir "$run/grid" \
+        --device "$DEVICE" > /dev/null 2>&1 || exit 1
+    cp "$run/grid/grid-00000.png" "$RESULTS/${variant}_grid.png"
+done
+
+# one line per variant: steps reached, FD, KID (the table of results/ablation.md)
+python - "$OUT" "$RESULTS" $VARIANTS <<'EOF'
+import json, sys
+from pathlib import Path
+out, results, variants = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+rows = []
+for variant in variants:
+    last = json.loads((out / variant / "log.jsonl").read_text().splitlines()[-1])
+    scores = json.loads((results / f"{variant}.json").read_text())
+    fd, kid = scores["FD_effnet-lite0"], scores["KID_effnet-lite0"]
+    rows.append(f"| {variant} | {last['step']} | {fd:.1f} | {kid:.4f} | ![]({variant}_grid.png) |")
+table = "\n".join(["| variant | steps | FD_effnet-lite0 | KID | grid |", "|---|---|---|---|---|", *rows])
+(results / "table.md").write_text(table + "\n")
+print(table)
+EOF
