@@ -82,10 +82,10 @@ from pathlib import Path
 out, results, variants = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 rows = []
 for variant in variants:
-    last = json.loads((out / variant / "log.jsonl").read_text().splitlines()[-1])
+    steps = json.loads((out / variant / "unet.json").read_text())["training"]["step"]  # the exported step
     scores = json.loads((results / f"{variant}.json").read_text())
     fd, kid = scores["FD_effnet-lite0"], scores["KID_effnet-lite0"]
-    rows.append(f"| {variant} | {last['step']} | {fd:.1f} | {kid:.4f} | ![]({variant}_grid.png) |")
+    rows.append(f"| {variant} | {steps} | {fd:.1f} | {kid:.4f} | ![]({variant}_grid.png) |")
 table = "\n".join(["| variant | steps | FD_effnet-lite0 | KID | grid |", "|---|---|---|---|---|", *rows])
 (results / "table.md").write_text(table + "\n")
 print(table)
