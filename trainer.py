@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -290,9 +290,9 @@ REPA_FORMAT = 1        # bump when the REPA cache layout changes
 def repa_identity(args, source, resolution):
     """Everything the REPA targets depend on (its hash is the REPA cache's key): the images, the teacher and the
     reduction."""
-    return dict(format=REPA_FORMAT, dataset=dataset_identity(args, source), max_images=args.max_images,
-                resolution=resolution, teacher=TEACHER, image_size=args.repa_image_size,
-                channels=args.repa_channels, pca_images=REPA_PCA_IMAGES)
+    return {"format": REPA_FORMAT, "dataset": dataset_identity(args, source), "max_images": args.max_images,
+            "resolution": resolution, "teacher": TEACHER, "image_size": args.repa_image_size,
+            "channels": args.repa_channels, "pca_images": REPA_PCA_IMAGES}
 
 
 @torch.no_grad()
@@ -333,15 +333,15 @@ def build_repa_cache(source, rows, resolution, image_size, channels, batch_size,
     """The REPA cache: PCA fitted on the first REPA_PCA_IMAGES rows' feature vectors (every position of the image
     and its mirror), then every row's maps projected onto it."""
     teacher = EfficientNetLiteFeatures(TEACHER).to(device)
-    common = dict(teacher=teacher, source=source, resolution=resolution, image_size=image_size,
-                  batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+    common = {"teacher": teacher, "source": source, "resolution": resolution, "image_size": image_size,
+              "batch_size": batch_size, "device": device, "num_workers": num_workers, "progress": progress}
     sample = torch.cat(list(teacher_maps(rows=rows[:REPA_PCA_IMAGES], **common)))  # n x 2 x D x g x g
     if channels > sample.shape[2]:
         raise UserError(f"--repa_channels {channels} is more than the teacher's {sample.shape[2]} channels")
     mean, components, explained = fit_pca(sample.transpose(2, -1).reshape(-1, sample.shape[2]), channels)
     targets = [project(maps, mean, components).half().cpu() for maps in teacher_maps(rows=rows, **common)]
-    return dict(repa=torch.cat(targets), pca_mean=mean.cpu(), pca_components=components.cpu(),
-                explained_variance=explained)
+    return {"repa": torch.cat(targets), "pca_mean": mean.cpu(), "pca_components": components.cpu(),
+            "explained_variance": explained}
 
 
 def load_repa_targets(path, identity, build, num_latents):
@@ -716,9 +716,9 @@ def save_checkpoint(run, args, cache, vqgan, out, identity):
     if not is_main():
         return path
     config = sampling_config(args, run, cache)
-    state = dict(step=run.step, config=config, model=run.unet.state_dict(), ema=run.ema.state_dict(),
-                 optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(), rng=rng_states,
-                 identity=identity)
+    state = {"step": run.step, "config": config, "model": run.unet.state_dict(), "ema": run.ema.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
+             "rng": rng_states, "identity": identity}
     if run.projector is not None:  # training-only: in the resumable state, never in the exported model
         state["repa_projector"] = run.projector.state_dict()
     save_state_dir(path, state)
@@ -839,9 +839,9 @@ def log_entry(window, step, lr, samples_per_step, num_rows):
     """A log.jsonl line: means over the steps since the last one."""
     elapsed = time.perf_counter() - window["start"]
     n = window["steps"]
-    entry = dict(step=step, epoch=round(step * samples_per_step / num_rows, 3), loss=window["loss"] / n, lr=lr,
-                 grad_norm=window["grad_norm"] / n, steps_per_s=n / elapsed,
-                 samples_per_s=n * samples_per_step / elapsed)
+    entry = {"step": step, "epoch": round(step * samples_per_step / num_rows, 3), "loss": window["loss"] / n,
+             "lr": lr, "grad_norm": window["grad_norm"] / n, "steps_per_s": n / elapsed,
+             "samples_per_s": n * samples_per_step / elapsed}
     if window.get("repa_steps"):
         entry["repa_loss"] = window["repa_loss"] / window["repa_steps"]
     return entry

@@ -14,8 +14,7 @@
 # Variables: DATA (training data; its `train` split, default ../shared/wikiart-mini, all 10,010), REAL (the
 # reference set, its `test` split), SECONDS_PER_VARIANT (default 2700), SEED, VARIANTS (default: all below),
 # COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), RESULTS (JSON, grids,
-# table.md), N (samples scored), DEVICE, BF16 (--bf16 or --no-bf16; default: --bf16 where the CPU has
-# avx512_bf16). SMOKE=1 shrinks everything and writes under runs/ablation-smoke only.
+# table.md), N (samples scored), DEVICE, BF16 (--bf16 or --no-bf16; default: trainer.py's, native bf16 only). SMOKE=1 shrinks everything and writes under runs/ablation-smoke only.
 set -uo pipefail
 DATA=${DATA:-../shared/wikiart-mini}
 REAL=${REAL:-../shared/wikiart-mini}
@@ -30,8 +29,7 @@ N=${N:-1000}
 SIZE=()                          # every image; SMOKE takes 48
 BATCH=32
 STEPS=()                         # sampler steps: diffusion.py's default (20)
-# bf16 autocast only where the CPU computes bf16 natively (emulated bf16 is many times slower than fp32)
-BF16=${BF16:-$(grep -q avx512_bf16 /proc/cpuinfo && echo --bf16 || echo --no-bf16)}
+BF16=${BF16:-}                   # empty: trainer.py's default, bf16 only where the device computes it natively
 if [[ -n ${SMOKE:-} ]]; then
     SECONDS_PER_VARIANT=45 N=16 BATCH=8 OUT=runs/ablation-smoke RESULTS=runs/ablation-smoke/results
     SIZE=(--max_images 48)
@@ -49,7 +47,7 @@ declare -A LEVERS=(
 RECIPE=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_size small
         --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
         --batch_size "$BATCH" --lr 2e-4 --warmup_steps 200 --ema_decay 0.999 --max_steps 1000000 --seed "$SEED"
-        --save_every 200 --sample_every 0 --log_every 20 --num_workers 1 --device "$DEVICE" "$BF16"
+        --save_every 200 --sample_every 0 --log_every 20 --num_workers 1 --device "$DEVICE" ${BF16:+"$BF16"}
         --latent_cache "$OUT/latents128" "${SIZE[@]}")
 box() { timeout --foreground --preserve-status -s TERM "$@"; }  # SIGTERM: trainer.py saves, exports and exits
 
