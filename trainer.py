@@ -60,6 +60,7 @@ from diffusion import (
     save_diffusion_model, unet_weights,
 )
 from features import TEACHER, EfficientNetLiteFeatures
+from packing import read_packed_latents
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet, zero_module
 from vqgan import load_vqgan
@@ -152,16 +153,20 @@ def dataset_identity(args, source):
     return identity
 
 
+def caption_identity(args):
+    """How a conditional run's captions are made and encoded (None for an unconditional run)."""
+    if not args.conditional:
+        return None
+    return {"column": args.caption_column, "template": args.caption_template, "text_encoder": args.text_encoder,
+            "max_text_length": args.max_text_length}
+
+
 def cache_identity(args, source, resolution, vqgan_digest):
     """Everything the cached tensors depend on (`vqgan_digest`: file_digest of the VQGAN's files); its hash is the
     cache key."""
-    captions = None
-    if args.conditional:
-        captions = dict(column=args.caption_column, template=args.caption_template, text_encoder=args.text_encoder,
-                        max_text_length=args.max_text_length)
     return dict(format=CACHE_FORMAT, vqgan=vqgan_digest,
                 dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
-                bf16=args.bf16, captions=captions)
+                bf16=args.bf16, captions=caption_identity(args))
 
 
 def cache_key(identity):
@@ -272,6 +277,42 @@ def load_or_build_cache(path, identity, build, what="latent cache", rows_key="la
         if cache is None:
             raise UserError(f"cannot read the latent cache {path} written by rank 0: multi-node training needs "
                             "--latent_cache on a filesystem all nodes share")
+    return cache
+
+
+def dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device):
+    """The latent cache of --dataset_path: read from --latent_cache (default OUTPUT_DIR/latent_cache), or encoded
+    and written there; with --repa_weight also the images' REPA targets (in a cache beside it)."""
+    source = ImageSource(args.dataset_path, args.split, args.image_column)
+    rows = list(range(min(len(source), args.max_images or len(source))))
+    caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
+                  if args.conditional else None)
+    path = Path(args.latent_cache) if args.latent_cache else Path(args.output_dir) / "latent_cache"
+    cache = load_or_build_cache(path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
+        source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
+        args.num_workers))
+    if args.repa_weight:
+        cache["repa"] = load_repa_targets(
+            Path(f"{path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(
+                source, rows, resolution, args.repa_image_size, args.repa_channels, args.batch_size, device,
+                args.num_workers), len(cache["latents"]))
+    return cache
+
+
+def packed_cache(args, vqgan, resolution):
+    """The latent cache that --packed_latents (packing.py: VQGAN codes) stands for, with the quantised latents z_q
+    in place of z; no image is read and `datasets` is not imported. Its resolution and captions must be this
+    run's (an unconditional run ignores the captions)."""
+    cache = read_packed_latents(args.packed_latents, vqgan)
+    identity = cache["identity"]
+    if identity["resolution"] != resolution:
+        raise UserError(f"--packed_latents {args.packed_latents} holds {identity['resolution']} px images, this run "
+                        f"trains at --resolution {resolution}")
+    if not args.conditional:
+        return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
+    if identity["captions"] != caption_identity(args):
+        raise UserError(f"--packed_latents {args.packed_latents} holds captions {identity['captions']}, not this "
+                        f"run's {caption_identity(args)}")
     return cache
 
 
@@ -405,6 +446,12 @@ def batch_rows(num_rows, batch_size, seed, position):
         here = epochs == epoch
         rows[here] = epoch_order(num_rows, seed, epoch)[offsets[here]]
     return rows
+
+
+def cache_on(cache, device):
+    """The cache with its latents and caption embeddings on `device`, moved once (on a GPU, gathering each batch
+    from host memory and copying it over would cost more than indexing there); a no-op on the CPU."""
+    return {k: v.to(device) if k in ("latents", "context", "context_mask") else v for k, v in cache.items()}
 
 
 def cache_batch(cache, rows, device):
@@ -795,10 +842,6 @@ def prepare(args, rank, world_size, device):
                         f"{vqgan.downsample_factor}")
     vqgan_digest = file_digest(model_paths(args.vqgan_ckpt))
     identity = run_identity(args, vqgan_digest, resolution)
-    source = ImageSource(args.dataset_path, args.split, args.image_column)
-    rows = list(range(min(len(source), args.max_images or len(source))))
-    caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
-                  if args.conditional else None)
     text_encoder = None
     if args.conditional:
         text_encoder = load_text_encoder(args, device)
@@ -814,18 +857,13 @@ def prepare(args, rank, world_size, device):
         say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({', '.join(new[:2])}, ...)"
                                                            if new else ""))
 
-    cache_path = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
-    cache = load_or_build_cache(
-        cache_path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
-            source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
-            args.num_workers))
+    if args.packed_latents:
+        cache = packed_cache(args, vqgan, resolution)
+    else:
+        cache = dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device)
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
-    if args.repa_weight:
-        cache["repa"] = load_repa_targets(
-            Path(f"{cache_path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(
-                source, rows, resolution, args.repa_image_size, args.repa_channels, args.batch_size, device,
-                args.num_workers), len(cache["latents"]))
+    cache = cache_on(cache, device)
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
     run = build_training(args, unet, device, cache["repa"].shape[2:] if args.repa_weight else None)
@@ -934,8 +972,12 @@ def parse_args(argv=None):
     p = ArgumentParser(__file__, description="Train a latent-diffusion UNet on VQGAN latents of a dataset.",
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_path", required=True,
-                   help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path")
+    g.add_argument("--dataset_path", default=None,
+                   help="ImageFolder (as download_hf.py writes), image folder, or Hugging Face dataset name/path "
+                        "(this or --packed_latents)")
+    g.add_argument("--packed_latents", default=None,
+                   help="train on latents packed by packing.py (VQGAN codes) instead of --dataset_path: no images "
+                        "are read and `datasets` is not needed (the accelerator call, results/train_gpu.sh)")
     g.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
     g.add_argument("--image_column", default="image", help="image column (Hugging Face datasets)")
     g.add_argument("--max_images", type=positive_int, default=None, help="use only the first N images (default: all)")
@@ -1045,6 +1087,10 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    if (args.dataset_path is None) == (args.packed_latents is None):
+        raise UserError("give exactly one of --dataset_path and --packed_latents")
+    if args.packed_latents and args.repa_weight:
+        raise UserError("--repa_weight needs --dataset_path: packed latents carry no REPA targets")
     make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)  # before the latent cache
     if not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond_drop must be in [0, 1), got {args.cond_drop}")
