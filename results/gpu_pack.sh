@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Step 1 of the accelerator call (README, "On a GPU"): pack on this CPU everything results/train_gpu.sh needs into
+# one ignored carry folder, keep the shipped UNets out of the tree that travels, and print that tree's size,
+# refusing above 60 MiB (the device takes 64 MiB at most).
+#
+#   bash results/gpu_pack.sh              # the latent cache is built once (about 11 min here), then reused
+#   # the device call: the `run` command and carry list in results/train_gpu.sh's header
+#   bash results/gpu_unpack.sh DIR        # afterwards: re-track the UNets, check the parts, install into models/
+#   bash results/gpu_pack.sh --restore    # re-track the UNets without unpacking (a call that brought nothing)
+#   SMOKE=1 bash results/gpu_pack.sh      # 8 images into .gpu-smoke, git untouched (for SMOKE=1 train_gpu.sh)
+#
+# The carry folder (CARRY, default .gpu; ignored by .gitignore):
+#   latents/          the latent cache of the DATA train split, every painting and its mirror image, as 11-bit
+#                     VQGAN codes (packing.py latents; 10,010 paintings: 27 MiB instead of 156 MiB of fp16 latents)
+#   style_captions.*  the captions' text embeddings (text_encoder.py --save): the device has no MiniLM weights
+# The shipped models/unet-*.safetensors (48 MiB) are untracked and excluded (packing.py shelve, files left on disk)
+# until gpu_unpack.sh or --restore re-tracks them: do not commit in between.
+# The cache is encoded in fp32 (--no-bf16): on this CPU (no AVX512-BF16) the VQGAN encoder ran over 20 times slower
+# under bf16 autocast (1.5 s an image in fp32 on one busy core). BF16=1 encodes as train_bundle.sh's cache does.
+# Variables: DATA (default ../shared/wikiart-mini), CARRY, CACHE (latent cache folder), MAX_IMAGES (default all;
+# SMOKE: 8), BF16, PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[[ ${1:-} == --restore ]] && exec "$PY" packing.py shelve --restore
+SMOKE=${SMOKE:-}
+DATA=${DATA:-../shared/wikiart-mini}
+if [[ -n $SMOKE ]]; then
+    CARRY=${CARRY:-.gpu-smoke} CACHE=${CACHE:-runs/gpu-smoke-cache} MAX_IMAGES=${MAX_IMAGES:-8}
+else
+    CARRY=${CARRY:-.gpu} CACHE=${CACHE:-runs/gpu-latents-wikiart-mini-128} MAX_IMAGES=${MAX_IMAGES:-}
+fi
+LIMIT=()
+[[ -n $MAX_IMAGES ]] && LIMIT=(--max_images "$MAX_IMAGES")
+ENCODE=(--no-bf16)
+[[ -n ${BF16:-} ]] && ENCODE=(--bf16)
+CAPTIONS=(--caption_template "a {style} painting")   # as results/train_gpu.sh's COND_RECIPE
+SHIPPED=(models/unet-uncond.safetensors models/unet-cond.safetensors)
+
+# the conditional latent cache (latents + captions) of the train split at 128 px, as trainer.py builds it
+"$PY" trainer.py --dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --conditional "${CAPTIONS[@]}" \
+    "${LIMIT[@]}" "${ENCODE[@]}" --max_steps 0 --latent_cache "$CACHE" --output_dir runs/gpu-cache
+mkdir -p "$CARRY"
+"$PY" text_encoder.py --save "$CARRY/style_captions" --dataset_path "$DATA" "${CAPTIONS[@]}" "${LIMIT[@]}"
+"$PY" packing.py latents --latent_cache "$CACHE" --vqgan_ckpt models/vqgan --out "$CARRY/latents"
+if [[ -n $SMOKE ]]; then
+    "$PY" packing.py size --carry "$CARRY" --leave_out "${SHIPPED[@]}" --limit_mib 60
+else
+    "$PY" packing.py shelve "${SHIPPED[@]}"
+    "$PY" packing.py size --carry "$CARRY" --limit_mib 60
+fi
