@@ -321,7 +321,7 @@ def timeline(log_path, max_lines=8):
     if not entries:
         return [f"{log_path}: no log entries"]
     stride = max(1, math.ceil(len(entries) / max_lines))
-    chosen = entries[::stride][:max_lines - 1] + [entries[-1]]
+    chosen = entries[:-1][::stride][:max_lines - 1] + [entries[-1]]
     return [f"step {e['step']:6d}  epoch {e['epoch']:7.2f}  {e['samples_per_s']:8.1f} samples/s  loss {e['loss']:.4f}"
             for e in chosen]
 
