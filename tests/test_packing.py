@@ -196,7 +196,7 @@ def test_travelling_size_and_shelving_leave_the_shipped_models_behind_and_restor
     (repo / "models" / "unet-a.safetensors").write_bytes(b"v" * 5000)  # a model the call brought back
     assert packing.restore(repo) == ["models/unet-a.safetensors"]
     assert exclude.read_text() == before and "models/unet-a.safetensors" in git(repo, "ls-files")
-    assert git(repo, "status", "--porcelain").strip() == "M models/unet-a.safetensors"
+    assert git(repo, "status", "--porcelain", "models") == " M models/unet-a.safetensors\n"
     assert packing.restore(repo) == []
     with pytest.raises(UserError, match="uncommitted changes"):
         packing.shelve(repo, ["models/unet-a.safetensors"])
