@@ -4,9 +4,9 @@ Out: the latent cache as the VQGAN's code indices, bit-packed. A cache holds fp1
 164 MB for the 10,010 WikiArt-mini paintings); the pack holds for each position the index k of its nearest code,
 k = argmin_j |z - e_j|^2 over the codebook e (what VectorQuantizer computes), in ceil(log2 K) bits (11 for K = 2048:
 28 MB). Unpacked, each latent becomes e_k = z_q, the quantised latent: the VQGAN decoder quantises first, so z_q
-decodes to the same image as z (the same codes), and what the UNet trains on differs from the cache only by z - z_q,
-which the pack measures (`quantisation_error`). Back: exports split into parts (the device returns at most 8 files of 16 MiB)
-with a sha256 manifest, joined and checked before anything is installed.
+decodes to the same image as z (the same codes), and what the UNet trains on differs from the cache only by
+z - z_q, which the pack measures (`quantisation_error`). Back: exports split into parts (the device returns at
+most 8 files of 16 MiB) with a sha256 manifest, joined and checked before anything is installed.
 
     python packing.py latents --latent_cache runs/latents --vqgan_ckpt models/vqgan --out .gpu/latents
     python packing.py size --carry .gpu --limit_mib 60          # what a device call would send; refuses above
@@ -16,7 +16,6 @@ with a sha256 manifest, joined and checked before anything is installed.
     python packing.py shelve models/unet-uncond.safetensors ...   # untrack + exclude for the call; --restore undoes
     python packing.py timeline runs/gpu/unet-uncond/log.jsonl     # a few lines of log.jsonl for a log file
 """
-import argparse
 import hashlib
 import json
 import math
@@ -27,10 +26,13 @@ import numpy as np
 import torch
 
 from common import (
+    ArgumentParser,
     UserError,
     atomic_write_bytes,
     atomic_write_json,
     load_state_dir,
+    positive_float,
+    positive_int,
     read_json,
     run_cli,
     save_state_dir,
@@ -388,8 +390,9 @@ def cmd_timeline(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = ArgumentParser(__file__, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True,  # subcommand errors are one line too
+                           parser_class=lambda prog, **kwargs: ArgumentParser(__file__, **kwargs))
     s = sub.add_parser("latents", help="pack a latent cache as bit-packed VQGAN codes")
     s.add_argument("--latent_cache", required=True, help="latent cache folder written by trainer.py")
     s.add_argument("--vqgan_ckpt", required=True, help="the VQGAN the cache was encoded with")
@@ -400,13 +403,15 @@ def parse_args(argv=None):
     s.add_argument("--carry", nargs="*", default=[], help="ignored paths the call carries (default: none)")
     s.add_argument("--leave_out", nargs="*", default=[],
                    help="tracked files not to count, as if shelved (SMOKE=1 gpu_pack.sh; default: none)")
-    s.add_argument("--limit_mib", type=float, default=60, help="refuse above this many MiB (default: 60)")
+    s.add_argument("--limit_mib", type=positive_float, default=60,
+                   help="refuse above this many MiB (default: 60)")
     s.set_defaults(run=cmd_size)
     s = sub.add_parser("split", help="cut files into parts and add them to OUT/manifest.json")
     s.add_argument("files", nargs="+", help="files of one stage, e.g. NAME.safetensors NAME.json")
     s.add_argument("--name", required=True, help="stage name: parts are NAME.partNN")
     s.add_argument("--out", required=True, help="folder of the parts and manifest.json (the device's $OUT)")
-    s.add_argument("--part_mib", type=float, default=PART_BYTES / MIB, help="part size in MiB (default: 15)")
+    s.add_argument("--part_mib", type=positive_float, default=PART_BYTES / MIB,
+                   help="part size in MiB (default: 15)")
     s.set_defaults(run=cmd_split)
     s = sub.add_parser("join", help="check the parts against FOLDER/manifest.json and install the files")
     s.add_argument("folder", help="folder holding manifest.json and the parts")
@@ -419,12 +424,9 @@ def parse_args(argv=None):
     s.set_defaults(run=cmd_shelve)
     s = sub.add_parser("timeline", help="a few evenly spaced lines of a trainer log.jsonl")
     s.add_argument("log", help="log.jsonl of a trainer.py run")
-    s.add_argument("--max_lines", type=int, default=8, help="lines at most (default: 8)")
+    s.add_argument("--max_lines", type=positive_int, default=8, help="lines at most (default: 8)")
     s.set_defaults(run=cmd_timeline)
-    args = p.parse_args(argv)
-    if getattr(args, "part_mib", 1) <= 0 or getattr(args, "limit_mib", 1) <= 0 or getattr(args, "max_lines", 1) < 1:
-        raise UserError("--part_mib and --limit_mib must be positive, --max_lines at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):
