@@ -288,9 +288,10 @@ def dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device):
     caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
                   if args.conditional else None)
     path = Path(args.latent_cache) if args.latent_cache else Path(args.output_dir) / "latent_cache"
-    cache = load_or_build_cache(path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
-        source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
-        args.num_workers))
+    cache = load_or_build_cache(
+        path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
+            source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
+            args.num_workers))
     if args.repa_weight:
         cache["repa"] = load_repa_targets(
             Path(f"{path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(
