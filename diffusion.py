@@ -305,12 +305,12 @@ def sample_dpmpp_2m(denoiser, latents, schedule, timesteps, generator=None, prog
     x = latents
     alpha_bars, alpha_bars_next = _alpha_bars(schedule, timesteps)
     x0_prev = h_prev = None
-    first_order_from = len(timesteps) - (2 if lower_order_final else 1)
+    first_order_from = len(timesteps) - (2 if lower_order_final else 1)  # the last step (to clean data) always
     for i in _step_range(timesteps, progress, "dpmpp-2m"):
         a, a_next = alpha_bars[i], alpha_bars_next[i]
         x0 = denoiser(x, _timestep_batch(timesteps[i], x))
         h = _half_log_snr(a_next) - _half_log_snr(a)
-        if x0_prev is None or i >= first_order_from or a_next == 1:
+        if x0_prev is None or i >= first_order_from:
             d = x0
         else:
             r = h_prev / h
