@@ -23,34 +23,35 @@ from vqgan import CONFIGS, VQModel, save_vqgan
 MU, STD = 0.5, 0.3  # the Gaussian "data set" of the analytic tests
 
 
-def gaussian_oracle(schedule, prediction_type):
-    """The exact model for data x0 ~ N(MU, STD^2): x_t ~ N(sqrt(a) MU, a STD^2 + 1 - a), so
-    E[x0 | x_t] = MU + sqrt(a) STD^2 (x_t - sqrt(a) MU) / (a STD^2 + 1 - a) and eps, v follow from it."""
+def gaussian_oracle(schedule, prediction_type, mu=MU, std=STD):
+    """The exact model for data x0 ~ N(mu, std^2): x_t ~ N(sqrt(a) mu, a std^2 + 1 - a), so
+    E[x0 | x_t] = mu + sqrt(a) std^2 (x_t - sqrt(a) mu) / (a std^2 + 1 - a) and eps, v follow from it."""
 
     def model_fn(x_t, t):
         a = schedule.alpha_bar(t).to(x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
-        x0 = MU + a.sqrt() * STD**2 * (x_t - a.sqrt() * MU) / (a * STD**2 + 1 - a)
-        eps = (1 - a).sqrt() * (x_t - a.sqrt() * MU) / (a * STD**2 + 1 - a)
+        x0 = mu + a.sqrt() * std**2 * (x_t - a.sqrt() * mu) / (a * std**2 + 1 - a)
+        eps = (1 - a).sqrt() * (x_t - a.sqrt() * mu) / (a * std**2 + 1 - a)
         return eps if prediction_type == "epsilon" else prediction_target(x0, eps, schedule.alpha_bar(t), "v")
 
     return model_fn
 
 
-def sample_gaussian(sampler, steps, prediction_type="epsilon", karras=False, schedule=None, **options):
-    """Samples of the oracle, from 4000 x 4 start noises (seed 0); returns (samples, start noise)."""
+def sample_gaussian(sampler, steps, prediction_type="epsilon", karras=False, schedule=None, mu=MU, std=STD,
+                    **options):
+    """Samples of the oracle for N(mu, std^2), from 4000 x 4 start noises (seed 0); returns (samples, start noise)."""
     schedule = schedule or NoiseSchedule("linear")
-    denoiser = make_denoiser(gaussian_oracle(schedule, prediction_type), schedule, prediction_type)
+    denoiser = make_denoiser(gaussian_oracle(schedule, prediction_type, mu, std), schedule, prediction_type)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(4000, 4, generator=generator, dtype=torch.float64)
     timesteps = sampling_timesteps(schedule, steps, karras)
     return SAMPLERS[sampler](denoiser, latents, schedule, timesteps, generator, **options), latents
 
 
-def exact_flow(schedule, latents):
-    """Where the probability-flow ODE takes each start noise x_T for Gaussian data: the standardised value
-    (x_t - sqrt(a) MU) / sqrt(a STD^2 + 1 - a) stays constant along every trajectory."""
+def exact_flow(schedule, latents, mu=MU, std=STD):
+    """Where the probability-flow ODE takes each start noise x_T for data N(mu, std^2): the standardised value
+    (x_t - sqrt(a) mu) / sqrt(a std^2 + 1 - a) stays constant along every trajectory."""
     a = schedule.alphas_cumprod[-1].item()
-    return MU + STD * (latents - a**0.5 * MU) / (a * STD**2 + 1 - a) ** 0.5
+    return mu + std * (latents - a**0.5 * mu) / (a * std**2 + 1 - a) ** 0.5
 
 
 def flow_error(sampler, steps, karras=False, schedule=None, prediction_type="epsilon"):
@@ -558,14 +559,9 @@ def test_karras_spacing_fixes_the_oversized_last_step():
     """Exact denoiser, unit-variance Gaussian data, the bundled models' schedule, 20 steps: evenly spaced steps end
     on a step ~5x longer in lambda than the one before and the second-order update overshoots (output std ~10 %
     too wide); Karras spacing (the default) lands within 4 %."""
-    global MU, STD
     schedule = NoiseSchedule("scaled_linear", beta_start=0.0015, beta_end=0.0195)
-    saved, (MU, STD) = (MU, STD), (0.0, 1.0)
-    try:
-        even, _ = sample_gaussian("dpmpp-2m", 20, schedule=schedule)
-        karras, _ = sample_gaussian("dpmpp-2m", 20, karras=True, schedule=schedule)
-    finally:
-        MU, STD = saved
+    even, _ = sample_gaussian("dpmpp-2m", 20, schedule=schedule, mu=0.0, std=1.0)
+    karras, _ = sample_gaussian("dpmpp-2m", 20, karras=True, schedule=schedule, mu=0.0, std=1.0)
     assert even.std().item() > 1.07 and abs(karras.std().item() - 1) < 0.04
 
 
