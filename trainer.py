@@ -219,7 +219,7 @@ def build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16
         kept += batch_rows.tolist()
     if not kept:
         raise UserError(f"none of the {len(rows)} images of {source.path} could be read")
-    latents = torch.cat(chunks)
+    latents = torch.cat(chunks).contiguous()  # the encoder's channels-last layout, made plain for safetensors
     measured = 1.0 / latents.double().std().item()
     from_vqgan = vqgan.latent_scale != 1.0
     cache = dict(latents=latents, skipped=len(rows) - len(kept), measured_latent_scale=measured,
