@@ -11,6 +11,7 @@ step to alpha_bar = 1 (clean) after the last one.
     python diffusion.py --init_image photo.png --strength 0.6     # img2img (SDEdit)
     python diffusion.py --interpolate --num_images 8              # slerp from the noise of --seed to --seed + 1
 """
+import argparse
 import math
 import os
 import re
@@ -394,7 +395,7 @@ class Pipeline:
     checkpoint JSON; only "prediction_type" is required ("latent_shape", "latent_scale", "text_encoder" and
     "max_text_length" default to the UNet's, the VQGAN's and the default encoder)."""
 
-    def __init__(self, unet, schedule, vqgan, config, text_encoder=None, bf16=False, channels_last=False,
+    def __init__(self, unet, schedule, vqgan, config, text_encoder=None, bf16=False, channels_last=True,
                  compile=False):
         check_prediction_type(config["prediction_type"])
         self.unet, self.schedule, self.vqgan, self.config = unet, schedule, vqgan, config
@@ -407,8 +408,10 @@ class Pipeline:
         self.device = next(unet.parameters()).device
         self.bf16 = bf16
         self.channels_last = channels_last
-        if channels_last:
-            unet.to(memory_format=torch.channels_last)
+        # channels-last: faster convolutions (CPU: UNet ~10%, decoder ~25%), the same outputs to about 1e-5
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        unet.to(memory_format=layout)
+        vqgan.to(memory_format=layout)
         self.unet_forward = torch.compile(unet) if compile else unet
         self._text_encoder = text_encoder
 
@@ -672,7 +675,9 @@ def parse_args(argv):
     parser.add_argument("--outdir", default="samples", help="folder for the PNGs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA ones")
-    parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels-last memory format for the UNet and the VQGAN decoder (faster convolutions; "
+                             "--no-channels_last: plain NCHW)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for many images)")
     parser.add_argument("--export", metavar="DST", default=None,
                         help="instead of sampling, write a sampling-only copy of the checkpoint to DST: EMA weights "

@@ -13,7 +13,8 @@
 #
 # Variables: DATA (training data; its `train` split, default ../shared/wikiart-mini, all 10,010), REAL (the
 # reference set, its `test` split), SECONDS_PER_VARIANT (default 2700), SEED, VARIANTS (default: all below),
-# COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), RESULTS (JSON, grids,
+# COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), LATENT_CACHE (default
+# OUT/latents128; its REPA targets go beside it, built only when a chosen variant uses REPA), RESULTS (JSON, grids,
 # table.md), N (samples scored), DEVICE, BF16 (--bf16 or --no-bf16; default: trainer.py's, native bf16 only). SMOKE=1 shrinks everything and writes under runs/ablation-smoke only.
 set -uo pipefail
 DATA=${DATA:-../shared/wikiart-mini}
@@ -24,6 +25,7 @@ DEVICE=${DEVICE:-cpu}
 VARIANTS=${VARIANTS:-baseline logit-normal laplace repa combo}
 COMBO_FLAGS=${COMBO_FLAGS:---timestep_sampling logit-normal --repa_weight 0.5}
 OUT=${OUT:-runs/ablation}
+LATENT_CACHE=${LATENT_CACHE:-$OUT/latents128}   # e.g. results/gpu_pack.sh's cache of the same images (same key)
 RESULTS=${RESULTS:-results/ablation}
 N=${N:-1000}
 SIZE=()                          # every image; SMOKE takes 48
@@ -48,12 +50,14 @@ RECIPE=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet
         --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
         --batch_size "$BATCH" --lr 2e-4 --warmup_steps 200 --ema_decay 0.999 --max_steps 1000000 --seed "$SEED"
         --save_every 200 --sample_every 0 --log_every 20 --num_workers 1 --device "$DEVICE" ${BF16:+"$BF16"}
-        --latent_cache "$OUT/latents128" "${SIZE[@]}")
+        --latent_cache "$LATENT_CACHE" "${SIZE[@]}")
 box() { timeout --foreground --preserve-status -s TERM "$@"; }  # SIGTERM: trainer.py saves, exports and exits
 
 mkdir -p "$OUT" "$RESULTS"
-echo "caches (untimed): $OUT/latents128 and $OUT/latents128-repa"
-python trainer.py "${RECIPE[@]}" --repa_weight 0.5 --max_steps 0 --output_dir "$OUT/cache-only" \
+CACHES=()   # the REPA targets (about 40 min on 2 cores) only if a chosen variant aligns
+for variant in $VARIANTS; do [[ ${LEVERS[$variant]:-} == *--repa_weight* ]] && CACHES=(--repa_weight 0.5); done
+echo "caches (untimed): $LATENT_CACHE${CACHES:+ and $LATENT_CACHE-repa}"
+python trainer.py "${RECIPE[@]}" "${CACHES[@]}" --max_steps 0 --output_dir "$OUT/cache-only" \
     > "$OUT/cache.log" 2>&1 || { tail -n 3 "$OUT/cache.log"; exit 1; }
 
 for variant in $VARIANTS; do

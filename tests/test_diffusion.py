@@ -483,6 +483,16 @@ def test_embedded_vqgan_and_in_memory_pipeline_agree(tmp_path, checkpoint):
     assert torch.equal(in_memory.generate(2, seed=1, **options), loaded.generate(2, seed=1, **options))
 
 
+def test_channels_last_is_the_default_layout_and_draws_the_same_images(checkpoint):
+    fast = load_diffusion_model(checkpoint, "cpu")
+    plain = load_diffusion_model(checkpoint, "cpu", channels_last=False)
+    for pipeline, layout in ((fast, torch.channels_last), (plain, torch.contiguous_format)):
+        for model in (pipeline.unet, pipeline.vqgan.decoder):
+            assert all(p.is_contiguous(memory_format=layout) for p in model.parameters() if p.dim() == 4)
+    options = dict(sampler="dpmpp-2m", steps=3, progress=False)
+    assert torch.allclose(fast.generate(2, seed=1, **options), plain.generate(2, seed=1, **options), atol=1e-4)
+
+
 def test_cli_writes_images_grid_and_metadata(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     assert run(checkpoint, out, "--num_images", 3, "--batch_size", 2, "--sampler", "ddim", "--steps", 3,
@@ -539,7 +549,7 @@ def test_same_seed_same_images_and_any_image_alone(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("flags", [("--sampler", "dpmpp-2m", "--spacing", "even", "--lower_order_final"),
                                    ("--sampler", "ddim", "--eta", 0.5),
-                                   ("--no_ema", "--precision", "bf16", "--channels_last")])
+                                   ("--no_ema", "--precision", "bf16", "--no-channels_last")])
 def test_cli_sampler_options(tmp_path, checkpoint, flags):
     assert run(checkpoint, tmp_path, "--num_images", 2, "--steps", 3, *flags) == 0
     params = json.loads(png_text(tmp_path / "00001.png")[0]["parameters"])
