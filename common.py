@@ -374,6 +374,7 @@ def save_state_dir(path, state):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes the folder private (0700); give it a normal folder's mode
     try:
         tensors = {}
         skeleton = _flatten(state, tensors)

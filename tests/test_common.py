@@ -37,6 +37,8 @@ def test_atomic_write_is_all_or_nothing_and_leaves_a_normal_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+    save_state_dir(tmp_path / "state", {"step": 1})
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
 
 
 def test_run_cli_reports_sigterm_in_one_line_and_exits_143(capsys):
