@@ -3,7 +3,7 @@
 # one ignored carry folder, keep the shipped UNets out of the tree that travels, and print that tree's size,
 # refusing above 60 MiB (the device takes 64 MiB at most).
 #
-#   bash results/gpu_pack.sh              # the latent cache is built once (about 11 min here), then reused
+#   bash results/gpu_pack.sh              # the latent cache is built once (38 min on this 2-core CPU), then reused
 #   # the device call: the `run` command and carry list in results/train_gpu.sh's header
 #   bash results/gpu_unpack.sh DIR        # afterwards: re-track the UNets, check the parts, install into models/
 #   bash results/gpu_pack.sh --restore    # re-track the UNets without unpacking (a call that brought nothing)
@@ -16,7 +16,8 @@
 # The shipped models/unet-*.safetensors (48 MiB) are untracked and excluded (packing.py shelve, files left on disk)
 # until gpu_unpack.sh or --restore re-tracks them: do not commit in between.
 # The cache is encoded in fp32 (--no-bf16): on this CPU (no AVX512-BF16) the VQGAN encoder ran over 20 times slower
-# under bf16 autocast (1.5 s an image in fp32 on one busy core). BF16=1 encodes as train_bundle.sh's cache does.
+# under bf16 autocast (fp32: 0.11 s an encode on 2 cores, 20,020 encodes). BF16=1 encodes as train_bundle.sh's
+# cache does. The last run's printed sizes: results/gpu_pack_full.txt (39.0 MiB would travel).
 # Variables: DATA (default ../shared/wikiart-mini), CARRY, CACHE (latent cache folder), MAX_IMAGES (default all;
 # SMOKE: 8), BF16, PYTHON (default python3).
 set -euo pipefail
