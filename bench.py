@@ -5,7 +5,8 @@
 
 Sections:
   vqgan      VQGAN encode and decode, images/s.
-  unet       UNet forward and plain training step (loss, backward, AdamW), samples/s, fp32 and bf16.
+  unet       UNet forward and plain training step (loss, backward, AdamW), samples/s, in NCHW and channels-last
+             layout, fp32 and (where the device computes it natively, or with --bf16) bf16.
   train      trainer.py's training step (its own make_unet, build_training, train_step) with the latent cache
              (latents read from a cache built once by build_latent_cache; only the steps are timed) versus without
              it (each step decodes a batch of JPEG/PNG images from --images and encodes it with the frozen VQGAN,
@@ -49,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import trainer
 from common import (
     ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none,
-    pick_device, positive_int, run_cli,
+    native_bf16, pick_device, positive_int, run_cli,
 )
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
 from unet import UNET_CONFIGS, build_unet, count_parameters
@@ -155,10 +156,14 @@ def bench_unet(args, device):
     rows = []
     unet = build_unet(args.unet_size).to(device)
     n_params = count_parameters(unet) / 1e6
-    for bf16 in (False, True):
+    precisions = (False, True) if args.bf16 or native_bf16(device) else (False,)  # emulated bf16: ~100x slower
+    for layout, bf16 in itertools.product((torch.contiguous_format, torch.channels_last), precisions):
+        unet.to(memory_format=layout)  # trainer.py --channels_last, diffusion.py's default
         forward_s, train_s = time_unet(unet, unet, args.batch_size, bf16, device, args.repeats)
+        suffix = ", channels-last" if layout == torch.channels_last else ""
         for what, seconds in (("forward", forward_s), ("train step", train_s)):
-            rows.append({"section": "unet", "what": f"{args.unet_size} ({n_params:.1f}M) {what} {precision(bf16)}",
+            rows.append({"section": "unet",
+                         "what": f"{args.unet_size} ({n_params:.1f}M) {what} {precision(bf16)}{suffix}",
                          "samples_per_s": args.batch_size / seconds, "peak_mb": peak_memory_mb(device)})
     return rows
 
@@ -408,7 +413,8 @@ def main(argv=None):
     parser.add_argument("--cli_checkpoint", default=None,
                         help="diffusion checkpoint of the cli section (default: the bundled unconditional model)")
     parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast in the vqgan, train, diffusers and sampler sections (unet times both)")
+                        help="bf16 autocast in the vqgan, train, diffusers and sampler sections; unet times both fp32 "
+                             "and bf16 with it or where bf16 is native, fp32 alone elsewhere")
     parser.add_argument("--out", default="bench.json", help="JSON file for the results (default: bench.json)")
     args = parser.parse_args(argv)
     if not args.cli_images[0] < args.cli_images[1]:

@@ -576,7 +576,8 @@ def build_training(args, unet, device, repa_shape=None):
     (in eval mode, what sampling uses), the REPA projector (None unless `repa_shape`, the targets' K x g x g, is
     given), AdamW (weight decay on matrices and convolutions only), the LR schedule, the noise schedule and the
     optimizer step count."""
-    unet = unet.to(device).train()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet = unet.to(device, memory_format=layout).train()  # the batches follow the weights' layout
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     projector = None if repa_shape is None else make_projector(args, unet, repa_shape).to(device).train()
     model = unet
@@ -1048,6 +1049,9 @@ def parse_args(argv=None):
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast; default: on where the device computes bf16 natively "
                    "(CUDA, CPUs with AVX512-BF16/AMX), off elsewhere (emulated bf16 is far slower than fp32)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
+                   help="UNet weights in channels-last layout (faster convolutions on CPUs; the same training to "
+                   "rounding; may change on resume)")
     g.add_argument("--seed", type=int, default=0, help="random seed (initial weights, data order, noise)")
     g = p.add_argument_group("text conditioning")
     g.add_argument("--conditional", action="store_true", help="train a text-conditioned UNet")

@@ -3,8 +3,10 @@ import json
 import sys
 
 import pytest
+import torch
 
 import bench
+from common import native_bf16
 
 TINY = ["--unet_size", "tiny", "--vqgan_config", "vq-f4-tiny", "--vqgan_resolutions", "32", "--batch_size", "2",
         "--repeats", "1", "--sample_batch", "1", "--max_sampler_steps", "2"]
@@ -30,6 +32,10 @@ def test_every_section_reports_figures_and_ratios(tmp_path, image_folder):
         else:
             assert 0 < figure < float("inf")
         assert row["peak_mb"] is None or row["peak_mb"] > 0
+
+    unet = [what for what, row in rows.items() if row["section"] == "unet"]
+    assert sum("channels-last" in what for what in unet) * 2 == len(unet) == 4 * (1 + native_bf16(torch.device("cpu")))
+    assert any("bf16" in what for what in unet) == native_bf16(torch.device("cpu"))  # emulated bf16 is not timed
 
     train = [row for row in rows.values() if row["section"] == "train"]
     with_cache, without_cache, speed_up = train
