@@ -90,9 +90,11 @@ def test_tiny_config_is_small_and_round_trips(tmp_path):
     with torch.no_grad():
         latents = model.encode(images)
         assert latents.shape == (2, 4, 8, 8) and model.downsample_factor == 4
-        assert torch.equal(loaded.encode(images), latents)
+        # the weights round-trip exactly; load_vqgan's channels-last layout rounds the convolutions differently
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+        assert torch.allclose(loaded.encode(images), latents, atol=1e-5)
         decoded = loaded.decode(latents)
-        assert decoded.shape == images.shape and torch.equal(decoded, model.decode(latents))
+        assert decoded.shape == images.shape and torch.allclose(decoded, model.decode(latents), atol=1e-5)
 
 
 def test_load_vqgan_rejects_wrong_model_file(tmp_path):
