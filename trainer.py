@@ -905,7 +905,7 @@ def train(args, rank, world_size, device):
         else:
             log_path.unlink(missing_ok=True)
     pipeline = Pipeline(run.ema, run.schedule, vqgan, sampling_config(args, run, cache), text_encoder=text_encoder,
-                        bf16=args.bf16, channels_last=False)  # the EMA weights stay as training keeps and saves them
+                        bf16=args.bf16, channels_last=args.channels_last)  # the EMA keeps the training's layout
     prompts = sample_prompts(args, cache)
     num_rows = len(cache["latents"])
     samples_per_step = args.batch_size * args.grad_accum * world_size

@@ -495,13 +495,24 @@ def test_default_training_is_unchanged_by_the_levers(tmp_path, image_folder, vqg
     assert "repa_projector" not in load_state_dir(out / "checkpoints" / "step_0000004")
 
 
-def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan):
+def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan, monkeypatch):
     args = trainer.parse_args(["--dataset_path", "x", "--vqgan_ckpt", "x", "--channels_last"])
     run = trainer.build_training(args, trainer.make_unet(args, 4, 8, None), torch.device("cpu"))
     for unet in (run.unet, run.ema):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
     out = tmp_path / "channels_last"
-    assert train(image_folder, vqgan, out, "--max_steps", 4, "--channels_last") == 0
+    layouts = []
+    lerp = trainer.update_ema
+
+    def update_ema(ema, model, *rest):  # the EMA lerps into the training's layout, in-training sampling or not
+        layouts.append(all(p.is_contiguous(memory_format=torch.channels_last)
+                           for p in ema.parameters() if p.dim() == 4))
+        return lerp(ema, model, *rest)
+
+    monkeypatch.setattr(trainer, "update_ema", update_ema)
+    assert train(image_folder, vqgan, out, "--max_steps", 4, "--channels_last", "--sample_every", 2,
+                 "--num_samples", 1, "--sample_steps", 2) == 0
+    assert layouts == [True] * 4
     assert [e["loss"] for e in log_entries(out)] == pytest.approx(LOSSES_BEFORE_THE_LEVERS, rel=1e-4)
     assert train(image_folder, vqgan, out, "--max_steps", 6, "--resume", "auto") == 0  # the layout may change
     assert checkpoints(out)[-1] == "step_0000006"
