@@ -6,7 +6,7 @@
 Sections:
   vqgan      VQGAN encode and decode, images/s.
   unet       UNet forward and plain training step (loss, backward, AdamW), samples/s, in NCHW and channels-last
-             layout, fp32 and (where the device computes it natively, or with --bf16) bf16.
+             layout, fp32 and (where bf16 pays, common.native_bf16, or with --bf16) bf16.
   train      trainer.py's training step (its own make_unet, build_training, train_step) with the latent cache
              (latents read from a cache built once by build_latent_cache; only the steps are timed) versus without
              it (each step decodes a batch of JPEG/PNG images from --images and encodes it with the frozen VQGAN,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from common import (
     CorruptCheckpoint, UserError, append_log, at_least, atomic_write, atomic_write_json, check_run_identity,
     epoch_order, file_digest, load_resume, non_negative_float, non_negative_int, pickle_globals, positive_float,
@@ -215,3 +216,22 @@ def test_a_pickle_that_runs_code_is_refused_naming_it_and_loads_only_when_truste
     assert pickle_globals(tmp_path / "evil.pt")[0].endswith(".print")  # named first, before torch's own globals
     safe_torch_load(tmp_path / "evil.pt", trust=True)
     assert "the payload ran" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, speedup, expected", [
+    (set(), 2.0, False),                    # no bf16 instructions: emulated, never chosen
+    ({"avx512_bf16"}, 0.5, False),          # the flag, but measured slower than fp32 (seen on a 2-core Xeon)
+    ({"avx512_bf16"}, 1.2, False),          # within the margin: fp32 stays
+    ({"avx512_bf16"}, 2.0, True),
+    ({"amx_bf16", "avx512_bf16"}, 3.0, True),
+])
+def test_cpu_bf16_is_chosen_only_where_the_flags_exist_and_it_measures_faster(monkeypatch, flags, speedup, expected):
+    monkeypatch.setattr(common, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: speedup)
+    assert common.native_bf16(torch.device("cpu")) is expected
+
+
+def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once():
+    common.cpu_bf16_speedup.cache_clear()
+    first = common.cpu_bf16_speedup(size=64, repeats=1)
+    assert first > 0 and common.cpu_bf16_speedup(size=64, repeats=1) == first  # cached: one measurement a process
