@@ -10,9 +10,11 @@
 #   VARIANTS="baseline repa" bash results/ablation.sh
 #   COMBO_FLAGS="--timestep_sampling laplace --repa_weight 0.5" VARIANTS=combo bash results/ablation.sh
 #   SMOKE=1 bash results/ablation.sh               # the whole pipeline on 48 images, 45 s per variant
+#   STEPS_PER_VARIANT=511 VARIANTS=laplace bash results/ablation.sh   # a step budget instead of the clock
 #
 # Variables: DATA (training data; its `train` split, default ../shared/wikiart-mini, all 10,010), REAL (the
-# reference set, its `test` split), SECONDS_PER_VARIANT (default 2700), SEED, VARIANTS (default: all below),
+# reference set, its `test` split), SECONDS_PER_VARIANT (default 2700), STEPS_PER_VARIANT (a fixed number of
+# steps instead: rows measured on another machine than the table's clock, at the steps that clock reached), SEED, VARIANTS (default: all below),
 # COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), LATENT_CACHE (default
 # OUT/latents128; its REPA targets go beside it, built only when a chosen variant uses REPA), RESULTS (JSON, grids,
 # table.md), N (samples scored), DEVICE, BF16 (--bf16 or --no-bf16; default: trainer.py's, native bf16 only). SMOKE=1 shrinks everything and writes under runs/ablation-smoke only.
@@ -20,6 +22,7 @@ set -uo pipefail
 DATA=${DATA:-../shared/wikiart-mini}
 REAL=${REAL:-../shared/wikiart-mini}
 SECONDS_PER_VARIANT=${SECONDS_PER_VARIANT:-2700}
+STEPS_PER_VARIANT=${STEPS_PER_VARIANT:-}
 SEED=${SEED:-0}
 DEVICE=${DEVICE:-cpu}
 VARIANTS=${VARIANTS:-baseline logit-normal laplace repa combo}
@@ -65,9 +68,15 @@ for variant in $VARIANTS; do
     run="$OUT/$variant"
     rm -rf "$run"  # from scratch, every time
     read -ra flags <<< "${LEVERS[$variant]}"
-    echo "$variant: ${flags[*]:-(the bundled recipe)}, ${SECONDS_PER_VARIANT} s"
-    box "$SECONDS_PER_VARIANT" python trainer.py "${RECIPE[@]}" "${flags[@]}" --output_dir "$run" \
-        > "$run.log" 2>&1
+    if [[ -n $STEPS_PER_VARIANT ]]; then  # the steps, however long they take (the last --max_steps wins)
+        echo "$variant: ${flags[*]:-(the bundled recipe)}, $STEPS_PER_VARIANT steps"
+        python trainer.py "${RECIPE[@]}" "${flags[@]}" --max_steps "$STEPS_PER_VARIANT" --output_dir "$run" \
+            > "$run.log" 2>&1
+    else
+        echo "$variant: ${flags[*]:-(the bundled recipe)}, ${SECONDS_PER_VARIANT} s"
+        box "$SECONDS_PER_VARIANT" python trainer.py "${RECIPE[@]}" "${flags[@]}" --output_dir "$run" \
+            > "$run.log" 2>&1
+    fi
     [[ -f $run/unet.json ]] || { tail -n 3 "$run.log"; exit 1; }
     python evaluate.py --samples_from "$run/unet" --n "$N" --real "$REAL" --real_split test --resolution 128 \
         --seed 0 "${STEPS[@]}" --fake "$run/eval_samples" --out "$RESULTS/$variant.json" --device "$DEVICE" \
