@@ -557,8 +557,10 @@ def cpu_flags():
 def cpu_bf16_speedup(size=1024, repeats=3):
     """fp32 time / bf16 time of a size x size matmul on this CPU's threads, best of `repeats` each (~0.1 s once per
     process). The 1.3x margin in native_bf16 keeps the choice stable from run to run where the two are far apart."""
+    generator = torch.Generator().manual_seed(0)  # its own: the global RNG a training run seeded stays untouched
+
     def best_time(dtype):
-        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
         a @ b  # warm-up: kernel selection, caches
         times = []
         for _ in range(repeats):

@@ -231,7 +231,9 @@ def test_cpu_bf16_is_chosen_only_where_the_flags_exist_and_it_measures_faster(mo
     assert common.native_bf16(torch.device("cpu")) is expected
 
 
-def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once():
+def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once_without_touching_the_global_rng():
     common.cpu_bf16_speedup.cache_clear()
+    rng = torch.get_rng_state()
     first = common.cpu_bf16_speedup(size=64, repeats=1)
+    assert torch.equal(torch.get_rng_state(), rng)  # a seeded training run draws the same numbers as without it
     assert first > 0 and common.cpu_bf16_speedup(size=64, repeats=1) == first  # cached: one measurement a process
