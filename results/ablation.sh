@@ -14,8 +14,8 @@
 #
 # Variables: DATA (training data; its `train` split, default ../shared/wikiart-mini, all 10,010), REAL (the
 # reference set, its `test` split), SECONDS_PER_VARIANT (default 2700), STEPS_PER_VARIANT (a fixed number of
-# steps instead: rows measured on another machine than the table's clock, at the steps that clock reached), SEED, VARIANTS (default: all below),
-# COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), LATENT_CACHE (default
+# steps instead: rows measured on another machine than the table's clock, at the steps that clock reached), SEED,
+# VARIANTS (default: all below), COMBO_FLAGS (the best combination, chosen after the single-lever runs), OUT (runs), LATENT_CACHE (default
 # OUT/latents128; its REPA targets go beside it, built only when a chosen variant uses REPA), RESULTS (JSON, grids,
 # table.md), N (samples scored), DEVICE, BF16 (--bf16 or --no-bf16; default: trainer.py's, native bf16 only). SMOKE=1 shrinks everything and writes under runs/ablation-smoke only.
 set -uo pipefail

@@ -8,7 +8,8 @@
 #   N=200 STEPS="20 10" bash results/sampler_spacing.sh   # the first, smaller study (200 of the 700 test)
 #
 # Variables: N (samples a cell, default 1000; evaluate.py --n also takes a fixed random N of the test paintings
-# where there are more), STEPS (default "10 15 20 30"), PRECISION (diffusion.py's --precision, default auto), OUT (default runs/eval/spacing).
+# where there are more), STEPS (default "10 15 20 30"), PRECISION (diffusion.py's --precision, default auto),
+# OUT (default runs/eval/spacing).
 set -u
 N=${N:-1000}
 STEPS=${STEPS:-10 15 20 30}
