@@ -139,17 +139,15 @@ def gather_rng_states():
 
 def dataset_identity(args, source):
     """What the data set is: its name or resolved path, split, column and size, and for a local folder or file a
-    digest of every file's path, size and modification time (so edited, added or replaced files are noticed)."""
+    digest of every file's path, size and bytes (so edited, added or replaced files are noticed, while a copy of
+    the same files, with new modification times, is the same data set; hashing costs about 0.15 s per 140 MB)."""
     path = Path(args.dataset_path)
     identity = dict(path=str(path.resolve()) if path.exists() else args.dataset_path, split=args.split,
                     image_column=args.image_column, rows=len(source))
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
     if files:
-        digest = hashlib.sha256()
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file.relative_to(path.parent)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-        identity["files"] = digest.hexdigest()
+        listing = "".join(f"{file.relative_to(path.parent)}\t{file.stat().st_size}\n" for file in files)
+        identity["files"] = hashlib.sha256((listing + file_digest(files)).encode()).hexdigest()
     return identity
 
 

@@ -176,6 +176,10 @@ def test_latent_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, ima
     monkeypatch.setattr(VQModel, "encode", no_encoding)
     _, output = run("b")
     assert f"reusing {cache_path}" in output and (cache_path / "tensors.safetensors").stat().st_mtime_ns == written
+    for image in image_folder.iterdir():  # the same files copied anew (new modification times): the same data set
+        os.utime(image, ns=(1_000_000_000, 1_000_000_000))
+    _, output = run("b2")
+    assert f"reusing {cache_path}" in output
     monkeypatch.undo()
 
     write_vqgan(vqgan, seed=1, latent_scale=0.5)  # another VQGAN, with a latent scale of its own
