@@ -231,10 +231,12 @@ def build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16
 CAPTION_KEYS = ("captions", "caption_ids", "context", "context_mask")  # what encode_captions adds to a cache
 
 
-def read_latent_cache(path, identity, what="latent cache"):
+def read_latent_cache(path, identity, what="latent cache", uncaptioned_ok=False):
     """The cache at `path` if it was built for `identity`; None (saying why) if absent or built for other inputs.
     An unconditional run also uses the latents of a cache built with captions (a conditional run's) and ignores
-    the captions, so the two runs of one data set encode it once. `what` names the cache in messages."""
+    the captions, so the two runs of one data set encode it once; with `uncaptioned_ok`, a conditional run gets
+    an unconditional run's cache of the same images (none unreadable) as it is, to caption. `what` names the cache
+    in messages."""
     if not path.exists():
         return None
     if not (path / "state.json").is_file():
@@ -252,18 +254,27 @@ def read_latent_cache(path, identity, what="latent cache"):
     if identity.get("captions") is None and cache_key({**old, "captions": None}) == cache_key(identity):
         say(f"latent cache {path} was built with captions: this unconditional run uses its latents alone")
         return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
+    if (uncaptioned_ok and old.get("captions") is None and not cache["skipped"]
+            and cache["key"] == cache_key({**identity, "captions": None})):
+        return cache
     changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
     say(f"{what} {path} was built for another {', '.join(changed)}: re-encoding")
     return None
 
 
-def load_or_build_cache(path, identity, build, what="latent cache", rows_key="latents"):
+def load_or_build_cache(path, identity, build, what="latent cache", rows_key="latents", caption=None):
     """Rank 0 reuses the cache at `path` or calls build() and writes it; the other ranks wait, then read it.
-    `rows_key` names the tensor with one row per image (for the messages)."""
+    `rows_key` names the tensor with one row per image (for the messages). `caption()` (a conditional run's
+    captions of every image, as encode_captions gives them) completes an unconditional run's cache of the same
+    images in place of encoding them again."""
     cache = None
     if is_main():
-        cache = read_latent_cache(path, identity, what)
-        if cache is None:
+        cache = read_latent_cache(path, identity, what, uncaptioned_ok=caption is not None)
+        if caption is not None and cache is not None and cache["key"] != cache_key(identity):  # uncaptioned
+            cache = {**cache, **caption(), "key": cache_key(identity), "identity": identity}
+            save_state_dir(path, cache)
+            say(f"{what}: added this run's captions to the {len(cache[rows_key])} images of {path}")
+        elif cache is None:
             cache = {"key": cache_key(identity), "identity": identity, **build()}
             save_state_dir(path, cache)
             say(f"{what}: encoded {len(cache[rows_key])} images into {path}")
@@ -289,7 +300,8 @@ def dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device):
     cache = load_or_build_cache(
         path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
             source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
-            args.num_workers))
+            args.num_workers), caption=None if caption_of is None else (
+            lambda: encode_captions([caption_of(source.metadata(row)) for row in rows], text_encoder)))
     if args.repa_weight:
         cache["repa"] = load_repa_targets(
             Path(f"{path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(

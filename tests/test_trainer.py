@@ -436,6 +436,30 @@ def test_precomputed_text_embeddings_train_without_the_encoder(tmp_path, image_f
               embeddings)
 
 
+def test_conditional_run_captions_an_unconditional_cache_without_encoding_the_images_again(
+        tmp_path, image_folder, vqgan, capsys, monkeypatch):
+    """The other order: an unconditional run's cache gains a conditional run's captions; its latents are kept."""
+    cache = tmp_path / "cache"
+    assert train(image_folder, vqgan, tmp_path / "uncond", "--max_steps", 0, "--latent_cache", cache) == 0
+    latents = load_state_dir(cache)["latents"]
+    assert "captions" not in load_state_dir(cache)
+
+    def no_encoding(*_):
+        raise AssertionError("the VQGAN encoder ran although an unconditional cache of the same images exists")
+
+    monkeypatch.setattr(VQModel, "encode", no_encoding)
+    assert train(image_folder, vqgan, tmp_path / "cond", "--max_steps", 1, "--conditional", "--caption_template",
+                 "a {style} painting", "--max_text_length", 8, "--latent_cache", cache) == 0
+    assert "added this run's captions to the 12 images" in capsys.readouterr().out
+    captioned = load_state_dir(cache)
+    assert torch.equal(captioned["latents"], latents)
+    assert captioned["captions"] == ["a Baroque painting", "a Impressionism painting", "a Expressionism painting"]
+    assert captioned["caption_ids"].tolist() == [0, 1, 2] * 4
+    assert train(image_folder, vqgan, tmp_path / "cond2", "--max_steps", 1, "--conditional", "--caption_template",
+                 "a {style} painting", "--max_text_length", 8, "--latent_cache", cache) == 0
+    assert f"reusing {cache}" in capsys.readouterr().out  # now a conditional cache like any other
+
+
 def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_conditional_model(
         tmp_path, image_folder, vqgan, capsys, monkeypatch):
     """The recipe of the bundled models: a conditional run's latent cache also serves the unconditional run, and
