@@ -634,6 +634,15 @@ class ImageSource:
         row = self._dataset.select_columns(self.columns)[index]
         return {k: self._class_names[k][v] if k in self._class_names and v is not None else v for k, v in row.items()}
 
+    def column_values(self, column):
+        """Every row's value of metadata `column` (ClassLabel values as names; None where a row lacks it)."""
+        if column not in self.columns:
+            raise UserError(f"{self.path} has no metadata column {column!r} (columns: {', '.join(self.columns)})")
+        if self._records is not None:
+            return [record.get(column) for record in self._records]
+        names = self._class_names.get(column)
+        return [names[v] if names and v is not None else v for v in self._dataset[column]]
+
     def image(self, index):
         """The RGB image of row `index`, or None if it cannot be decoded."""
         try:

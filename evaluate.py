@@ -13,6 +13,7 @@ Images are float tensors B x 3 x H x W in [-1, 1].
     # a VQGAN's reconstructions: PSNR, SSIM, codebook usage, reconstruction FD / KID, and a grid PNG
     python evaluate.py --vqgan_ckpt runs/vq-f4-small/vqgan --real ../shared/wikiart-mini --n 256 --grid grid.png
 """
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -179,9 +180,21 @@ def extract_features(network, batches, device):
     return torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
 
 
-def set_features(source, n, network, size, args, what):
-    """Features of (a subset of n images of) an ImageSource; at least 2 readable images are required."""
-    dataset = PreparedImages(source, pick_indices(len(source), n), size, args.resolution)
+def real_rows(source, args):
+    """The rows of the real ImageSource to score: those whose metadata matches every --real_where COLUMN=VALUE
+    (compared as text; ClassLabel values by name), then a fixed random subset of --n of them."""
+    rows = list(range(len(source)))
+    for column, value in args.real_where:
+        values = source.column_values(column)
+        rows = [row for row in rows if str(values[row]) == value]
+        if not rows:
+            raise UserError(f"no --real image has {column} = {value!r} (e.g. {values[0]!r})")
+    return [rows[i] for i in pick_indices(len(rows), args.n)]
+
+
+def set_features(source, rows, network, size, args, what):
+    """Features of rows `rows` of an ImageSource; at least 2 readable images are required."""
+    dataset = PreparedImages(source, rows, size, args.resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
                                          num_workers=args.num_workers)
     features = extract_features(network, tqdm(loader, desc=f"{what} features", dynamic_ncols=True), args.device)
@@ -195,12 +208,14 @@ def set_features(source, n, network, size, args, what):
 # Real-set statistics, cached as .npz (mu, sigma as pytorch-fid writes them, plus the features for KID)
 
 
-def real_stats_key(args, count, network_name):
-    """Everything the real-set features depend on."""
+def real_stats_key(args, count, rows, network_name):
+    """Everything the real-set features depend on: the set (`count` images, of which `rows` are scored) and how."""
     real = Path(args.real).resolve() if Path(args.real).exists() else args.real
     key = dict(version=STATS_CACHE_VERSION, real=str(real), split=args.real_split, image_column=args.image_column,
-               images_in_set=count, n=len(pick_indices(count, args.n)), seed_of_subset=0, resolution=args.resolution,
+               images_in_set=count, n=len(rows), seed_of_subset=0, resolution=args.resolution,
                features=network_name, input_size=FEATURE_SIZES[network_name], resize=RESIZE_POLICY)
+    if args.real_where:  # absent otherwise, so the statistics cached before --real_where existed still serve
+        key["where"] = [list(pair) for pair in args.real_where]
     if network_name == "inception":
         key["weights"] = file_digest(find_inception_weights(args.inception_weights))[:16]
     return key
@@ -229,13 +244,14 @@ def save_stats(path, key, stats):
 def real_statistics(args, network, network_name):
     """{"mu", "sigma", "features"} of the real set, from the cache where it holds them."""
     source = ImageSource(args.real, args.real_split, args.image_column)
-    key = real_stats_key(args, len(source), network_name)
+    rows = real_rows(source, args)
+    key = real_stats_key(args, len(source), rows, network_name)
     path = None if args.no_cache else stats_cache_path(args.cache_dir, key)
     stats = load_cached_stats(path, key) if path is not None and path.is_file() else None
     if stats is not None:
         print(f"real-set statistics from {path}")
         return stats
-    features = set_features(source, args.n, network, FEATURE_SIZES[network_name], args, "real")
+    features = set_features(source, rows, network, FEATURE_SIZES[network_name], args, "real")
     mu, sigma = mean_and_covariance(features)
     stats = {"mu": mu, "sigma": sigma, "features": features}
     if path is not None:
@@ -261,8 +277,11 @@ def set_metrics(real_features, fake_features, real_mu, real_sigma, args, prefix=
 def score_sets(args, network):
     fake_dir = Path(args.fake)
     real = real_statistics(args, network, args.features)
-    fake_features = set_features(ImageSource(fake_dir), args.n, network, FEATURE_SIZES[args.features], args, "fake")
-    results = {"real": str(args.real), "real_split": args.real_split, "fake": str(fake_dir),
+    fake = ImageSource(fake_dir)
+    fake_features = set_features(fake, pick_indices(len(fake), args.n), network, FEATURE_SIZES[args.features], args,
+                                 "fake")
+    results = {"real": str(args.real), "real_split": args.real_split,
+               "real_where": [list(pair) for pair in args.real_where], "fake": str(fake_dir),
                "n_real": len(real["features"]), "n_fake": len(fake_features), "resolution": args.resolution}
     return {**results, **set_metrics(real["features"], fake_features, real["mu"], real["sigma"], args)}
 
@@ -303,7 +322,7 @@ def vqgan_loader(args, resolution):
     """Batches of --n (or all) --real images at `resolution`, centre-cropped, as the VQGAN reconstructs them."""
     source = ImageSource(args.real, args.real_split, args.image_column)
     dataset = torch.utils.data.Subset(ImageTensorDataset(source, resolution, random_crop=False, flip=False),
-                                      pick_indices(len(source), args.n))
+                                      real_rows(source, args))
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
                                        num_workers=args.num_workers)
 
@@ -385,6 +404,14 @@ def print_table(results, features):
 # Command line
 
 
+def column_equals(text):
+    """COLUMN=VALUE -> (COLUMN, VALUE), for --real_where."""
+    column, equals, value = text.partition("=")
+    if not (column and equals):
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, e.g. style=Baroque, not {text!r}")
+    return column, value
+
+
 def parse_args(argv):
     parser = ArgumentParser(
         __file__,
@@ -400,6 +427,10 @@ def parse_args(argv):
     data.add_argument("--real_split", default=None,
                       help="split of a --real dataset (default: test with --vqgan_ckpt, train otherwise)")
     data.add_argument("--image_column", default="image", help="image column of a --real dataset")
+    data.add_argument("--real_where", type=column_equals, action="append", default=[], metavar="COLUMN=VALUE",
+                      help="only the --real images whose metadata COLUMN is VALUE (a ClassLabel by name, e.g. "
+                           "style=Baroque, to score samples of one prompt against that style); repeatable: all must "
+                           "hold")
     data.add_argument("--fake", default=None,
                       help="folder of generated images (with --samples_from: where they are written, default "
                            "CKPT_samples_SAMPLER_STEPS_seedSEED next to the checkpoint)")

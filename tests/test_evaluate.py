@@ -170,9 +170,9 @@ def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypat
     real, fake = write_images(tmp_path / "real", range(10)), write_images(tmp_path / "fake", range(20, 30))
     computed = []
 
-    def counting_set_features(source, n, network, size, args, what):
+    def counting_set_features(source, rows, network, size, args, what):
         computed.append(what)
-        return set_features(source, n, network, size, args, what)
+        return set_features(source, rows, network, size, args, what)
 
     set_features = evaluate.set_features
     monkeypatch.setattr(evaluate, "set_features", counting_set_features)
@@ -201,7 +201,8 @@ def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypat
     args = evaluate.parse_args(["--real", str(real), "--fake", str(fake),
                                 "--inception_weights", str(inception_weights)])
     args.real_split = "train"
-    paths = {net: stats_cache_path(cache, real_stats_key(args, 10, net)) for net in ("effnet-lite0", "inception")}
+    paths = {net: stats_cache_path(cache, real_stats_key(args, 10, list(range(10)), net))
+             for net in ("effnet-lite0", "inception")}
     assert paths["effnet-lite0"] == path and paths["inception"] != path  # another feature network: another file
 
 
@@ -351,3 +352,38 @@ def test_command_line_error_is_one_line_with_exit_status_2(tmp_path):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: fake image folder not found: {tmp_path / 'x'}"]
+
+
+def test_real_where_scores_against_the_images_of_one_style(tmp_path, capsys, monkeypatch, cheap_features,
+                                                           image_folder):
+    """--real_where style=Baroque: the real set is the 4 Baroque paintings of 12 (rows 0, 3, 6, 9), cached apart
+    from the whole set's statistics; a column or value that is not there is a clear error."""
+    fake = write_images(tmp_path / "fake", range(20, 26))
+    scored = []
+
+    def recording_set_features(source, rows, network, size, args, what):
+        scored.append((what, list(rows)))
+        return set_features(source, rows, network, size, args, what)
+
+    set_features = evaluate.set_features
+    monkeypatch.setattr(evaluate, "set_features", recording_set_features)
+    argv = ["--real", image_folder, "--fake", fake, "--cache_dir", tmp_path / "cache", "--out", tmp_path / "r.json"]
+    run(argv + ["--real_where", "style=Baroque"], capsys)
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert scored == [("real", [0, 3, 6, 9]), ("fake", list(range(6)))]
+    assert results["n_real"] == 4 and results["real_where"] == [["style", "Baroque"]]
+    run(argv, capsys)  # the whole set: its own statistics, not the Baroque ones
+    assert scored[2] == ("real", list(range(12))) and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    with pytest.raises(UserError, match="no --real image has style = 'Rococo'"):
+        evaluate.main([str(a) for a in argv + ["--real_where", "style=Rococo"]])
+    with pytest.raises(UserError, match="no metadata column 'genre'"):
+        evaluate.main([str(a) for a in argv + ["--real_where", "genre=portrait"]])
+    with pytest.raises(UserError, match="--real_where: expected COLUMN=VALUE, e.g. style=Baroque, not 'Baroque'"):
+        evaluate.parse_args(["--real", "r", "--real_where", "Baroque"])
+
+
+def test_column_values_of_a_class_label_are_names(wikiart_mini):
+    source = ImageSource(wikiart_mini, "test")
+    styles = source.column_values("style")
+    assert len(styles) == len(source) == 700 and styles[0] == source.metadata(0)["style"]
+    assert {"Baroque", "Impressionism"} <= set(styles) and all(isinstance(s, str) for s in styles)
