@@ -231,9 +231,14 @@ def test_cpu_bf16_is_chosen_only_where_the_flags_exist_and_it_measures_faster(mo
     assert common.native_bf16(torch.device("cpu")) is expected
 
 
-def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once_without_touching_the_global_rng():
+def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once_without_touching_the_global_rng_or_threads():
     common.cpu_bf16_speedup.cache_clear()
-    rng = torch.get_rng_state()
-    first = common.cpu_bf16_speedup(size=64, repeats=1)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = common.cpu_bf16_speedup(size=64, repeats=1)
+        assert torch.get_num_threads() == 2  # measured on one thread, the caller's count restored
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(torch.get_rng_state(), rng)  # a seeded training run draws the same numbers as without it
     assert first > 0 and common.cpu_bf16_speedup(size=64, repeats=1) == first  # cached: one measurement a process
