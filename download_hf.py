@@ -34,7 +34,6 @@ import math
 import operator
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -48,8 +47,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from common import (
-    ArgumentParser, UserError, atomic_write, class_label_names, load_hf_dataset, non_negative_float, non_negative_int,
-    positive_float, positive_int, run_cli,
+    ArgumentParser, UserError, atomic_write, check_output_folder, class_label_names, load_hf_dataset,
+    non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
 )
 
 METADATA = "metadata.jsonl"
@@ -304,13 +303,8 @@ def save_row_image(cell, path, args):
 
 
 def prepare_output_dir(path):
-    output_dir = Path(path)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to --output_dir {output_dir}: {err.strerror or err}") from None
+    output_dir = check_output_folder(path, "--output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(".*.tmp"):  # left by a killed atomic write
         stale.unlink()
     return output_dir

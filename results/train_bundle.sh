@@ -12,11 +12,16 @@
 #   # later, training both on from their newest checkpoints (the shipped models had one such session):
 #   DATA=data/wikiart128 RESUME=1 UNCOND_SECONDS=3600 COND_SECONDS=3600 bash results/train_bundle.sh
 #   # on a GPU, e.g.: DEVICE=cuda WORKERS=6 BATCH=256 LR=3e-4 VQGAN_SECONDS=600 UNCOND_SECONDS=1800 ...
+#   # the shipped models' last stage: both trained on from models/ over all 10,010 paintings, learning rate annealed
+#   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=900 bash results/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, UNCOND_SECONDS,
 # COND_SECONDS (wall-time boxes), DEVICE (cpu, cuda, mps), WORKERS (image-decoding processes), BATCH, LR,
-# RESUME (set: both UNets continue from their newest checkpoints in runs/, optimizer and data order included).
+# RESUME (set: both UNets continue from their newest checkpoints in runs/, optimizer and data order included),
+# CONTINUE (set: instead of the stages above, each UNet in models/ trains on (--init_from: its weights, a fresh
+# optimizer) for CONT_UNCOND_STEPS / CONT_COND_STEPS steps, warm-up 200, then a half cosine from LR to LR / 10, and
+# its export replaces it; the conditional one continues from its own weights, not from the new unconditional one).
 set -uo pipefail
 DATA=${DATA:?set DATA to an ImageFolder of 128 px paintings}
 VQGAN_SECONDS=${VQGAN_SECONDS:-0}
@@ -47,6 +52,16 @@ UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_s
       --save_every 200 --sample_every 400 --log_every 20 --num_workers "$WORKERS" --device "$DEVICE"
       --latent_cache runs/latents128 "${RESUME_FLAGS[@]}")
 COND=(--conditional --caption_template "a {style} painting" "${TEXT[@]}")
+if [[ -n ${CONTINUE:-} ]]; then
+    ANNEAL=(--lr_schedule cosine --min_lr "$(python -c "print($LR / 10)")" --seed 1)
+    python trainer.py "${UNET[@]}" "${ANNEAL[@]}" --max_steps "${CONT_UNCOND_STEPS:?}" --init_from models/unet-uncond \
+        --output_dir runs/unet-uncond-continued > runs/unet-uncond-continued.log 2>&1 || exit
+    python diffusion.py --unet_ckpt_path runs/unet-uncond-continued/unet --export models/unet-uncond --device cpu || exit
+    python trainer.py "${UNET[@]}" "${COND[@]}" "${ANNEAL[@]}" --max_steps "${CONT_COND_STEPS:?}" \
+        --init_from models/unet-cond --output_dir runs/unet-cond-continued > runs/unet-cond-continued.log 2>&1 || exit
+    python diffusion.py --unet_ckpt_path runs/unet-cond-continued/unet --export models/unet-cond --device cpu || exit
+    exit
+fi
 # the conditional run's cache (latents + captions) serves both runs: build it first, train nothing
 python trainer.py "${UNET[@]}" "${COND[@]}" --max_steps 0 --output_dir runs/cache-only > runs/cache.log 2>&1 || exit
 box "$UNCOND_SECONDS" python trainer.py "${UNET[@]}" --output_dir runs/unet-uncond > runs/unet-uncond.log 2>&1

@@ -320,7 +320,7 @@ BAD_INPUT = {
     "filter column": ("--dataset_name DS --image_bytes_key image --max_punsafe 0.5 --output_dir OUT",
                       "'punsafe' column"),
     "unwritable output": ("--dataset_name DS --image_bytes_key image --output_dir BLOCKED",
-                          "cannot write to --output_dir"),
+                          "a_file is a file, not a folder"),
     "other columns already": ("--dataset_name DS --image_bytes_key image --output_dir FOLDER",
                               "use the same --metadata_columns"),
 }
