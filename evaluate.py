@@ -376,9 +376,25 @@ def score_vqgan(args, network):
                "PSNR": torch.cat(seen["psnr"]).mean().item(), "SSIM": torch.cat(seen["ssim"]).mean().item(),
                "code_usage": usage, "perplexity": perplexity}
     results.update(set_metrics(originals, reconstructions, mu, sigma, args, prefix="r"))
+    if args.reference_split:
+        results.update(against_reference(args, network, originals, reconstructions))
     if args.grid:
         save_grid(args.grid, seen["shown"], args.grid_images, results)
     return results
+
+
+def against_reference(args, network, originals, reconstructions):
+    """--reference_split: the originals and their reconstructions each scored against all of another split, so the
+    decoder's cost reads beside the real-vs-real floor measured the same way: floor_FD (originals), dFD
+    (reconstructions) and their ratio dFD_over_floor."""
+    reference_args = argparse.Namespace(**{**vars(args), "real_split": args.reference_split, "n": None,
+                                           "real_where": []})
+    reference = real_statistics(reference_args, network, args.features)
+    floor = set_metrics(reference["features"], originals, reference["mu"], reference["sigma"], args, "floor_")
+    decoded = set_metrics(reference["features"], reconstructions, reference["mu"], reference["sigma"], args, "d")
+    ratio = decoded[f"dFD_{args.features}"] / floor[f"floor_FD_{args.features}"]
+    return {"reference_split": args.reference_split, "n_reference": len(reference["features"]), **floor, **decoded,
+            "dFD_over_floor": ratio}
 
 
 def save_grid(path, shown, count, results):
@@ -392,7 +408,7 @@ def print_table(results, features):
     """The metrics, one per line; every set metric's name carries the feature network it was computed with."""
     print(f"{'metric':<28}value")
     for name, value in results.items():
-        if name in ("PSNR", "SSIM", "code_usage", "perplexity") or name.endswith(f"FD_{features}"):
+        if name in ("PSNR", "SSIM", "code_usage", "perplexity", "dFD_over_floor") or name.endswith(f"FD_{features}"):
             print(f"{name + (' (FID)' if name == 'FD_inception' else ''):<28}{value:.4f}")
         elif name.endswith(f"KID_{features}"):
             print(f"{name:<28}{value:.6f} ± {results[name + '_std']:.6f}")
@@ -465,6 +481,10 @@ def parse_args(argv):
     vq.add_argument("--vqgan_ckpt", default=None,
                     help="score this VQGAN's reconstructions of --real instead: PSNR, SSIM, codebook usage and "
                          "perplexity, reconstruction FD / KID")
+    vq.add_argument("--reference_split", default=None,
+                    help="with --vqgan_ckpt: also score the originals (the floor) and their reconstructions against "
+                         "every image of this split of --real, e.g. --real_split train --n 1000 --reference_split "
+                         "test; reports dFD_over_floor")
     vq.add_argument("--grid", default=None,
                     help="with --vqgan_ckpt: write a PNG of originals over their reconstructions here")
     vq.add_argument("--grid_images", type=positive_int, default=16, help="images in the --grid PNG")
@@ -482,6 +502,8 @@ def check_args(args):
         raise UserError("--fake does not apply with --vqgan_ckpt (the reconstructions are the second set)")
     if args.grid and not args.vqgan_ckpt:
         raise UserError("--grid shows a VQGAN's reconstructions: it needs --vqgan_ckpt")
+    if args.reference_split and not args.vqgan_ckpt:
+        raise UserError("--reference_split scores a VQGAN's reconstructions: it needs --vqgan_ckpt")
     if not (args.fake or args.samples_from or args.vqgan_ckpt):
         raise UserError("nothing to compare --real with: give --fake DIR, --samples_from CKPT or --vqgan_ckpt CKPT")
 

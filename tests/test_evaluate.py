@@ -292,6 +292,43 @@ def test_vqgan_evaluation_metrics_codebook_and_grid(tmp_path, capsys, cheap_feat
         assert json.loads(img.text["PSNR"]) == pytest.approx(results["PSNR"])
 
 
+@pytest.fixture
+def two_split_dataset(tmp_path):
+    """A local Hugging Face dataset (parquet): `train` holds 12 paintings, `test` 8 others."""
+    import datasets
+
+    folder = tmp_path / "paintings"
+    (folder / "data").mkdir(parents=True)
+    for split, seeds in (("train", range(12)), ("test", range(100, 108))):
+        rows = {"image": [make_painting(seed) for seed in seeds]}
+        dataset = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+        dataset.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def test_vqgan_reference_split_puts_the_decoded_fd_beside_the_floor(tmp_path, capsys, monkeypatch, cheap_features,
+                                                                    two_split_dataset):
+    """--reference_split test: train originals and their reconstructions, each against all of `test`. A decoder
+    that returns its input costs nothing over the floor (ratio 1); a real one costs more."""
+    torch.manual_seed(0)
+    save_vqgan(VQModel(CONFIGS["vq-f4-tiny"]).eval(), tmp_path / "vqgan")
+    argv = ["--vqgan_ckpt", tmp_path / "vqgan", "--real", two_split_dataset, "--real_split", "train",
+            "--reference_split", "test", "--out", tmp_path / "r.json", "--cache_dir", tmp_path / "cache"]
+    out = run(argv, capsys)
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["n"] == 12 and results["n_reference"] == 8 and results["reference_split"] == "test"
+    floor, decoded = results["floor_FD_effnet-lite0"], results["dFD_effnet-lite0"]
+    assert floor > 0 and decoded != pytest.approx(floor)
+    assert results["dFD_over_floor"] == pytest.approx(decoded / floor) and "dFD_over_floor" in out
+
+    monkeypatch.setattr(evaluate, "reconstruct", lambda model, images, bf16=False: (images, torch.zeros(
+        len(images), 8, 8, dtype=torch.long)))
+    run(argv, capsys)
+    perfect = json.loads((tmp_path / "r.json").read_text())
+    assert perfect["floor_FD_effnet-lite0"] == pytest.approx(floor)
+    assert perfect["dFD_over_floor"] == pytest.approx(1.0) and perfect["rFD_effnet-lite0"] == pytest.approx(0, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 
@@ -302,6 +339,7 @@ def test_vqgan_evaluation_metrics_codebook_and_grid(tmp_path, capsys, cheap_feat
     (["--vqgan_ckpt", "v", "--samples_from", "s"], "separate jobs"),
     (["--vqgan_ckpt", "v"], "--fake does not apply"),
     (["--grid", "g.png"], "--grid .* needs --vqgan_ckpt"),
+    (["--reference_split", "test"], "--reference_split .* needs --vqgan_ckpt"),
     (["--kid_subset_size", "1"], "--kid_subset_size"),
     (["--samples_from", "MISSING"], "diffusion checkpoint config not found"),
 ])
