@@ -51,7 +51,7 @@ from tqdm import tqdm
 from common import (
     ArgumentParser, CorruptCheckpoint, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log,
     atomic_write, autocast, check_run_identity, checkpoint_path, collate_skip_none, epoch_order, file_digest, int_list,
-    load_resume, load_state_dir, load_weights, make_grid, model_paths, native_bf16, non_negative_float,
+    load_resume, load_state_dir, load_weights, make_grid, native_bf16, non_negative_float,
     non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_log, rng_state, run_cli,
     save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
@@ -63,7 +63,7 @@ from features import TEACHER, EfficientNetLiteFeatures
 from packing import read_packed_latents
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet, zero_module
-from vqgan import load_vqgan
+from vqgan import latents_digest, load_vqgan
 
 UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
 CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
@@ -160,8 +160,8 @@ def caption_identity(args):
 
 
 def cache_identity(args, source, resolution, vqgan_digest):
-    """Everything the cached tensors depend on (`vqgan_digest`: file_digest of the VQGAN's files); its hash is the
-    cache key."""
+    """Everything the cached tensors depend on (`vqgan_digest`: vqgan.latents_digest, blind to the decoder); its
+    hash is the cache key."""
     return dict(format=CACHE_FORMAT, vqgan=vqgan_digest,
                 dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
                 bf16=args.bf16, captions=caption_identity(args))
@@ -852,7 +852,7 @@ def prepare(args, rank, world_size, device):
     if resolution % vqgan.downsample_factor:
         raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's downsampling factor "
                         f"{vqgan.downsample_factor}")
-    vqgan_digest = file_digest(model_paths(args.vqgan_ckpt))
+    vqgan_digest = latents_digest(args.vqgan_ckpt)
     identity = run_identity(args, vqgan_digest, resolution)
     text_encoder = None
     if args.conditional:

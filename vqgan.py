@@ -15,6 +15,7 @@ on a CPU.
 """
 import copy
 import dataclasses
+import hashlib
 import random
 import re
 import shutil
@@ -284,6 +285,26 @@ class VQModel(nn.Module):
 def save_vqgan(model, path, dtype=None):
     """`NAME.safetensors` + `NAME.json` ({"model": "vqgan", architecture, "latent_scale"})."""
     return save_model(path, model.state_dict(), {"model": "vqgan", **model.config}, dtype=dtype)
+
+
+ENCODER_SIDE = ("encoder", "quant_conv", "quantize")  # the modules an image's latents depend on
+
+
+def latents_digest(path):
+    """sha256 of what a saved VQGAN's latents depend on: its config file (architecture, latent scale) and its
+    ENCODER_SIDE tensors, not the decoder. A --finetune_decoder'd VQGAN keeps the digest, so latent caches and
+    diffusion runs keyed by it stay valid."""
+    from safetensors import safe_open
+
+    weights_path, config_path = model_paths(path)
+    digest = hashlib.sha256(Path(config_path).read_bytes())
+    with safe_open(str(weights_path), "pt") as weights:
+        for name in sorted(weights.keys()):
+            if name.split(".")[0] in ENCODER_SIDE:
+                tensor = weights.get_tensor(name).contiguous()
+                digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_vqgan(path, device="cpu"):
@@ -680,8 +701,8 @@ def freeze_encoder_side(model):
     """--finetune_decoder: the encoder, quant_conv and codebook stop learning, so every image keeps its
     latents and code indices (diffusion models trained on them stay valid); post_quant_conv and the
     decoder train. Returns the parameters that still learn."""
-    for module in (model.encoder, model.quant_conv, model.quantize):
-        module.requires_grad_(False)
+    for name in ENCODER_SIDE:
+        getattr(model, name).requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -180,6 +180,12 @@ def test_latent_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, ima
         os.utime(image, ns=(1_000_000_000, 1_000_000_000))
     _, output = run("b2")
     assert f"reusing {cache_path}" in output
+    model = load_vqgan(vqgan)
+    with torch.no_grad():  # a fine-tuned decoder (vqgan.py --finetune_decoder) leaves the latents as they were
+        model.decoder.conv_out.weight.add_(0.1)
+    save_vqgan(model, vqgan)
+    _, output = run("b3")
+    assert f"reusing {cache_path}" in output
     monkeypatch.undo()
 
     write_vqgan(vqgan, seed=1, latent_scale=0.5)  # another VQGAN, with a latent scale of its own

@@ -367,6 +367,16 @@ def test_cli_exits_2_with_one_line_on_missing_data(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
 
 
+def resaved(folder, path, weight=None):
+    """folder's exported VQGAN saved again at `path`, with `weight` (a function of the model) nudged first."""
+    model = load_vqgan(folder / "vqgan")
+    if weight is not None:
+        with torch.no_grad():
+            weight(model)[0, 0, 0, 0] += 0.5
+    save_vqgan(model, path)
+    return path
+
+
 def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_path):
     """--finetune_decoder trains post_quant_conv + decoder with the GAN on (after a discriminator warm-up) and
     leaves encode(), the quantiser, the codebook and the latent scale exactly as they were."""
@@ -387,6 +397,11 @@ def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_
     assert after.latent_scale == before.latent_scale
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
     assert not torch.equal(before.post_quant_conv.weight, after.post_quant_conv.weight)
+    # the digest latent caches and UNet runs are keyed by sees the encoder side only
+    assert vqgan.latents_digest(tuned / "vqgan") == vqgan.latents_digest(base / "vqgan.json")
+    digest = vqgan.latents_digest(resaved(tuned, tmp_path / "same"))
+    assert vqgan.latents_digest(resaved(tuned, tmp_path / "dec", lambda m: m.decoder.conv_out.weight)) == digest
+    assert vqgan.latents_digest(resaved(tuned, tmp_path / "enc", lambda m: m.encoder.conv_in.weight)) != digest
     log = read_log(tuned)
     assert "d_loss" in log[0] and "g_loss" not in log[0]  # steps 0-1: the discriminator trains alone
     assert "g_loss" in log[1]
