@@ -633,7 +633,7 @@ def test_interpolate_runs_from_seed_to_seed_plus_one(tmp_path, checkpoint):
 def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     path = write_checkpoint(tmp_path, context_dim=384, embed_vqgan=True, prediction_type="epsilon")
     pipeline = load_diffusion_model(path, "cpu")
-    options = dict(sampler="ddim", steps=3, progress=False)
+    options = dict(sampler="ddim", steps=3, progress=False, guidance_interval=None)  # guide at every step
     plain = pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=1.0, **options)
     guided = pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=4.0, **options)
     other = pipeline.sample_latents(2, seed=0, prompt="a Cubist still life", guidance_scale=1.0, **options)
@@ -660,7 +660,7 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
         "a Baroque painting", "a Cubist still life"]
     assert json.loads(png_text(tmp_path / "rows" / "00004.png")[0]["parameters"]) == {
         **json.loads(png_text(tmp_path / "out" / "00000.png")[0]["parameters"]), "prompt": "a Cubist still life",
-        "negative_prompt": None, "seed": 1, "steps": 2, "checkpoint": str(path), "guidance_interval": None}
+        "negative_prompt": None, "seed": 1, "steps": 2, "checkpoint": str(path), "guidance_interval": [0.28, 5.42]}
     assert not torch.equal(pixels(tmp_path / "rows" / "00000.png"), pixels(tmp_path / "rows" / "00003.png"))
 
 
