@@ -397,7 +397,7 @@ def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_
     assert after.latent_scale == before.latent_scale
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
     assert not torch.equal(before.post_quant_conv.weight, after.post_quant_conv.weight)
-    # the digest latent caches and UNet runs are keyed by sees the encoder side only
+    # latents_digest, which keys latent caches and UNet runs, sees the encoder side only
     assert vqgan.latents_digest(tuned / "vqgan") == vqgan.latents_digest(base / "vqgan.json")
     digest = vqgan.latents_digest(resaved(tuned, tmp_path / "same"))
     assert vqgan.latents_digest(resaved(tuned, tmp_path / "dec", lambda m: m.decoder.conv_out.weight)) == digest
