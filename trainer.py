@@ -62,7 +62,7 @@ from diffusion import (
 from features import TEACHER, EfficientNetLiteFeatures
 from packing import read_packed_latents
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
-from unet import UNET_CONFIGS, build_unet, zero_module
+from unet import UNET_CONFIGS, build_unet, complete_config, zero_module
 from vqgan import latents_digest, load_vqgan
 
 UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
@@ -490,7 +490,7 @@ def make_unet(args, latent_channels, latent_size, context_dim):
                         f"the UNet (channel_mult {channel_mult}): change --resolution or --channel_mult")
     try:
         return build_unet(args.unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
-                          sample_size=latent_size, context_dim=context_dim)
+                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=args.pooled_text_embed)
     except ValueError as err:
         raise UserError(f"bad UNet configuration: {err}") from None
 
@@ -498,9 +498,10 @@ def make_unet(args, latent_channels, latent_size, context_dim):
 def init_from_checkpoint(unet, path):
     """Copy the UNet weights of a diffusion checkpoint (EMA where it has them) into a fresh `unet` (--init_from):
     fine-tuning, or a conditional model grown from an unconditional one. Every checkpoint tensor must fit one of
-    `unet` by name and shape; those only `unet` has (the cross-attention and null embedding of a conditional model)
-    keep their initialisation, but each new cross-attention starts with a zero output projection, so the UNet starts
-    out computing what the checkpoint did. Returns the names of the new tensors."""
+    `unet` by name and shape; those only `unet` has (the cross-attention, null embedding and pooled text projection
+    of a conditional model) keep their initialisation, but each new cross-attention starts with a zero output
+    projection (as the pooled text projection always does), so the UNet starts out computing what the checkpoint
+    did. Returns the names of the new tensors."""
     weights, _ = unet_weights(read_diffusion_model(path)[0], path)
     new = load_weights(unet, weights, f"--init_from {path} (pass its --unet_size, overrides and VQGAN)",
                        allow_missing=True)
@@ -728,6 +729,7 @@ def check_same_architecture(state, unet, path):
     saved = state.get("config", {}).get("unet") if isinstance(state, dict) else None
     if saved is None:
         raise UserError(f"{path} is not a trainer.py checkpoint (it holds no UNet configuration)")
+    saved = complete_config(saved)
     different = [f"{k} {unet.config.get(k)} here, {saved.get(k)} there" for k in sorted(set(saved) | set(unet.config))
                  if saved.get(k) != unet.config.get(k)]
     if different:
@@ -1072,6 +1074,9 @@ def parse_args(argv=None):
     g.add_argument("--max_text_length", type=positive_int, default=32, help="tokens per caption")
     g.add_argument("--text_embeddings", default=None,
                    help="captions encoded in advance by text_encoder.py --save: the encoder's weights are not loaded")
+    g.add_argument("--pooled_text_embed", action="store_true",
+                   help="also add each caption's mean token embedding to the timestep embedding (a linear layer that "
+                   "starts at zero, so --init_from a model without it starts where that model was)")
     g.add_argument("--cond_drop", type=float, default=0.1,
                    help="probability of dropping a caption in training (classifier-free guidance)")
     g = p.add_argument_group("checkpoints and feedback")
@@ -1118,9 +1123,9 @@ def check_args(args):
     captioned = args.caption_column is not None or args.caption_template is not None
     if args.conditional and (args.caption_column is None) == (args.caption_template is None):
         raise UserError("--conditional needs exactly one of --caption_column and --caption_template")
-    if not args.conditional and (captioned or args.sample_prompts or args.text_embeddings):
-        raise UserError("--caption_column, --caption_template, --sample_prompts and --text_embeddings need "
-                        "--conditional")
+    if not args.conditional and (captioned or args.sample_prompts or args.text_embeddings or args.pooled_text_embed):
+        raise UserError("--caption_column, --caption_template, --sample_prompts, --text_embeddings and "
+                        "--pooled_text_embed need --conditional")
 
 
 def check_lever_args(args):

@@ -8,6 +8,7 @@ that end a residual branch start at zero, so a fresh UNet is the identity on its
     python unet.py --size small                   # architecture summary and parameter count
     python unet.py --size base --context_dim 384  # a text-conditioned one
 """
+import inspect
 import math
 
 import torch
@@ -46,6 +47,14 @@ def timestep_embedding(t, dim, max_period=10000):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]  # B x half
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def mean_token(context, context_mask=None):
+    """The mean of a caption's real tokens: B x L x dim (mask B x L, True = real; None = all real) -> B x dim."""
+    if context_mask is None:
+        return context.mean(dim=1)
+    weights = context_mask.to(context.dtype)[..., None]  # B x L x 1
+    return (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 class ResBlock(nn.Module):
@@ -161,15 +170,21 @@ class Stage(nn.ModuleList):
 class UNet(nn.Module):
     """x: B x C x h x w noisy latents, t: B timesteps -> B x C x h x w prediction (eps or v).
     `attention_resolutions` are feature-map sizes (e.g. [16, 8] for 32x32 latents) that get transformer
-    blocks; `context_dim` (the text encoder's width) adds cross-attention and a learned null embedding."""
+    blocks; `context_dim` (the text encoder's width) adds cross-attention and a learned null embedding.
+    `pooled_text_embed` also adds the caption's mean token embedding, through a linear layer that starts at zero, to
+    the timestep embedding (as Imagen and SDXL add a pooled text embedding): the caption then shifts every ResNet
+    block at every noise level, where cross-attention reaches only the attention resolutions."""
 
     def __init__(self, in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                 attention_resolutions=(16, 8), num_heads=4, dropout=0.0, context_dim=None, sample_size=32):
+                 attention_resolutions=(16, 8), num_heads=4, dropout=0.0, context_dim=None, sample_size=32,
+                 pooled_text_embed=False):
         super().__init__()
         self.config = dict(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions), num_heads=num_heads, dropout=dropout,
-                           context_dim=context_dim, sample_size=sample_size)
+                           context_dim=context_dim, sample_size=sample_size, pooled_text_embed=pooled_text_embed)
+        if pooled_text_embed and context_dim is None:
+            raise ValueError("pooled_text_embed needs a text-conditioned UNet (context_dim)")
         if model_channels % 32:
             raise ValueError(f"model_channels must be a multiple of 32 (GroupNorm groups), got {model_channels}")
         if any(model_channels * m % num_heads for m in channel_mult):
@@ -180,6 +195,7 @@ class UNet(nn.Module):
                                         nn.Linear(emb_channels, emb_channels))
         if context_dim is not None:
             self.null_context = nn.Parameter(torch.randn(1, context_dim) / math.sqrt(context_dim))  # 1 token
+        self.pooled_text_proj = zero_module(nn.Linear(context_dim, emb_channels)) if pooled_text_embed else None
 
         def res_and_attn(ch_in, ch_out, resolution):
             layers = [ResBlock(ch_in, ch_out, emb_channels, dropout)]
@@ -241,6 +257,8 @@ class UNet(nn.Module):
             context_mask = None
         if self.context_dim is None:
             context = context_mask = None
+        if self.pooled_text_proj is not None:
+            emb = emb + self.pooled_text_proj(mean_token(context, context_mask).to(emb.dtype))
         h = self.conv_in(x)
         skips, feature = [h], None
         for i, stage in enumerate(self.down):
@@ -254,6 +272,12 @@ class UNet(nn.Module):
             feature = h if feature_layer == f"up.{i}" else feature
         out = self.conv_out(F.silu(self.norm_out(h)))
         return out if feature_layer is None else (out, feature)
+
+
+def complete_config(config):
+    """A saved UNet configuration with the constructor's defaults for the options it predates."""
+    defaults = {name: param.default for name, param in inspect.signature(UNet).parameters.items()}
+    return {**defaults, **config}
 
 
 def count_parameters(module):

@@ -512,6 +512,30 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         train(image_folder, vqgan, tmp_path / "bad", "--max_steps", 1, "--init_from", vqgan)
 
 
+def test_pooled_text_embed_grows_from_a_conditional_model_and_older_runs_still_resume(
+        tmp_path, image_folder, vqgan, capsys):
+    cond_flags = ["--conditional", "--caption_template", "a {style} painting", "--max_text_length", 8,
+                  "--latent_cache", tmp_path / "cache"]
+    cond = tmp_path / "cond"
+    assert train(image_folder, vqgan, cond, "--max_steps", 1, *cond_flags) == 0
+    newest = cond / "checkpoints" / "step_0000001"
+    state = load_state_dir(newest)
+    del state["config"]["unet"]["pooled_text_embed"]  # as saved before the option existed
+    save_state_dir(newest, state)
+    assert train(image_folder, vqgan, cond, "--max_steps", 2, *cond_flags, "--resume", "auto") == 0
+    with pytest.raises(UserError, match=r"different UNet \(pooled_text_embed True here, False there\)"):
+        train(image_folder, vqgan, cond, "--max_steps", 3, *cond_flags, "--resume", "auto", "--pooled_text_embed")
+    capsys.readouterr()
+    pooled = tmp_path / "pooled"
+    assert train(image_folder, vqgan, pooled, "--max_steps", 1, *cond_flags, "--pooled_text_embed",
+                 "--init_from", cond / "unet") == 0
+    assert "2 new tensors (pooled_text_proj.weight, pooled_text_proj.bias" in capsys.readouterr().out
+    model = load_diffusion_model(pooled / "unet").unet
+    assert model.config["pooled_text_embed"] and model.pooled_text_proj.weight.any()  # it trained
+    with pytest.raises(UserError, match="--pooled_text_embed need --conditional"):
+        train(image_folder, vqgan, tmp_path / "uncond", "--max_steps", 1, "--pooled_text_embed")
+
+
 # ----------------------------------------------------------------------------------------------
 # Issue 14's levers: focused timesteps and REPA, both off by default
 

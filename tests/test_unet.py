@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from unet import UNET_CONFIGS, UNet, build_unet, count_parameters, main, timestep_embedding
+from unet import UNET_CONFIGS, UNet, build_unet, complete_config, count_parameters, main, mean_token, timestep_embedding
 
 
 def tiny(context_dim=None, **overrides):
@@ -97,8 +97,43 @@ def test_drop_context_gives_the_null_embedding():
     assert model.null_context.grad is not None and model.null_context.grad.abs().sum() > 0
 
 
+def test_pooled_text_embed_starts_as_the_model_without_it_then_follows_the_caption():
+    plain = randomized(tiny(context_dim=16))
+    pooled = tiny(context_dim=16, pooled_text_embed=True)
+    missing = pooled.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["pooled_text_proj.weight", "pooled_text_proj.bias"]
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([50, 500, 950])
+    context = torch.randn(3, 5, 16)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5, [True] * 5])
+    assert torch.equal(pooled(x, t, context, mask), plain(x, t, context, mask))  # the projection starts at zero
+    with torch.no_grad():
+        pooled.pooled_text_proj.weight.normal_(0, 0.5)
+    out = pooled(x, t, context, mask)
+    assert (out - plain(x, t, context, mask)).abs().amax((1, 2, 3)).min() > 1e-3
+    padded = context.clone()
+    padded[0, 2:] = 100.0  # row 0's masked tokens: neither the mean nor the attention sees them
+    assert torch.allclose(pooled(x, t, padded, mask), out, atol=1e-5)
+    dropped, dropped_mask = pooled.drop_context(context, mask, torch.tensor([True, False, True]))
+    assert torch.allclose(pooled(x, t, dropped, dropped_mask)[[0, 2]], pooled(x, t)[[0, 2]], atol=1e-5)
+    with pytest.raises(ValueError, match="pooled_text_embed needs a text-conditioned UNet"):
+        tiny(pooled_text_embed=True)
+
+
+def test_mean_token_averages_the_real_tokens():
+    context = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    assert mean_token(context, mask).tolist() == [[0, 1], [8, 9]]
+    assert mean_token(context).tolist() == [[2, 3], [8, 9]]
+
+
+def test_a_config_saved_before_an_option_existed_takes_its_default():
+    config = json.loads(json.dumps(tiny(context_dim=16).config))
+    del config["pooled_text_embed"]  # as saved before the option existed
+    assert UNet(**config).config == complete_config(config) == tiny(context_dim=16).config
+
+
 def test_config_rebuilds_the_model():
-    model = tiny(context_dim=16, dropout=0.1)
+    model = tiny(context_dim=16, dropout=0.1, pooled_text_embed=True)
     config = json.loads(json.dumps(model.config))
     rebuilt = UNet(**config)
     assert rebuilt.config == model.config
