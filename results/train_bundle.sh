@@ -4,7 +4,9 @@
 # stage boxed in wall time (SIGTERM makes vqgan.py and trainer.py save, export and exit cleanly), then fp16 EMA
 # exports into models/. Both UNets read one latent cache (the conditional run's captions are ignored by the other).
 # The defaults are the run that made the shipped models: on the 2-core CPU, VQGAN_SECONDS=0 (the shipped VQGAN was
-# trained before, with the command in the README), the UNets for UNCOND_SECONDS and COND_SECONDS.
+# trained before, with the command in the README), the UNets for UNCOND_SECONDS and COND_SECONDS. Its decoder was
+# fine-tuned later (DECODER_SECONDS=1740, the 29 minutes that gave the shipped decoder; the latents do not change,
+# so this stage can run at any time and the UNets stay valid).
 #
 #   python download_hf.py --dataset_name ../shared/wikiart-mini --image_bytes_key image --metadata_columns style \
 #       --rows 8000 --center_crop 128 --jpeg_quality 85 --output_dir data/wikiart128 --workers 2
@@ -16,8 +18,9 @@
 #   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=820 bash results/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
-# text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, UNCOND_SECONDS,
-# COND_SECONDS (wall-time boxes), DEVICE (cpu, cuda, mps), WORKERS (image-decoding processes), BATCH, LR,
+# text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, DECODER_SECONDS (the
+# adversarial decoder fine-tune of models/vqgan, vqgan.py --finetune_decoder), UNCOND_SECONDS, COND_SECONDS
+# (wall-time boxes), DEVICE (cpu, cuda, mps), WORKERS (image-decoding processes), BATCH, LR,
 # RESUME (set: both UNets continue from their newest checkpoints in runs/, optimizer and data order included),
 # CONTINUE (set: instead of the stages above, each UNet in models/ trains on (--init_from: its weights, a fresh
 # optimizer) for CONT_UNCOND_STEPS / CONT_COND_STEPS steps, warm-up 200, then a half cosine from LR to LR / 10, and
@@ -25,6 +28,7 @@
 set -uo pipefail
 DATA=${DATA:?set DATA to an ImageFolder of 128 px paintings}
 VQGAN_SECONDS=${VQGAN_SECONDS:-0}
+DECODER_SECONDS=${DECODER_SECONDS:-0}
 UNCOND_SECONDS=${UNCOND_SECONDS:-4200}
 COND_SECONDS=${COND_SECONDS:-3900}
 DEVICE=${DEVICE:-cpu}
@@ -44,6 +48,13 @@ if (( VQGAN_SECONDS > 0 )); then
         --ckpt_every 2000 --log_every 50 --num_workers "$WORKERS" --scale_images 1024 --export_dtype fp16 \
         --device "$DEVICE" || exit
     cp runs/vqgan/vqgan.safetensors runs/vqgan/vqgan.json models/
+fi
+if (( DECODER_SECONDS > 0 )); then
+    box "$DECODER_SECONDS" python vqgan.py --finetune_decoder --init_ckpt models/vqgan.safetensors --data "$DATA" \
+        --out runs/vqgan-ft --resolution 128 --batch_size 8 --lr 5e-5 --disc_weight 0.1 --disc_start 0 \
+        --disc_warmup 50 --max_steps 500 --ckpt_every 100 --num_workers "$WORKERS" --export_dtype fp16 \
+        --device "$DEVICE" || exit
+    cp runs/vqgan-ft/vqgan.safetensors runs/vqgan-ft/vqgan.json models/
 fi
 
 UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_size small
