@@ -286,10 +286,23 @@ def score_sets(args, network):
     return {**results, **set_metrics(real["features"], fake_features, real["mu"], real["sigma"], args)}
 
 
+def checkpoint_digest(path):
+    """sha256 (16 hex digits) of what a diffusion checkpoint's samples depend on: its config, its weights and the
+    files of the VQGAN it references, so a model replaced in place (a retrained UNet, a fine-tuned decoder) is not
+    taken for the one whose samples are already there."""
+    weights_path, config_path = model_paths(path)
+    files = [require_file(config_path, "diffusion checkpoint config"), require_file(weights_path, "UNet weights")]
+    vqgan = read_json(config_path, "diffusion checkpoint config").get("vqgan")
+    if vqgan is not None:
+        files += [require_file(p, "VQGAN file") for p in model_paths(config_path.resolve().parent / vqgan)]
+    return file_digest(files)[:16]
+
+
 def sample_settings(args):
-    """What the fake set is: the checkpoint and every sampling option (recorded in samples.json)."""
+    """What the fake set is: the checkpoint (its path and digest) and every sampling option (in samples.json)."""
     options = sampling_options(args)
-    return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()), **options,
+    return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()),
+            "checkpoint_sha256": checkpoint_digest(args.samples_from), **options,
             "guidance_interval": None if args.guidance_interval is None else list(args.guidance_interval),
             "seed": args.seed, "prompt": args.prompt, "ema": not args.no_ema,
             "bf16": use_bf16(args.precision, args.device)}

@@ -266,6 +266,11 @@ def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch
     run(["--samples_from", diffusion_checkpoint] + argv[2:], capsys)
     with pytest.raises(UserError, match="other settings"):
         evaluate.main([str(a) for a in argv[:6]] + ["--steps", "3", "--fake", str(fake)])
+    # the same path holding other weights (a model retrained in place) is another set of samples
+    weights = diffusion_checkpoint.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes() + b" ")  # refused before the model is loaded
+    with pytest.raises(UserError, match="other settings"):
+        run(argv, capsys)
 
 
 def test_vqgan_evaluation_metrics_codebook_and_grid(tmp_path, capsys, cheap_features, image_folder):
