@@ -14,8 +14,9 @@
 #   # later, training both on from their newest checkpoints (the shipped models had one such session):
 #   DATA=data/wikiart128 RESUME=1 UNCOND_SECONDS=3600 COND_SECONDS=3600 bash results/train_bundle.sh
 #   # on a GPU, e.g.: DEVICE=cuda WORKERS=6 BATCH=256 LR=3e-4 VQGAN_SECONDS=600 UNCOND_SECONDS=1800 ...
-#   # the shipped models' last stage: both trained on from models/ over all 10,010 paintings, learning rate annealed
+#   # the shipped models' later stages: trained on from models/ over all 10,010 paintings, learning rate annealed
 #   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=820 bash results/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=2800 CONT_COND_STEPS=0 bash results/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, DECODER_SECONDS (the
@@ -23,7 +24,8 @@
 # (wall-time boxes), DEVICE (cpu, cuda, mps), WORKERS (image-decoding processes), BATCH, LR,
 # RESUME (set: both UNets continue from their newest checkpoints in runs/, optimizer and data order included),
 # CONTINUE (set: instead of the stages above, each UNet in models/ trains on (--init_from: its weights, a fresh
-# optimizer) for CONT_UNCOND_STEPS / CONT_COND_STEPS steps, warm-up 200, then a half cosine from LR to LR / 10, and
+# optimizer) for CONT_UNCOND_STEPS / CONT_COND_STEPS steps (0: that one stays as it is), warm-up 200, then a half
+# cosine from LR to LR / 10, with data order SEED (default 1; a new SEED a session, runs/unet-*-continued-sSEED), and
 # its export replaces it; the conditional one continues from its own weights, not from the new unconditional one).
 set -uo pipefail
 DATA=${DATA:?set DATA to an ImageFolder of 128 px paintings}
@@ -64,13 +66,18 @@ UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_s
       --latent_cache runs/latents128 "${RESUME_FLAGS[@]}")
 COND=(--conditional --caption_template "a {style} painting" "${TEXT[@]}")
 if [[ -n ${CONTINUE:-} ]]; then
-    ANNEAL=(--lr_schedule cosine --min_lr "$(python -c "print($LR / 10)")" --seed 1)
-    python trainer.py "${UNET[@]}" "${ANNEAL[@]}" --max_steps "${CONT_UNCOND_STEPS:?}" --init_from models/unet-uncond \
-        --output_dir runs/unet-uncond-continued > runs/unet-uncond-continued.log 2>&1 || exit
-    python diffusion.py --unet_ckpt_path runs/unet-uncond-continued/unet --export models/unet-uncond --device cpu || exit
-    python trainer.py "${UNET[@]}" "${COND[@]}" "${ANNEAL[@]}" --max_steps "${CONT_COND_STEPS:?}" \
-        --init_from models/unet-cond --output_dir runs/unet-cond-continued > runs/unet-cond-continued.log 2>&1 || exit
-    python diffusion.py --unet_ckpt_path runs/unet-cond-continued/unet --export models/unet-cond --device cpu || exit
+    : "${CONT_UNCOND_STEPS:?}" "${CONT_COND_STEPS:?}"
+    SEED=${SEED:-1}
+    ANNEAL=(--lr_schedule cosine --min_lr "$(python -c "print($LR / 10)")" --seed "$SEED")
+    for kind in uncond cond; do
+        steps=$CONT_UNCOND_STEPS flags=()
+        [[ $kind == cond ]] && steps=$CONT_COND_STEPS flags=("${COND[@]}")
+        (( steps > 0 )) || continue
+        out=runs/unet-$kind-continued-s$SEED
+        python trainer.py "${UNET[@]}" "${flags[@]}" "${ANNEAL[@]}" --max_steps "$steps" \
+            --init_from models/unet-$kind --output_dir "$out" > "$out.log" 2>&1 || exit
+        python diffusion.py --unet_ckpt_path "$out/unet" --export models/unet-$kind --device cpu || exit
+    done
     exit
 fi
 # the conditional run's cache (latents + captions) serves both runs: build it first, train nothing
