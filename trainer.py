@@ -868,8 +868,8 @@ def prepare(args, rank, world_size, device):
         check_run_identity(state.get("identity"), identity, resume_path, "start a new --output_dir")
     elif args.init_from:
         new = init_from_checkpoint(unet, args.init_from)
-        say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({', '.join(new[:2])}, ...)"
-                                                           if new else ""))
+        shown = ", ".join(new[:2]) + (", ..." if len(new) > 2 else "")
+        say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({shown})" if new else ""))
 
     if args.packed_latents:
         cache = packed_cache(args, vqgan, resolution)

@@ -529,7 +529,7 @@ def test_pooled_text_embed_grows_from_a_conditional_model_and_older_runs_still_r
     pooled = tmp_path / "pooled"
     assert train(image_folder, vqgan, pooled, "--max_steps", 1, *cond_flags, "--pooled_text_embed",
                  "--init_from", cond / "unet") == 0
-    assert "2 new tensors (pooled_text_proj.weight, pooled_text_proj.bias" in capsys.readouterr().out
+    assert "2 new tensors (pooled_text_proj.weight, pooled_text_proj.bias)" in capsys.readouterr().out
     model = load_diffusion_model(pooled / "unet").unet
     assert model.config["pooled_text_embed"] and model.pooled_text_proj.weight.any()  # it trained
     with pytest.raises(UserError, match="--pooled_text_embed need --conditional"):
