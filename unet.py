@@ -297,13 +297,18 @@ def main(argv=None):
     parser.add_argument("--context_dim", type=positive_int, default=None,
                         help="text-embedding width of a conditional UNet (384 for all-MiniLM-L6-v2); "
                              "default: unconditional")
+    parser.add_argument("--pooled_text_embed", action="store_true",
+                        help="a conditional UNet that also adds the mean caption token to the timestep embedding")
     parser.add_argument("--sample_size", type=positive_int, default=32, help="latent height/width")
     parser.add_argument("--in_channels", type=positive_int, default=4, help="latent channels")
     parser.add_argument("--full", action="store_true", help="print every layer, not just the summary")
     args = parser.parse_args(argv)
+    if args.pooled_text_embed and args.context_dim is None:
+        raise UserError("--pooled_text_embed needs --context_dim (a text-conditioned UNet)")
     with torch.device("meta"):  # shapes only: nothing allocated, instant even for large sizes
         model = build_unet(args.size, context_dim=args.context_dim, sample_size=args.sample_size,
-                           in_channels=args.in_channels, out_channels=args.in_channels)
+                           in_channels=args.in_channels, out_channels=args.in_channels,
+                           pooled_text_embed=args.pooled_text_embed)
     if args.full:
         print(model)
     for name in ("time_embed", "conv_in", "down", "middle", "up", "conv_out"):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from common import UserError
 from unet import UNET_CONFIGS, UNet, build_unet, complete_config, count_parameters, main, mean_token, timestep_embedding
 
 
@@ -183,7 +184,14 @@ def test_cli_prints_parameter_count(capsys):
         count = count_parameters(build_unet("tiny"))
     assert f"{count:,} parameters" in out and "UNet tiny" in out
     assert main(["--size", "small", "--context_dim", "384"]) == 0
-    assert "UNet small" in capsys.readouterr().out
+    plain = capsys.readouterr().out
+    assert "UNet small" in plain
+    assert main(["--size", "small", "--context_dim", "384", "--pooled_text_embed"]) == 0
+    pooled = capsys.readouterr().out
+    count = lambda out: int(out.split(": ")[-1].split()[0].replace(",", ""))  # noqa: E731
+    assert count(pooled) - count(plain) == 384 * 256 + 256  # the projection onto the 4 x 64 timestep embedding
+    with pytest.raises(UserError, match="--pooled_text_embed needs --context_dim"):
+        main(["--pooled_text_embed"])
 
 
 def test_feature_layer_returns_a_stage_output_and_leaves_the_prediction_alone():
