@@ -529,8 +529,8 @@ def main(argv=None):
     if args.samples_from:
         checkpoint = require_file(model_paths(args.samples_from)[1], "diffusion checkpoint config").with_suffix("")
         args.n = args.n or 1000
-        settings = sample_settings(args)
-        args.fake = args.fake or f"{checkpoint}_samples_{settings['sampler']}_{settings['steps']}_seed{args.seed}"
+        options = sampling_options(args)
+        args.fake = args.fake or f"{checkpoint}_samples_{options['sampler']}_{options['steps']}_seed{args.seed}"
         check_output_folder(args.fake, "--fake")
     elif args.fake and not Path(args.fake).is_dir():
         raise UserError(f"fake image folder not found: {args.fake}")
