@@ -558,6 +558,14 @@ def read_diffusion_model(path):
     return tensors, config
 
 
+def referenced_vqgan(path, config):
+    """The VQGAN a diffusion checkpoint at `path` names (config["vqgan"], relative to its config file), or None
+    where it embeds one."""
+    if config.get("vqgan") is None:
+        return None
+    return Path(model_paths(path)[1]).resolve().parent / config["vqgan"]
+
+
 def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
     """A Pipeline from a checkpoint written by save_diffusion_model, in eval mode, fp32. use_ema picks the EMA
     weights where the checkpoint has them."""
@@ -569,13 +577,14 @@ def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
         raise UserError(f"diffusion checkpoint {path} has a malformed config: {err}") from None
     weights, config["weights"] = unet_weights(tensors, path, use_ema)
     load_weights(unet, weights, f"UNet weights '{config['weights']}.*' of {path}")
-    if config.get("vqgan") is None:
+    vqgan_path = referenced_vqgan(path, config)
+    if vqgan_path is None:
         if "vqgan_config" not in config:
             raise UserError(f"diffusion checkpoint {path} names no VQGAN and embeds none")
         vqgan = VQModel(config["vqgan_config"])
         load_weights(vqgan, _weights(tensors, "vqgan."), f"VQGAN weights embedded in {path}")
     else:
-        vqgan = load_vqgan(Path(model_paths(path)[1]).resolve().parent / config["vqgan"])
+        vqgan = load_vqgan(vqgan_path)
     unet = unet.to(device).eval().requires_grad_(False)
     vqgan = vqgan.to(device).eval().requires_grad_(False)
     return Pipeline(unet, schedule, vqgan, config, **pipeline_options)
@@ -586,10 +595,7 @@ def export_diffusion_model(src, dst, dtype=torch.float16):
     stored in `dtype`, the VQGAN embedded as before or referenced relative to `dst`."""
     pipeline = load_diffusion_model(src)
     config = {k: v for k, v in pipeline.config.items() if k not in ("weights", "vqgan", "vqgan_config")}
-    if pipeline.config.get("vqgan") is None:
-        vqgan = pipeline.vqgan
-    else:
-        vqgan = Path(model_paths(src)[1]).resolve().parent / pipeline.config["vqgan"]
+    vqgan = referenced_vqgan(src, pipeline.config) or pipeline.vqgan
     return save_diffusion_model(dst, {}, pipeline.unet.state_dict(), config, vqgan=vqgan, dtype=dtype)
 
 

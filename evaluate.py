@@ -30,7 +30,7 @@ from common import (
     model_paths, non_negative_int, pick_device, positive_int, read_json, require_file, run_cli, safe_torch_load,
     save_png, tensor_to_images,
 )
-from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
+from diffusion import add_sampling_arguments, load_diffusion_model, referenced_vqgan, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
 from vqgan import load_vqgan, reconstruction_grid
@@ -292,9 +292,9 @@ def checkpoint_digest(path):
     taken for the one whose samples are already there."""
     weights_path, config_path = model_paths(path)
     files = [require_file(config_path, "diffusion checkpoint config"), require_file(weights_path, "UNet weights")]
-    vqgan = read_json(config_path, "diffusion checkpoint config").get("vqgan")
+    vqgan = referenced_vqgan(path, read_json(config_path, "diffusion checkpoint config"))
     if vqgan is not None:
-        files += [require_file(p, "VQGAN file") for p in model_paths(config_path.resolve().parent / vqgan)]
+        files += [require_file(p, "VQGAN file") for p in model_paths(vqgan)]
     return file_digest(files)[:16]
 
 

@@ -273,6 +273,25 @@ def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch
         run(argv, capsys)
 
 
+def test_checkpoint_digest_covers_the_referenced_vqgan(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet(**{**UNET_CONFIGS["tiny"], "sample_size": 8, "attention_resolutions": [8]})
+    vqgan = VQModel(CONFIGS["vq-f4-tiny"])
+    save_vqgan(vqgan, tmp_path / "vq" / "vqgan")
+    config = dict(unet=unet.config, schedule=NoiseSchedule("linear").config, prediction_type="epsilon",
+                  latent_shape=[4, 8, 8], latent_scale=1.0, text_encoder=None, training={})
+    save_diffusion_model(tmp_path / "models" / "unet", unet.state_dict(), None, config, vqgan=tmp_path / "vq" / "vqgan")
+    before = evaluate.checkpoint_digest(tmp_path / "models" / "unet")
+    assert evaluate.checkpoint_digest(tmp_path / "models" / "unet.json") == before  # any name of the same files
+    with torch.no_grad():
+        vqgan.decoder.conv_out.weight.add_(0.01)  # a fine-tuned decoder, saved in place
+    save_vqgan(vqgan, tmp_path / "vq" / "vqgan")
+    assert evaluate.checkpoint_digest(tmp_path / "models" / "unet") != before
+    (tmp_path / "vq" / "vqgan.safetensors").unlink()
+    with pytest.raises(UserError, match="VQGAN file not found: .*vqgan.safetensors"):
+        evaluate.checkpoint_digest(tmp_path / "models" / "unet")
+
+
 def test_vqgan_evaluation_metrics_codebook_and_grid(tmp_path, capsys, cheap_features, image_folder):
     """The one VQGAN evaluation: PSNR, SSIM, codebook usage and perplexity, reconstruction FD, and the grid PNG."""
     torch.manual_seed(0)
