@@ -308,10 +308,32 @@ def sample_settings(args):
             "bf16": use_bf16(args.precision, args.device)}
 
 
-def generate_samples(args):
+def evaluation_request(args, settings):
+    """Everything an evaluation of generated samples answers to: the real set, the metric and the samples
+    (checkpoint digest and sampling options); stored in --out, so --skip_done can tell whether it still holds."""
+    return {"real": str(args.real), "real_split": args.real_split,
+            "real_where": [list(pair) for pair in args.real_where], "n": args.n, "resolution": args.resolution,
+            "features": args.features, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
+            "fake": str(args.fake), "samples": settings}
+
+
+def finished_results(args, request):
+    """--skip_done: the results already in --out when they answer this request, None when there are none; results
+    of another request (a model retrained in place, other settings) are refused, never silently kept."""
+    path = Path(args.out)
+    if not path.is_file():
+        return None
+    done = read_json(path, "results file")
+    if done.get("request") != request:
+        raise UserError(f"{path} holds the results of another evaluation (another model, sampling options or real "
+                        "set); pass another --out")
+    return done
+
+
+def generate_samples(args, settings):
     """Write images 00000.png ... of --samples_from into --fake (image i from seed + i), skipping those already
-    there, so an interrupted run resumes; samples.json records the settings and guards against mixing runs."""
-    settings = sample_settings(args)
+    there, so an interrupted run resumes; samples.json records `settings` (sample_settings) and guards against
+    mixing runs."""
     fake_dir = Path(args.fake)
     record = fake_dir / "samples.json"
     if record.is_file() and read_json(record, "samples record") != settings:
@@ -484,6 +506,10 @@ def parse_args(argv):
                         help="folder for cached real-set statistics (.npz: mu, sigma, features)")
     metric.add_argument("--no_cache", action="store_true", help="neither read nor write cached real-set statistics")
     metric.add_argument("--out", default=None, help="write the results to this JSON file")
+    metric.add_argument("--skip_done", action="store_true",
+                        help="with --samples_from and --out: when --out already holds this evaluation (the same "
+                             "checkpoint files, sampling options, real set and metric) print it and stop; when it "
+                             "holds another, stop with an error (so a study script resumes without mixing models)")
     gen = parser.add_argument_group("generating the fake set")
     gen.add_argument("--samples_from", default=None, help="diffusion checkpoint to sample --n images from first")
     add_sampling_arguments(gen)  # the same flags and defaults as diffusion.py; --precision bf16 also the VQGAN's
@@ -517,6 +543,9 @@ def check_args(args):
         raise UserError("--grid shows a VQGAN's reconstructions: it needs --vqgan_ckpt")
     if args.reference_split and not args.vqgan_ckpt:
         raise UserError("--reference_split scores a VQGAN's reconstructions: it needs --vqgan_ckpt")
+    if args.skip_done and not (args.samples_from and args.out):
+        raise UserError("--skip_done needs --samples_from and --out (the checkpoint digest in --out tells whether "
+                        "its results still hold)")
     if not (args.fake or args.samples_from or args.vqgan_ckpt):
         raise UserError("nothing to compare --real with: give --fake DIR, --samples_from CKPT or --vqgan_ckpt CKPT")
 
@@ -539,11 +568,20 @@ def main(argv=None):
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
             check_output_file(path, flag)
+    settings = sample_settings(args) if args.samples_from else None
+    request = evaluation_request(args, settings) if args.samples_from else None
+    done = finished_results(args, request) if args.skip_done else None
+    if done is not None:
+        print_table(done, args.features)
+        print(f"kept {args.out}: it already holds this evaluation (--skip_done)")
+        return 0
     network = load_feature_network(args.features, args.device, args.inception_weights)
     if args.samples_from:
-        generate_samples(args)
+        generate_samples(args, settings)
     results = score_vqgan(args, network) if args.vqgan_ckpt else score_sets(args, network)
     results.update(features=args.features, resize=RESIZE_POLICY)
+    if request is not None:
+        results["request"] = request
     print_table(results, args.features)
     if args.out:
         atomic_write_json(args.out, results)

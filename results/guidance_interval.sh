@@ -2,8 +2,10 @@
 # Guidance study on the bundled style-conditional model (README, "Guidance"): for each (scale, interval) setting,
 # N samples of each of the 7 WikiArt-mini styles with the caption "a STYLE painting", scored with FD / KID
 # (EfficientNet-Lite0) against that style's `test` paintings (100 each; evaluate.py --real_where style=STYLE).
-# Run from the repository root with nothing else on the machine; a cell whose JSON exists is skipped, so an
-# interrupted study resumes. Prints the table: the mean over styles, then each style's FD.
+# Run from the repository root with nothing else on the machine; a cell whose JSON already holds this evaluation
+# is kept (evaluate.py --skip_done), so an interrupted study resumes; a JSON made by another model (one retrained
+# in place) stops that cell with an error: give a new OUT. Prints the table: the mean over styles, then each
+# style's FD.
 #
 #   bash results/guidance_interval.sh                          # 100 samples a style, the default settings
 #   N=20 SETTINGS="5:all" bash results/guidance_interval.sh     # a quick look
@@ -26,11 +28,10 @@ for setting in $SETTINGS; do
   [ "$interval" != all ] && flags+=(--guidance_interval "${interval%,*}" "${interval#*,}")
   for style in "${STYLES[@]}"; do
     name="g${scale}_${interval}_${style// /-}_n$N"
-    [ -f "$OUT/$name.json" ] && continue
     python evaluate.py --samples_from "$MODEL" --prompt "a $style painting" --n "$N" --steps "$STEPS" "${flags[@]}" \
       --real ../shared/wikiart-mini --real_split test --real_where "style=$style" --resolution 128 \
-      --fake "$OUT/$name" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-    echo "$name rc=$?"
+      --fake "$OUT/$name" --out "$OUT/$name.json" --skip_done > "$OUT/$name.log" 2>&1
+    echo "$name rc=$?: $(tail -n 1 "$OUT/$name.log")"
   done
 done
 python - "$OUT" "$N" "${STYLES[@]}" -- $SETTINGS <<'EOF'

@@ -2,7 +2,9 @@
 # Sampler spacing study on the bundled unconditional model (results/sampler_spacing.md): DPM-Solver++(2M) with even
 # spacing, Karras spacing and even spacing with a first-order final step, at each step count; FD/KID
 # (EfficientNet-Lite0) of N samples (seeds 0..N-1) against the `test` paintings. Run from the repository root with
-# nothing else on the machine; a cell whose JSON exists is skipped, so an interrupted study resumes. Prints the table.
+# nothing else on the machine; a cell whose JSON already holds this evaluation is kept (evaluate.py --skip_done), so
+# an interrupted study resumes; a JSON made by another model (one retrained in place) stops that cell with an error:
+# give a new OUT. Prints the table.
 #
 #   bash results/sampler_spacing.sh                       # issue 13's grid: 1,000 samples, 10/15/20/30 steps
 #   N=200 STEPS="20 10" bash results/sampler_spacing.sh   # the first, smaller study (200 of the 700 test)
@@ -20,12 +22,11 @@ declare -A FLAGS=([even]="--spacing even" [karras]="--spacing karras" [even-lof]
 for steps in $STEPS; do
   for variant in even karras even-lof; do
     name=uncond_dpmpp-2m-${steps}_${variant}_n$N
-    [ -f "$OUT/$name.json" ] && continue
     # shellcheck disable=SC2086  # FLAGS holds several words
     python evaluate.py --samples_from models/unet-uncond --n "$N" --real ../shared/wikiart-mini --real_split test \
       --resolution 128 --fake "$OUT/$name" --steps "$steps" ${FLAGS[$variant]} \
-      --precision "$PRECISION" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-    echo "$name rc=$?"
+      --precision "$PRECISION" --out "$OUT/$name.json" --skip_done > "$OUT/$name.log" 2>&1
+    echo "$name rc=$?: $(tail -n 1 "$OUT/$name.log")"
   done
 done
 python - "$OUT" "$N" $STEPS <<'EOF'

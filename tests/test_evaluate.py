@@ -224,7 +224,11 @@ def test_a_cache_file_holding_other_statistics_is_recomputed(tmp_path, capsys, c
 
 @pytest.fixture(scope="module")
 def diffusion_checkpoint(tmp_path_factory):
-    """A tiny random unconditional model (8x8 latents -> 32x32 images) with its VQGAN embedded."""
+    return save_tiny_diffusion_model(tmp_path_factory.mktemp("diffusion") / "unet")
+
+
+def save_tiny_diffusion_model(path):
+    """A tiny random unconditional model (8x8 latents -> 32x32 images) with its VQGAN embedded, saved at path."""
     torch.manual_seed(0)
     unet = UNet(**{**UNET_CONFIGS["tiny"], "sample_size": 8, "attention_resolutions": [8]})
     with torch.no_grad():
@@ -233,7 +237,6 @@ def diffusion_checkpoint(tmp_path_factory):
                 p.normal_(0, 0.05)
     config = dict(unet=unet.config, schedule=NoiseSchedule("linear").config, prediction_type="epsilon",
                   latent_shape=[4, 8, 8], latent_scale=1.0, text_encoder=None, training={})
-    path = tmp_path_factory.mktemp("diffusion") / "unet"
     save_diffusion_model(path, unet.state_dict(), None, config, vqgan=VQModel(CONFIGS["vq-f4-tiny"]))
     return path
 
@@ -271,6 +274,35 @@ def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch
     weights.write_bytes(weights.read_bytes() + b" ")  # refused before the model is loaded
     with pytest.raises(UserError, match="other settings"):
         run(argv, capsys)
+
+
+def test_skip_done_keeps_the_results_of_this_evaluation_and_refuses_another_models(tmp_path, capsys, monkeypatch,
+                                                                                    cheap_features, image_folder):
+    checkpoint = save_tiny_diffusion_model(tmp_path / "model" / "unet")
+    out = tmp_path / "r.json"
+    argv = ["--samples_from", checkpoint, "--n", 2, "--real", image_folder, "--sampler", "ddim", "--steps", 1,
+            "--no_cache", "--fake", tmp_path / "fake", "--out", out, "--skip_done"]
+    first = run(argv, capsys)
+    results = json.loads(out.read_text())
+    assert results["request"]["samples"]["checkpoint_sha256"] == evaluate.checkpoint_digest(checkpoint)
+    assert results["request"]["n"] == 2 and "wrote" in first
+
+    # the same request again: nothing is computed, the stored figures are shown
+    monkeypatch.setattr(evaluate, "load_feature_network", lambda *a, **k: pytest.fail("evaluated again"))
+    again = run(argv, capsys)
+    assert "kept" in again and f"{results['FD_effnet-lite0']:.4f}" in again
+    assert json.loads(out.read_text()) == results
+    # another request into the same --out: the metric settings, or the model retrained in place
+    with pytest.raises(UserError, match="holds the results of another evaluation"):
+        evaluate.main([str(a) for a in argv] + ["--kid_subsets", "7"])
+    weights = checkpoint.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes() + b" ")
+    with pytest.raises(UserError, match="holds the results of another evaluation"):
+        run(argv, capsys)
+    assert json.loads(out.read_text()) == results  # refused, not overwritten
+    # the flag needs --samples_from and --out
+    with pytest.raises(UserError, match="--skip_done needs --samples_from and --out"):
+        evaluate.main([str(a) for a in argv if a != "--skip_done"][:-2] + ["--skip_done"])
 
 
 def test_checkpoint_digest_covers_the_referenced_vqgan(tmp_path):
