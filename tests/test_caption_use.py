@@ -1,0 +1,84 @@
+"""caption_use.py: the optimal denoiser of a pool, caption spreads, and the command on a tiny conditional model."""
+import json
+
+import pytest
+import torch
+
+import caption_use
+from caption_use import caption_spread, optimal_x0
+from common import UserError
+from conftest import make_painting
+from diffusion import load_diffusion_model
+from test_diffusion import write_checkpoint
+
+
+def test_optimal_denoiser_averages_the_pool_at_high_noise_and_picks_the_nearest_at_low():
+    torch.manual_seed(0)
+    pool = torch.randn(5, 2, 4, 4)
+    x0 = pool[3:4]
+    noise = torch.randn_like(x0)
+    low = torch.tensor(0.9999, dtype=torch.float64)  # alpha_bar near 1: almost no noise
+    x_t = (low.sqrt() * x0 + (1 - low).sqrt() * noise).float()
+    nearest, effective = optimal_x0(x_t, low, pool)
+    assert torch.allclose(nearest, x0, atol=1e-4) and effective == pytest.approx(1, abs=1e-3)
+    high = torch.tensor(1e-8, dtype=torch.float64)  # pure noise: the pool's mean, every image weighted alike
+    mean, effective = optimal_x0(torch.randn_like(x0), high, pool)
+    assert torch.allclose(mean, pool.mean(0, keepdim=True), atol=1e-3) and effective == pytest.approx(5, rel=1e-3)
+
+
+def test_caption_spread_splits_layout_from_palette():
+    base = torch.randn(3, 1, 4, 8, 8)
+    recoloured = torch.cat([base, base + 0.5], dim=1)  # the second caption only shifts every channel's mean
+    layout, palette = caption_spread(recoloured)
+    assert layout == pytest.approx(0, abs=1e-6) and palette == pytest.approx(0.25)
+    moved = torch.cat([base, base.flip(-1)], dim=1)  # the second caption mirrors the composition
+    layout, palette = caption_spread(moved)
+    assert layout > 0.1 and palette == pytest.approx(0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cond"), context_dim=384)
+
+
+def test_command_measures_a_model_and_a_model_blind_to_captions_scores_zero(tmp_path, capsys, image_folder,
+                                                                           conditional_checkpoint):
+    argv = ["--model", str(conditional_checkpoint), "--data", str(image_folder), "--caption_template",
+            "a {style} painting", "--pool_size", "4", "--probes", "3", "--timesteps", "900", "100",
+            "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    assert caption_use.main(argv) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["captions"] == ["a Baroque painting", "a Expressionism painting", "a Impressionism painting"]
+    assert [r["t"] for r in result["rows"]] == [900, 100] and "ratio" in capsys.readouterr().out
+    for r in result["rows"]:
+        assert r["model_layout"] > 0 and r["optimal_layout"] > 0 and 1 <= r["pool_images"] <= 4
+    # the same model with its cross-attention outputs zeroed ignores the caption: spread 0 at every level
+    pipeline = load_diffusion_model(conditional_checkpoint, "cpu")
+    with torch.no_grad():
+        for name, p in pipeline.unet.named_parameters():
+            if "cross_attn.to_out" in name:
+                p.zero_()
+    probes = torch.randn(3, 4, 8, 8)
+    pools = {f"a {s} painting": torch.randn(4, 4, 8, 8) for s in ("Baroque", "Impressionism")}
+    blind = caption_use.measure(pipeline, pools, probes, [900, 100])
+    assert all(r["model_layout"] == pytest.approx(0, abs=1e-6) for r in blind)
+    assert all(r["optimal_layout"] > 0 for r in blind)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, image_folder, conditional_checkpoint):
+    base = ["--data", str(image_folder), "--device", "cpu"]
+    with pytest.raises(UserError, match="unconditional"):
+        caption_use.main(["--model", str(write_checkpoint(tmp_path)), "--caption_template", "a {style} painting"]
+                         + base)
+    one_style = tmp_path / "one_style"
+    one_style.mkdir()
+    for i in range(3):
+        make_painting(i).save(one_style / f"{i}.png")
+    (one_style / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "style": "Baroque"}) + "\n" for i in range(3)))
+    with pytest.raises(UserError, match="gives 1 distinct captions; this measure needs 2 to"):
+        caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
+                          "--data", str(one_style), "--device", "cpu"])
+    with pytest.raises(UserError, match="--timesteps must lie in"):
+        caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
+                          "--timesteps", "1000"] + base)
