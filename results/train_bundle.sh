@@ -17,6 +17,7 @@
 #   # the shipped models' later stages: trained on from models/ over all 10,010 paintings, learning rate annealed
 #   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=820 bash results/train_bundle.sh
 #   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=2800 CONT_COND_STEPS=0 bash results/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=3 CONT_UNCOND_STEPS=2400 CONT_COND_STEPS=0 bash results/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, DECODER_SECONDS (the
