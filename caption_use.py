@@ -22,17 +22,16 @@ from common import (
     collate_skip_none, pick_device, positive_int, run_cli,
 )
 from diffusion import load_diffusion_model, predicted_x0
-from text_encoder import caption_function
+from text_encoder import dataset_captions
 
 MAX_CAPTIONS = 64
 
 
-def rows_by_caption(source, caption_template):
-    """{caption: [row, ...]} of a dataset, captions made as trainer.py makes them."""
-    caption_of = caption_function(source.columns, caption_template=caption_template)
+def rows_by_caption(path, split, caption_template):
+    """{caption: [row, ...]} of a dataset split, captions made as trainer.py makes them."""
     groups = {}
-    for row in range(len(source)):
-        groups.setdefault(caption_of(source.metadata(row)), []).append(row)
+    for row, caption in enumerate(dataset_captions(path, split, caption_template=caption_template)):
+        groups.setdefault(caption, []).append(row)
     if not 2 <= len(groups) <= MAX_CAPTIONS:
         raise UserError(f"--caption_template gives {len(groups)} distinct captions; this measure needs 2 to "
                         f"{MAX_CAPTIONS} (a template over a categorical column such as style)")
@@ -147,7 +146,7 @@ def main(argv=None):
     resolution = args.resolution or pipeline.latent_shape[-1] * pipeline.vqgan.downsample_factor
     source, probe_source = ImageSource(args.data, args.split), ImageSource(args.data, args.probe_split)
     pools = {caption: encode_rows(pipeline, source, rows[:args.pool_size], resolution, args.batch_size)
-             for caption, rows in rows_by_caption(source, args.caption_template).items()}
+             for caption, rows in rows_by_caption(args.data, args.split, args.caption_template).items()}
     picked = torch.randperm(len(probe_source), generator=torch.Generator().manual_seed(args.seed))[:args.probes]
     probes = encode_rows(pipeline, probe_source, picked.tolist(), resolution, args.batch_size)
     rows = measure(pipeline, pools, probes, args.timesteps, args.seed)
