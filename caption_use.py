@@ -10,6 +10,11 @@ many paintings it averages). A model whose style rows share one layout has a sma
 Spreads are RMS over latent elements, split into layout (each channel's spatial mean removed: composition) and
 palette (the spatial means: colour).
 
+The same split then measures the per-caption grid itself, drawn as diffusion.py draws it (every caption from the
+same start noise for each seed, the sampling flags as there): the layout spread of the final latents across
+captions, against their spread across seeds, the scale of unrelated compositions. A ratio near 0 means every row
+of the grid repeats one layout per seed; near 1, a caption changes a seed's composition as much as a new seed does.
+
     python caption_use.py --model models/unet-cond --data ../shared/wikiart-mini --caption_template "a {style} painting"
 """
 import argparse
@@ -21,7 +26,7 @@ from common import (
     ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, check_output_file,
     collate_skip_none, pick_device, positive_int, run_cli,
 )
-from diffusion import load_diffusion_model, predicted_x0
+from diffusion import add_sampling_arguments, load_diffusion_model, predicted_x0, sampling_options, use_bf16
 from text_encoder import dataset_captions
 
 MAX_CAPTIONS = 64
@@ -100,6 +105,15 @@ def measure(pipeline, pools, probes, timesteps, seed=0):
     return rows
 
 
+@torch.no_grad()
+def grid_spread(pipeline, captions, num_seeds, seed=0, **sampling):
+    """Layout spreads of the grid of `captions` x seeds seed .. seed + num_seeds - 1, each caption sampled from the
+    same start noise per seed (Pipeline.sample_latents options): (across captions, across seeds)."""
+    latents = torch.stack([pipeline.sample_latents(num_seeds, seed, prompt=caption, progress=False, **sampling)
+                           for caption in captions], dim=1).float()  # seeds x captions x C x h x w
+    return caption_spread(latents)[0], caption_spread(latents.transpose(0, 1))[0]
+
+
 def print_rows(rows):
     print("caption spread (RMS over latent elements): layout = composition, palette = colour; "
           "ratio = model / optimal layout")
@@ -126,7 +140,11 @@ def parse_args(argv):
                         help="noise levels to measure at")
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="image size encoded (default: the model's latent size times the VQGAN's factor)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the probe choice")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the noise, of the probe choice and of the grid's first image")
+    parser.add_argument("--grid_seeds", type=int, default=8,
+                        help="grid columns (seeds) for the grid measure; 0 skips it")
+    add_sampling_arguments(parser)
     parser.add_argument("--batch_size", type=positive_int, default=32, help="images encoded per batch")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -137,7 +155,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.out:
         check_output_file(args.out, "--out")
-    pipeline = load_diffusion_model(args.model, pick_device(args.device))
+    if args.grid_seeds < 0:
+        raise UserError(f"--grid_seeds must be at least 0, got {args.grid_seeds}")
+    options = sampling_options(args)
+    device = pick_device(args.device)
+    pipeline = load_diffusion_model(args.model, device, bf16=use_bf16(args.precision, device))
     if not pipeline.conditional:
         raise UserError(f"{args.model} is unconditional: there are no captions to measure")
     steps = pipeline.schedule.num_train_timesteps
@@ -151,10 +173,18 @@ def main(argv=None):
     probes = encode_rows(pipeline, probe_source, picked.tolist(), resolution, args.batch_size)
     rows = measure(pipeline, pools, probes, args.timesteps, args.seed)
     print_rows(rows)
+    result = {"model": str(args.model), "data": str(args.data), "split": args.split, "captions": list(pools),
+              "pool_size": args.pool_size, "probes": len(probes), "rows": rows}
+    if args.grid_seeds:
+        across_captions, across_seeds = grid_spread(pipeline, list(pools), args.grid_seeds, args.seed, **options)
+        result["grid"] = {"seeds": args.grid_seeds, "sampling": options, "layout_across_captions": across_captions,
+                          "layout_across_seeds": across_seeds, "ratio": across_captions / across_seeds}
+        print(f"grid of {len(pools)} captions x {args.grid_seeds} seeds ({options['sampler']}, {options['steps']} "
+              f"steps, guidance {options['guidance_scale']} in sigma {options['guidance_interval']}): layout "
+              f"spread across captions {across_captions:.4f}, across seeds {across_seeds:.4f}, ratio "
+              f"{across_captions / across_seeds:.2f}")
     if args.out:
-        atomic_write_json(args.out, {"model": str(args.model), "data": str(args.data), "split": args.split,
-                                     "captions": list(pools), "pool_size": args.pool_size, "probes": len(probes),
-                                     "rows": rows})
+        atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

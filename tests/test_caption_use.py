@@ -1,4 +1,5 @@
-"""caption_use.py: the optimal denoiser of a pool, caption spreads, and the command on a tiny conditional model."""
+"""caption_use.py: the optimal denoiser of a pool, caption spreads, the grid measure, and the command on a tiny
+conditional model."""
 import json
 
 import pytest
@@ -45,13 +46,20 @@ def test_command_measures_a_model_and_a_model_blind_to_captions_scores_zero(tmp_
                                                                            conditional_checkpoint):
     argv = ["--model", str(conditional_checkpoint), "--data", str(image_folder), "--caption_template",
             "a {style} painting", "--pool_size", "4", "--probes", "3", "--timesteps", "900", "100",
+            "--grid_seeds", "2", "--steps", "3", "--guidance_interval", "0.5", "inf",
             "--device", "cpu", "--out", str(tmp_path / "r.json")]
     assert caption_use.main(argv) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["captions"] == ["a Baroque painting", "a Expressionism painting", "a Impressionism painting"]
-    assert [r["t"] for r in result["rows"]] == [900, 100] and "ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert [r["t"] for r in result["rows"]] == [900, 100] and "ratio" in out and "3 captions x 2 seeds" in out
     for r in result["rows"]:
         assert r["model_layout"] > 0 and r["optimal_layout"] > 0 and 1 <= r["pool_images"] <= 4
+    grid = result["grid"]
+    assert grid["seeds"] == 2 and grid["sampling"]["steps"] == 3
+    assert grid["sampling"]["guidance_interval"] == [0.5, float("inf")]
+    assert grid["layout_across_captions"] > 0 and grid["layout_across_seeds"] > 0
+    assert grid["ratio"] == pytest.approx(grid["layout_across_captions"] / grid["layout_across_seeds"])
     # the same model with its cross-attention outputs zeroed ignores the caption: spread 0 at every level
     pipeline = load_diffusion_model(conditional_checkpoint, "cpu")
     with torch.no_grad():
@@ -63,6 +71,9 @@ def test_command_measures_a_model_and_a_model_blind_to_captions_scores_zero(tmp_
     blind = caption_use.measure(pipeline, pools, probes, [900, 100])
     assert all(r["model_layout"] == pytest.approx(0, abs=1e-6) for r in blind)
     assert all(r["optimal_layout"] > 0 for r in blind)
+    # and its grid repeats one composition per seed in every row, while the seeds still differ
+    across_captions, across_seeds = caption_use.grid_spread(pipeline, list(pools), 2, steps=3)
+    assert across_captions == pytest.approx(0, abs=1e-6) and across_seeds > 0.1
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, image_folder, conditional_checkpoint):
@@ -79,6 +90,9 @@ def test_bad_input_is_a_one_line_error(tmp_path, image_folder, conditional_check
     with pytest.raises(UserError, match="gives 1 distinct captions; this measure needs 2 to"):
         caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
                           "--data", str(one_style), "--device", "cpu"])
+    with pytest.raises(UserError, match="--grid_seeds must be at least 0"):
+        caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
+                          "--grid_seeds", "-1"] + base)
     with pytest.raises(UserError, match="--timesteps must lie in"):
         caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
                           "--timesteps", "1000"] + base)
