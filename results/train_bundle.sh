@@ -18,6 +18,7 @@
 #   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=820 bash results/train_bundle.sh
 #   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=2800 CONT_COND_STEPS=0 bash results/train_bundle.sh
 #   DATA=../shared/wikiart-mini CONTINUE=1 SEED=3 CONT_UNCOND_STEPS=2400 CONT_COND_STEPS=0 bash results/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=2000 bash results/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, DECODER_SECONDS (the
@@ -27,7 +28,10 @@
 # CONTINUE (set: instead of the stages above, each UNet in models/ trains on (--init_from: its weights, a fresh
 # optimizer) for CONT_UNCOND_STEPS / CONT_COND_STEPS steps (0: that one stays as it is), warm-up 200, then a half
 # cosine from LR to LR / 10, with data order SEED (default 1; a new SEED a session, runs/unet-*-continued-sSEED), and
-# its export replaces it; the conditional one continues from its own weights, not from the new unconditional one).
+# its export replaces it; the conditional one continues from its own weights, not from the new unconditional one),
+# POOLED (default 1: the conditional UNet also adds the caption's pooled embedding to its timestep embedding,
+# --pooled_text_embed, as the shipped one does since its CONT_COND_STEPS=2000 stage, which added it to a model
+# without it; 0: cross-attention only, as the conditional UNet was before that stage).
 set -uo pipefail
 DATA=${DATA:?set DATA to an ImageFolder of 128 px paintings}
 VQGAN_SECONDS=${VQGAN_SECONDS:-0}
@@ -66,6 +70,7 @@ UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_s
       --save_every 200 --sample_every 400 --log_every 20 --num_workers "$WORKERS" --device "$DEVICE"
       --latent_cache runs/latents128 "${RESUME_FLAGS[@]}")
 COND=(--conditional --caption_template "a {style} painting" "${TEXT[@]}")
+(( ${POOLED:-1} )) && COND+=(--pooled_text_embed)
 if [[ -n ${CONTINUE:-} ]]; then
     : "${CONT_UNCOND_STEPS:?}" "${CONT_COND_STEPS:?}"
     SEED=${SEED:-1}

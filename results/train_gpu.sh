@@ -24,7 +24,8 @@ UNCOND_SECONDS=${UNCOND_SECONDS:-200}    # wall-time box of each training stage,
 COND_SECONDS=${COND_SECONDS:-200}
 RECIPE=(--unet_size small --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
         --batch_size 256 --lr 3e-4 --warmup_steps 200 --ema_decay 0.999 --bf16)
-COND_RECIPE=(--conditional --caption_template "a {style} painting" --cond_drop 0.1)   # gpu_pack.sh's captions
+COND_RECIPE=(--conditional --caption_template "a {style} painting" --cond_drop 0.1   # gpu_pack.sh's captions
+             --pooled_text_embed)   # as the shipped conditional UNet since 2026-12-02
 BENCH=(--sections unet sampler --bf16 --batch_size 256 --sample_batch 64)
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -246,7 +246,8 @@ def test_smoke_call_packs_trains_exports_and_unpacks_models_that_sample(tmp_path
     assert sorted(p.name for p in models.iterdir()) == [
         "unet-cond.json", "unet-cond.safetensors", "unet-uncond.json", "unet-uncond.safetensors", "vqgan.json",
         "vqgan.safetensors"]
-    assert json.loads((models / "unet-cond.json").read_text())["vqgan"] == "vqgan"
+    cond_config = json.loads((models / "unet-cond.json").read_text())
+    assert cond_config["vqgan"] == "vqgan" and cond_config["unet"]["pooled_text_embed"]
     assert diffusion.main(["--unet_ckpt_path", str(models / "unet-cond"), "--prompt", "a Baroque painting",
                            "--num_images", "1", "--steps", "2", "--outdir", str(tmp_path / "samples")]) == 0
     assert (tmp_path / "samples" / "grid-00000.png").is_file()
