@@ -143,7 +143,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the noise, of the probe choice and of the grid's first image")
     parser.add_argument("--grid_seeds", type=int, default=8,
-                        help="grid columns (seeds) for the grid measure; 0 skips it")
+                        help="grid columns (seeds) for the grid measure, at least 2; 0 skips it")
     add_sampling_arguments(parser)
     parser.add_argument("--batch_size", type=positive_int, default=32, help="images encoded per batch")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
@@ -155,8 +155,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.out:
         check_output_file(args.out, "--out")
-    if args.grid_seeds < 0:
-        raise UserError(f"--grid_seeds must be at least 0, got {args.grid_seeds}")
+    if args.grid_seeds < 0 or args.grid_seeds == 1:
+        raise UserError(f"--grid_seeds must be 0 (no grid measure) or at least 2 (a spread across seeds), got "
+                        f"{args.grid_seeds}")
     options = sampling_options(args)
     device = pick_device(args.device)
     pipeline = load_diffusion_model(args.model, device, bf16=use_bf16(args.precision, device))

@@ -90,9 +90,10 @@ def test_bad_input_is_a_one_line_error(tmp_path, image_folder, conditional_check
     with pytest.raises(UserError, match="gives 1 distinct captions; this measure needs 2 to"):
         caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
                           "--data", str(one_style), "--device", "cpu"])
-    with pytest.raises(UserError, match="--grid_seeds must be at least 0"):
-        caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
-                          "--grid_seeds", "-1"] + base)
+    for bad in ("-1", "1"):
+        with pytest.raises(UserError, match=r"--grid_seeds must be 0 \(no grid measure\) or at least 2"):
+            caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
+                              "--grid_seeds", bad] + base)
     with pytest.raises(UserError, match="--timesteps must lie in"):
         caption_use.main(["--model", str(conditional_checkpoint), "--caption_template", "a {style} painting",
                           "--timesteps", "1000"] + base)
