@@ -178,12 +178,12 @@ def main(argv=None):
               "pool_size": args.pool_size, "probes": len(probes), "rows": rows}
     if args.grid_seeds:
         across_captions, across_seeds = grid_spread(pipeline, list(pools), args.grid_seeds, args.seed, **options)
-        result["grid"] = {"seeds": args.grid_seeds, "sampling": options, "layout_across_captions": across_captions,
-                          "layout_across_seeds": across_seeds, "ratio": across_captions / across_seeds}
+        grid = result["grid"] = {"seeds": args.grid_seeds, "sampling": options, "ratio": across_captions / across_seeds,
+                                 "layout_across_captions": across_captions, "layout_across_seeds": across_seeds}
         print(f"grid of {len(pools)} captions x {args.grid_seeds} seeds ({options['sampler']}, {options['steps']} "
               f"steps, guidance {options['guidance_scale']} in sigma {options['guidance_interval']}): layout "
               f"spread across captions {across_captions:.4f}, across seeds {across_seeds:.4f}, ratio "
-              f"{across_captions / across_seeds:.2f}")
+              f"{grid['ratio']:.2f}")
     if args.out:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")

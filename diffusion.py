@@ -467,9 +467,9 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, num_images=1, seed=0, sampler="dpmpp-2m", steps=20, prompt=None, negative_prompt=None,
-                       guidance_scale=DEFAULT_GUIDANCE_SCALE, guidance_interval=DEFAULT_GUIDANCE_INTERVAL, eta=0.0,
-                       karras=None,
-                       lower_order_final=False, init_images=None, strength=None, noise=None, progress=True):
+                       guidance_scale=DEFAULT_GUIDANCE_SCALE, guidance_interval=DEFAULT_GUIDANCE_INTERVAL,
+                       eta=0.0, karras=None, lower_order_final=False, init_images=None, strength=None, noise=None,
+                       progress=True):
         """Scaled latents of `num_images` samples; image i draws all its noise from torch.Generator(seed + i).
         karras: Karras et al. spacing of the steps (else even in t; None: Karras unless the schedule has zero
         terminal SNR); lower_order_final: dpmpp-2m's first-order step
