@@ -180,10 +180,12 @@ def main(argv=None):
         across_captions, across_seeds = grid_spread(pipeline, list(pools), args.grid_seeds, args.seed, **options)
         grid = result["grid"] = {"seeds": args.grid_seeds, "sampling": options, "ratio": across_captions / across_seeds,
                                  "layout_across_captions": across_captions, "layout_across_seeds": across_seeds}
+        high = options["guidance_high"]
+        guidance = f"guidance {options['guidance_scale']} in sigma {options['guidance_interval']}" + (
+            f", {high[0]} above sigma {high[1]}" if high else "")
         print(f"grid of {len(pools)} captions x {args.grid_seeds} seeds ({options['sampler']}, {options['steps']} "
-              f"steps, guidance {options['guidance_scale']} in sigma {options['guidance_interval']}): layout "
-              f"spread across captions {across_captions:.4f}, across seeds {across_seeds:.4f}, ratio "
-              f"{grid['ratio']:.2f}")
+              f"steps, {guidance}): layout spread across captions {across_captions:.4f}, across seeds "
+              f"{across_seeds:.4f}, ratio {grid['ratio']:.2f}")
     if args.out:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")

@@ -345,19 +345,20 @@ def make_denoiser(model_fn, schedule, prediction_type):
     return denoiser
 
 
-def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0,
-                    guided_at=None):
+def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0):
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + scale (cond - uncond), both branches in one
-    batched forward pass. Scale 1 (or no uncond context) is the conditional prediction alone, and so is every step
-    where `guided_at(t)` is False (guidance in a limited interval, Kynkäänniemi et al. 2024): one forward pass."""
+    batched forward pass. guidance_scale: a number, or t -> the scale at timestep t (guidance_scales). Where the
+    scale is 1 (or there is no uncond context) the output is the conditional prediction alone: one forward pass."""
+    scale_at = guidance_scale if callable(guidance_scale) else lambda t: guidance_scale
 
     def model_fn(x, t):
-        if uncond_context is None or guidance_scale == 1 or (guided_at is not None and not guided_at(t)):
+        scale = scale_at(t)
+        if uncond_context is None or scale == 1:
             return unet(x, t, context, context_mask)
         out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]),
                    torch.cat([context_mask, uncond_mask]))
         cond, uncond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return uncond + scale * (cond - uncond)
 
     return model_fn
 
@@ -371,18 +372,21 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 DEFAULT_GUIDANCE_INTERVAL = (0.28, float("inf"))
 
 
-def guidance_window(schedule, interval):
-    """t -> whether sigma(t) = sqrt((1 - a) / a) lies in the (low, high] of `interval` (EDM's noise level, the unit
-    Kynkäänniemi et al. 2024 give their interval in); None: guide everywhere."""
-    if interval is None:
-        return None
-    low, high = interval
+def guidance_scales(schedule, scale, interval=None, high=None):
+    """t -> the guidance scale at the noise level sigma(t) = sqrt((1 - a) / a) (EDM's unit, the one Kynkäänniemi
+    et al. 2024 give their interval in): `scale` where sigma lies in the (low, high] of `interval` (None:
+    everywhere; pure noise, a = 0, counts as inside) and 1, the conditional prediction alone, outside it.
+    high = (high_scale, sigma_split): high_scale instead of `scale` where sigma > sigma_split, strong guidance where
+    the layout is set and milder where colour and detail are."""
 
-    def guided_at(t):
+    def scale_at(t):
         a = schedule.alpha_bar(t[:1]).item()  # every row of a batch is at the same timestep
-        return a == 0 or low < ((1 - a) / a) ** 0.5 <= high
+        sigma = float("inf") if a == 0 else ((1 - a) / a) ** 0.5
+        if interval is not None and a > 0 and not interval[0] < sigma <= interval[1]:
+            return 1.0
+        return high[0] if high is not None and sigma > high[1] else scale
 
-    return guided_at
+    return scale_at
 
 
 def slerp(a, b, fraction):
@@ -468,12 +472,13 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, num_images=1, seed=0, sampler="dpmpp-2m", steps=20, prompt=None, negative_prompt=None,
                        guidance_scale=DEFAULT_GUIDANCE_SCALE, guidance_interval=DEFAULT_GUIDANCE_INTERVAL,
-                       eta=0.0, karras=None, lower_order_final=False, init_images=None, strength=None, noise=None,
-                       progress=True):
+                       guidance_high=None, eta=0.0, karras=None, lower_order_final=False, init_images=None,
+                       strength=None, noise=None, progress=True):
         """Scaled latents of `num_images` samples; image i draws all its noise from torch.Generator(seed + i).
         karras: Karras et al. spacing of the steps (else even in t; None: Karras unless the schedule has zero
         terminal SNR); lower_order_final: dpmpp-2m's first-order step
-        into the last timestep; guidance_interval (low, high): guide only where low < sigma <= high (None: everywhere).
+        into the last timestep; guidance_interval (low, high): guide only where low < sigma <= high (None: everywhere);
+        guidance_high (scale, sigma): that scale instead where the noise level is above sigma (None: one scale).
         init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img, noised to the timestep `strength` of
         the way along and denoised over the last round(strength * steps) steps. `noise` replaces the start noise."""
         if sampler not in SAMPLERS:
@@ -482,8 +487,9 @@ class Pipeline:
             raise UserError("--eta applies to the ddim sampler only")
         if lower_order_final and sampler != "dpmpp-2m":
             raise UserError("--lower_order_final applies to the dpmpp-2m sampler only")
-        if guidance_scale < 0:
-            raise UserError(f"the guidance scale must be at least 0, got {guidance_scale}")
+        if guidance_scale < 0 or (guidance_high is not None and min(guidance_high) < 0):
+            raise UserError(f"guidance scales and noise levels must be at least 0, got {guidance_scale} and "
+                            f"{guidance_high}")
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         if noise is None:
             noise = randn((num_images, *self.latent_shape), generators)
@@ -501,8 +507,8 @@ class Pipeline:
         if self.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt, negative_prompt),
-                                   guidance_scale=guidance_scale,
-                                   guided_at=guidance_window(self.schedule, guidance_interval))
+                                   guidance_scale=guidance_scales(self.schedule, guidance_scale, guidance_interval,
+                                                                  guidance_high))
 
         def model_fn_autocast(x, t):
             with autocast(self.device, self.bf16):
@@ -650,6 +656,10 @@ def add_sampling_arguments(parser):
                         help="guide only where the noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is in "
                              "(LOW, HIGH] (Kynkäänniemi et al. 2024); elsewhere the conditional prediction alone "
                              "(default: %(default)s; 0 inf guides every step)")
+    parser.add_argument("--guidance_high", type=non_negative_float, nargs=2, default=None,
+                        metavar=("SCALE", "SIGMA"),
+                        help="guide at SCALE instead of --guidance_scale where sigma > SIGMA (inside the interval): "
+                             "strong guidance at the high noise levels where the layout is set (default: one scale)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bf16 autocast or fp32; auto = bf16 where it pays (CUDA; CPUs with AVX512-BF16 / "
                              "AMX whose bf16 matmul measures >= 1.3x faster), fp32 elsewhere")
@@ -662,7 +672,7 @@ def sampling_options(args):
     return dict(sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
                 karras={"auto": None, "karras": True, "even": False}[args.spacing],
                 lower_order_final=args.lower_order_final, guidance_scale=args.guidance_scale,
-                guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
+                guidance_interval=args.guidance_interval, guidance_high=args.guidance_high)
 
 
 def use_bf16(precision, device):
@@ -728,10 +738,12 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
     command += [f"--{flag}" for flag in ("lower_order_final", "no_ema", "interpolate") if getattr(args, flag)]
     if prompts is not None:
         params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,
-                      guidance_scale=args.guidance_scale, guidance_interval=options["guidance_interval"])
+                      guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+                      guidance_high=args.guidance_high)
         command += ["--prompt", *prompts, "--guidance_scale", str(args.guidance_scale)]
-        if args.guidance_interval is not None:
-            command += ["--guidance_interval", *map(str, args.guidance_interval)]
+        for flag in ("guidance_interval", "guidance_high"):
+            if getattr(args, flag) is not None:
+                command += [f"--{flag}", *map(str, getattr(args, flag))]
         if args.negative_prompt is not None:
             command += ["--negative_prompt", args.negative_prompt]
     if args.init_image is not None:

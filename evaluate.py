@@ -303,7 +303,6 @@ def sample_settings(args):
     options = sampling_options(args)
     return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()),
             "checkpoint_sha256": checkpoint_digest(args.samples_from), **options,
-            "guidance_interval": None if args.guidance_interval is None else list(args.guidance_interval),
             "seed": args.seed, "prompt": args.prompt, "ema": not args.no_ema,
             "bf16": use_bf16(args.precision, args.device)}
 

@@ -13,7 +13,7 @@ from PIL import Image
 import diffusion
 from common import ImageSource, UserError
 from diffusion import (
-    SAMPLERS, NoiseSchedule, Pipeline, guidance_window, guided_model_fn, load_diffusion_model, make_betas,
+    SAMPLERS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn, load_diffusion_model, make_betas,
     make_denoiser, min_snr_weight, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
     save_diffusion_model, slerp,
 )
@@ -583,20 +583,49 @@ def test_guidance_interval_guides_only_inside_its_noise_range():
         return x * context.mean((1, 2))[:, None, None, None]
 
     schedule = NoiseSchedule("linear")
-    guided_at = guidance_window(schedule, (0.5, 5.0))
+    scale_at = guidance_scales(schedule, 3.0, (0.5, 5.0))
     sigma = lambda t: ((1 - schedule.alpha_bar(t)) / schedule.alpha_bar(t)).sqrt().item()  # noqa: E731
     inside, below = torch.tensor([300.0, 300.0]), torch.tensor([20.0, 20.0])
     assert 0.5 < sigma(inside[:1]) <= 5.0 and sigma(below[:1]) <= 0.5
+    assert scale_at(inside) == 3.0 and scale_at(below) == 1.0
     x = torch.randn(2, 4, 3, 3)
     cond, cond_mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
     uncond, uncond_mask = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
-    model_fn = guided_model_fn(unet, cond, cond_mask, uncond, uncond_mask, 3.0, guided_at=guided_at)
+    model_fn = guided_model_fn(unet, cond, cond_mask, uncond, uncond_mask, scale_at)
     assert torch.equal(model_fn(x, below), unet(x, below, cond, cond_mask))  # outside: conditional alone
     calls.clear()
     model_fn(x, inside)
     assert calls == [4]  # inside: both branches in one pass
-    assert guidance_window(schedule, None) is None
-    assert guidance_window(NoiseSchedule("linear", zero_terminal_snr=True), (0.5, 5.0))(torch.tensor([999.0]))
+    assert guidance_scales(schedule, 3.0)(below) == 3.0  # no interval: everywhere
+    assert guidance_scales(NoiseSchedule("linear", zero_terminal_snr=True), 3.0, (0.5, 5.0))(torch.tensor([999.0])) == 3
+
+
+def test_guidance_high_replaces_the_scale_above_its_noise_level():
+    schedule = NoiseSchedule("linear")
+    sigma = lambda t: ((1 - schedule.alpha_bar(t)) / schedule.alpha_bar(t)).sqrt().item()  # noqa: E731
+    low_t, mid_t, high_t = torch.tensor([20.0]), torch.tensor([300.0]), torch.tensor([900.0])
+    assert sigma(low_t) <= 0.5 < sigma(mid_t) <= 5.0 < sigma(high_t)
+    scale_at = guidance_scales(schedule, 3.0, (0.5, float("inf")), high=(6.0, 5.0))
+    assert [scale_at(t) for t in (low_t, mid_t, high_t)] == [1.0, 3.0, 6.0]
+    # the interval still bounds it: above SIGMA_HIGH no guidance at all
+    assert guidance_scales(schedule, 3.0, (0.5, 5.0), high=(6.0, 1.0))(high_t) == 1.0
+    # scale 1 below the split: only the high noise levels take the second (batched) branch
+    calls = []
+
+    def unet(x, t, context, mask):
+        calls.append(x.shape[0])
+        return x * context.mean((1, 2))[:, None, None, None]
+
+    x = torch.randn(2, 4, 3, 3)
+    cond, cond_mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    uncond, uncond_mask = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    model_fn = guided_model_fn(unet, cond, cond_mask, uncond, uncond_mask, guidance_scales(schedule, 1.0,
+                                                                                           high=(6.0, 5.0)))
+    high, mid = model_fn(x, high_t.expand(2)), model_fn(x, mid_t.expand(2))
+    assert calls == [4, 2]
+    cond_out, uncond_out = unet(x, high_t, cond, cond_mask), unet(x, high_t, uncond, uncond_mask)
+    assert torch.allclose(high, uncond_out + 6.0 * (cond_out - uncond_out), atol=1e-6)
+    assert torch.equal(mid, unet(x, mid_t, cond, cond_mask))
 
 
 def test_img2img(tmp_path, checkpoint):
@@ -646,12 +675,14 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     assert torch.equal(plain, pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=1.0,
                                                       **options))
     assert run(path, tmp_path / "out", "--prompt", "a Baroque painting", "--negative_prompt", "dark",
-               "--guidance_scale", 3, "--guidance_interval", 0.5, 5, "--num_images", 1, "--steps", 2) == 0
+               "--guidance_scale", 3, "--guidance_interval", 0.5, 5, "--guidance_high", 5, 2.5, "--num_images", 1,
+               "--steps", 2) == 0
     text = png_text(tmp_path / "out" / "00000.png")[0]
     params = json.loads(text["parameters"])
     assert params["prompt"] == "a Baroque painting" and params["negative_prompt"] == "dark"
     assert params["guidance_scale"] == 3.0 and params["guidance_interval"] == [0.5, 5.0]
-    assert "--guidance_interval 0.5 5.0" in text["command"]
+    assert params["guidance_high"] == [5.0, 2.5]
+    assert "--guidance_interval 0.5 5.0 --guidance_high 5.0 2.5" in text["command"]
     # several prompts: one grid row each over the same seeds, each image naming its own prompt
     assert run(path, tmp_path / "rows", "--prompt", "a Baroque painting", "a Cubist still life", "--num_images", 3,
                "--batch_size", 2, "--steps", 2, "--guidance_scale", 3) == 0
@@ -661,7 +692,7 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     assert json.loads(png_text(tmp_path / "rows" / "00004.png")[0]["parameters"]) == {
         **json.loads(png_text(tmp_path / "out" / "00000.png")[0]["parameters"]), "prompt": "a Cubist still life",
         "negative_prompt": None, "seed": 1, "steps": 2, "checkpoint": str(path),
-        "guidance_interval": [0.28, float("inf")]}
+        "guidance_interval": [0.28, float("inf")], "guidance_high": None}
     assert not torch.equal(pixels(tmp_path / "rows" / "00000.png"), pixels(tmp_path / "rows" / "00003.png"))
 
 
@@ -679,6 +710,7 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     (("--num_images", 0), "num_images"),
     (("--guidance_scale", -1), "argument --guidance_scale: must be at least 0"),
     (("--guidance_interval", 2, 1), "--guidance_interval"),
+    (("--guidance_high", 5, -1), "argument --guidance_high: must be at least 0"),
     (("--eta", -0.5), "argument --eta: must be at least 0"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, checkpoint, flags, message):
