@@ -31,9 +31,9 @@ from PIL import Image
 from common import (
     ArgumentParser, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast, check_run_identity,
     checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume, load_weights, make_grid,
-    model_paths, non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_json, rng_state,
-    run_cli, safe_torch_load, save_model, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images,
-    trim_log,
+    model_paths, non_negative_float, non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints,
+    read_json, rng_state, run_cli, safe_torch_load, save_model, save_png, save_state_dir, seed_everything,
+    set_rng_state, tensor_to_images, trim_log,
 )
 from metrics import code_statistics
 
@@ -351,6 +351,16 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def r1_penalty(disc, images):
+    """(logits on `images`, E_x |grad_x D(x)|^2 over them): the R1 penalty (Mescheder et al. 2018) on real images
+    keeps the discriminator smooth around the data so it cannot overpower the decoder. The penalty is
+    differentiable in the discriminator's weights (create_graph)."""
+    images = images.detach().requires_grad_(True)
+    logits = disc(images).float()
+    (grads,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
+    return logits, grads.float().square().flatten(1).sum(1).mean()
+
+
 def adaptive_gan_weight(nll_loss, g_loss, last_layer):
     """Scale that makes the GAN gradient at the decoder's last layer as large as the
     reconstruction gradient (Esser et al. 2021, eq. 7)."""
@@ -623,16 +633,18 @@ def restart_dead_codes(codebook, last_used, latents, step, patience):
 class LossWeights:
     """The autoencoder loss: l1 + perceptual * perceptual distance + codebook * codebook loss, plus, from step
     disc_start + disc_warmup on, disc * adaptive weight * GAN loss (Esser et al. 2021, eq. 7); the discriminator
-    trains from disc_start on."""
+    trains from disc_start on, its hinge loss plus disc_r1 / 2 * the R1 penalty."""
     perceptual: float = 1.0
     codebook: float = 1.0
     disc: float = 0.6
     disc_start: int = 10000
     disc_warmup: int = 0
+    disc_r1: float = 0.0
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start, args.disc_warmup)
+        return cls(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start, args.disc_warmup,
+                   args.disc_r1)
 
 
 def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights, device, bf16=False):
@@ -662,10 +674,15 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights,
     metrics["loss"] = loss.item()
     if train_disc:
         with autocast(device, bf16):
-            logits_real, logits_fake = disc(images).float(), disc(reconstructions.detach()).float()
+            if weights.disc_r1:
+                logits_real, r1 = r1_penalty(disc, images)
+                metrics["r1"] = r1.item()
+            else:
+                logits_real, r1 = disc(images).float(), 0.0
+            logits_fake = disc(reconstructions.detach()).float()
             d_loss = hinge_d_loss(logits_real, logits_fake)
         opt_disc.zero_grad(set_to_none=True)
-        d_loss.backward()
+        (d_loss + weights.disc_r1 / 2 * r1).backward()
         opt_disc.step()
         metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(),
                        logits_fake=logits_fake.mean().item())
@@ -725,7 +742,8 @@ def run_identity(args):
     return dict(**architecture, resolution=resolution, finetune_decoder=args.finetune_decoder, seed=args.seed,
                 batch_size=args.batch_size, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
                 codebook_weight=args.codebook_weight, disc_start=args.disc_start, disc_warmup=args.disc_warmup,
-                disc_weight=args.disc_weight, disc_layers=args.disc_layers, dead_code_steps=dead_code_patience(args))
+                disc_weight=args.disc_weight, disc_layers=args.disc_layers, disc_r1=args.disc_r1,
+                dead_code_steps=dead_code_patience(args))
 
 
 def export(model, out, source, resolution, args, device):
@@ -930,6 +948,9 @@ def parse_args(argv):
                    "--init_ckpt (one of our VQGANs): encoder, quant_conv and codebook stay frozen bit for bit, so "
                    "latents and diffusion models trained on them stay valid; the latent scale is kept")
     g.add_argument("--disc_weight", type=float, default=0.6, help="GAN loss weight (times the adaptive weight)")
+    g.add_argument("--disc_r1", type=non_negative_float, default=0.0,
+                   help="R1 penalty weight gamma: the discriminator's loss gains gamma / 2 * E|grad_x D(real)|^2 "
+                        "(Mescheder et al. 2018), which keeps it from overpowering the decoder (0 = off)")
     g.add_argument("--disc_layers", type=positive_int, default=2,
                    help="PatchGAN discriminator layers (2 matches vq-f8)")
     g.add_argument("--dead_code_steps", type=non_negative_int, help="restart codes unused this many steps (0 = never; "

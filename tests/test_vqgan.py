@@ -410,6 +410,27 @@ def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_
         vqgan.main([*plain, "--max_steps", "5", "--resume", "auto"])
 
 
+def test_r1_penalty_is_the_squared_input_gradient_and_trains_the_discriminator():
+    disc = torch.nn.Conv2d(3, 1, 1)  # D(x) at each position = w . x + b, so grad_x sum(D) = w at every pixel
+    images = torch.randn(2, 3, 4, 5)
+    logits, penalty = vqgan.r1_penalty(disc, images)
+    w = disc.weight.detach().flatten()
+    assert torch.equal(logits, disc(images)) and not images.requires_grad
+    assert torch.allclose(penalty, 4 * 5 * w.square().sum())
+    penalty.backward()  # d/dw of H W |w|^2
+    assert torch.allclose(disc.weight.grad.flatten(), 2 * 4 * 5 * w)
+
+
+def test_disc_r1_is_logged_and_part_of_the_run(image_folder, tmp_path):
+    args = train_args(image_folder, tmp_path / "run", "--max_steps", "2", "--perceptual", "none", "--disc_start",
+                      "0", "--disc_r1", "0.5", "--log_every", "1")
+    assert vqgan.main(args) == 0
+    assert all(entry["r1"] > 0 for entry in read_log(tmp_path / "run"))
+    with pytest.raises(UserError, match="--disc_r1 0.5 there, 0.0 here"):
+        vqgan.main([*args[:args.index("--disc_r1")], *args[args.index("--disc_r1") + 2:], "--max_steps", "3",
+                    "--resume", "auto"])
+
+
 def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
     with pytest.raises(UserError, match="--finetune_decoder needs --init_ckpt"):
         vqgan.main(train_args(image_folder, tmp_path / "x", "--finetune_decoder"))
