@@ -46,7 +46,7 @@ def test_command_measures_a_model_and_a_model_blind_to_captions_scores_zero(tmp_
                                                                            conditional_checkpoint):
     argv = ["--model", str(conditional_checkpoint), "--data", str(image_folder), "--caption_template",
             "a {style} painting", "--pool_size", "4", "--probes", "3", "--timesteps", "900", "100",
-            "--grid_seeds", "2", "--steps", "3", "--guidance_interval", "0.5", "inf",
+            "--grid_seeds", "2", "--steps", "3", "--guidance_interval", "0.5", "inf", "--guidance_high", "4", "2",
             "--device", "cpu", "--out", str(tmp_path / "r.json")]
     assert caption_use.main(argv) == 0
     result = json.loads((tmp_path / "r.json").read_text())
@@ -57,7 +57,8 @@ def test_command_measures_a_model_and_a_model_blind_to_captions_scores_zero(tmp_
         assert r["model_layout"] > 0 and r["optimal_layout"] > 0 and 1 <= r["pool_images"] <= 4
     grid = result["grid"]
     assert grid["seeds"] == 2 and grid["sampling"]["steps"] == 3
-    assert grid["sampling"]["guidance_interval"] == [0.5, float("inf")]
+    assert grid["sampling"]["guidance_interval"] == [0.5, float("inf")] and grid["sampling"]["guidance_high"] == [4, 2]
+    assert "4.0 above sigma 2.0" in out
     assert grid["layout_across_captions"] > 0 and grid["layout_across_seeds"] > 0
     assert grid["ratio"] == pytest.approx(grid["layout_across_captions"] / grid["layout_across_seeds"])
     # the same model with its cross-attention outputs zeroed ignores the caption: spread 0 at every level

@@ -421,6 +421,26 @@ def test_r1_penalty_is_the_squared_input_gradient_and_trains_the_discriminator()
     assert torch.allclose(disc.weight.grad.flatten(), 2 * 4 * 5 * w)
 
 
+def test_disc_r1_enters_the_discriminator_update_only():
+    """The same step with and without the penalty: the autoencoder moves identically, the discriminator does not."""
+    import copy
+
+    torch.manual_seed(0)
+    model, disc = VQModel(CONFIGS["vq-f4-tiny"]), NLayerDiscriminator(n_layers=2)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    results = {}
+    for gamma in (0.0, 10.0):
+        m, d = copy.deepcopy(model), copy.deepcopy(disc)
+        opt_ae, opt_disc = torch.optim.Adam(m.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
+        weights = vqgan.LossWeights(perceptual=0.0, disc_start=0, disc_warmup=1, disc_r1=gamma)
+        metrics, _, _ = vqgan.train_step(m, d, None, opt_ae, opt_disc, images, 0, weights, "cpu")
+        results[gamma] = (m, d, metrics)
+    (m0, d0, metrics0), (m1, d1, metrics1) = results[0.0], results[10.0]
+    assert "r1" not in metrics0 and metrics1["r1"] > 0 and metrics0["d_loss"] == pytest.approx(metrics1["d_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(m0.parameters(), m1.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0.parameters(), d1.parameters()))
+
+
 def test_disc_r1_is_logged_and_part_of_the_run(image_folder, tmp_path):
     args = train_args(image_folder, tmp_path / "run", "--max_steps", "2", "--perceptual", "none", "--disc_start",
                       "0", "--disc_r1", "0.5", "--log_every", "1")
