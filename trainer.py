@@ -608,7 +608,7 @@ def build_training(args, unet, device, repa_shape=None):
 
 def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon", min_snr_gamma=None,
                    cond_drop=0.0, timestep_sampling="uniform", timestep_loc=None, timestep_scale=None,
-                   repa_layer="middle", repa_targets=None):
+                   x0_weight_floor=None, repa_layer="middle", repa_targets=None):
     """(The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss), the REPA
     loss or None). Timesteps come from NoiseSchedule.training_timesteps(timestep_sampling, loc, scale); captions
     B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training).
@@ -627,7 +627,8 @@ def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon
         prediction, stage["features"] = run.model(x_t, t, context, context_mask, feature_layer=repa_layer)
         return prediction
 
-    loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t)
+    loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t,
+                                      x0_weight_floor=x0_weight_floor)
     if repa_targets is None:
         return loss, None
     return loss, repa_loss(run.projector(stage["features"]), repa_targets)
@@ -637,7 +638,8 @@ def loss_settings(args):
     """The keyword arguments of diffusion_loss that the command line sets."""
     return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
             "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
-            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
+            "timestep_scale": args.timestep_scale, "x0_weight_floor": args.x0_weight_floor,
+            "repa_layer": args.repa_layer}
 
 
 def repa_active(run, repa_until):
@@ -721,8 +723,8 @@ def lever_identity(args):
     REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
     repa = ("repa_layer", "repa_image_size", "repa_channels")
     return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
-                timestep_scale=args.timestep_scale, **{name: getattr(args, name) if args.repa_weight else None
-                                                       for name in repa})
+                timestep_scale=args.timestep_scale, x0_weight_floor=args.x0_weight_floor,
+                **{name: getattr(args, name) if args.repa_weight else None for name in repa})
 
 
 def check_same_architecture(state, unet, path):
@@ -1034,6 +1036,11 @@ def parse_args(argv=None):
     g.add_argument("--timestep_scale", type=positive_float, default=None,
                    help="logit-normal: std of logit(t); laplace: scale of the log-SNR (default: 1 and 0.5, the "
                         "papers' choices)")
+    g.add_argument("--x0_weight_floor", type=positive_float, default=None, metavar="F",
+                   help="raise each sample's loss weight to at least F ||x0 - x0_hat||^2 (truncated-SNR weighting, "
+                        "Salimans & Ho 2022, is F = 1; combines with --min_snr_gamma): at high noise, where the layout "
+                        "is set, eps targets weigh the x0 error by SNR alone (3.6e-4 at sigma 52.6), so what the "
+                        "caption says about the layout is barely trained; default: off")
     g = p.add_argument_group("representation alignment (REPA with EfficientNet-Lite2 targets; off by default)")
     g.add_argument("--repa_weight", type=non_negative_float, default=0.0,
                    help="weight of the REPA loss (negative cosine per position; Yu et al. 2024 use 0.5); 0 = off")

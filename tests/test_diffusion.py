@@ -14,7 +14,7 @@ import diffusion
 from common import ImageSource, UserError
 from diffusion import (
     SAMPLERS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn, load_diffusion_model, make_betas,
-    make_denoiser, min_snr_weight, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
+    loss_weight, make_denoiser, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
     save_diffusion_model, slerp,
 )
 from unet import UNET_CONFIGS, UNet
@@ -142,10 +142,17 @@ def test_eps_x0_v_conversions_round_trip():
     assert torch.allclose(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
 
 
-def test_min_snr_weights():
+def test_loss_weights_min_snr_and_x0_floor():
     alpha_bar = torch.tensor([0.0, 0.5, 5 / 6, 0.99], dtype=torch.float64)  # SNR 0, 1, 5, 99
-    assert min_snr_weight(alpha_bar, 5.0, "epsilon").tolist() == pytest.approx([1, 1, 1, 5 / 99])
-    assert min_snr_weight(alpha_bar, 5.0, "v").tolist() == pytest.approx([0, 1 / 2, 5 / 6, 5 / 100])
+    assert loss_weight(alpha_bar, "epsilon", 5.0).tolist() == pytest.approx([1, 1, 1, 5 / 99])
+    assert loss_weight(alpha_bar, "v", 5.0).tolist() == pytest.approx([0, 1 / 2, 5 / 6, 5 / 100])
+    assert loss_weight(alpha_bar, "v").tolist() == [1, 1, 1, 1]
+    # a floor of 2 on the x0 weight: SNR 0 and 1 are raised to 2, SNR 5 and 99 keep theirs (capped by gamma)
+    assert loss_weight(alpha_bar, "v", 5.0, 2.0).tolist() == pytest.approx([2, 1, 5 / 6, 5 / 100])
+    assert loss_weight(alpha_bar, "v", None, 2.0).tolist() == pytest.approx([2, 1, 1, 1])
+    snr = torch.tensor([1e-3, 0.1, 1, 99], dtype=torch.float64)
+    alpha_bar = snr / (1 + snr)
+    assert loss_weight(alpha_bar, "epsilon", 5.0, 0.5).tolist() == pytest.approx([500, 5, 1, 5 / 99])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
@@ -175,6 +182,9 @@ def test_training_loss_targets_and_min_snr(prediction_type):
     assert plain == pytest.approx(expected, rel=1e-3)
     weighted = schedule.training_loss(off_by_delta, x0, prediction_type, min_snr_gamma=5.0, t=t, noise=noise).item()
     assert weighted == pytest.approx(snr.clamp(max=5).mean().item() * delta**2, rel=1e-3)
+    floored = schedule.training_loss(off_by_delta, x0, prediction_type, min_snr_gamma=5.0, t=t, noise=noise,
+                                     x0_weight_floor=0.5).item()
+    assert snr.min() < 0.5 and floored == pytest.approx(snr.clamp(0.5, 5).mean().item() * delta**2, rel=1e-3)
 
 
 def test_training_loss_draws_t_and_noise_and_backpropagates():

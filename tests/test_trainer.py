@@ -350,6 +350,7 @@ def test_resume_guards_other_architectures_and_existing_runs(tmp_path, image_fol
     (["--seed", "1"], "--seed 0 there, 1 here"),
     (["--batch_size", "2"], "--batch_size 4 there, 2 here"),
     (["--grad_accum", "2"], "--grad_accum 1 there, 2 here"),
+    (["--x0_weight_floor", "0.1"], "--x0_weight_floor None there, 0.1 here"),
 ])
 def test_resume_refuses_a_run_with_other_settings(tmp_path, image_folder, vqgan, flags, message):
     out = tmp_path / "run"
@@ -580,7 +581,8 @@ def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, 
     seen = []
     training_loss = diffusion.NoiseSchedule.training_loss
 
-    def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None):
+    def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None, x0_weight_floor=None):
+        assert x0_weight_floor is None
         seen.append((t, min_snr_gamma))
         return training_loss(self, model_fn, x0, prediction_type, min_snr_gamma, t, noise)
 
@@ -595,6 +597,26 @@ def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, 
     assert (log_snr - -1).abs().max() < 4  # 16 draws of Laplace(-1, 0.5): uniform t would spread over [-10, 9]
     losses = [e["loss"] for e in log_entries(out)]
     assert all(math.isfinite(x) for x in losses) and losses != pytest.approx(LOSSES_BEFORE_THE_LEVERS)
+
+
+def test_x0_weight_floor_raises_the_high_noise_weights_of_the_loss(tmp_path, image_folder, vqgan, monkeypatch):
+    weights = []
+    loss_weight = diffusion.loss_weight
+
+    def spy(alpha_bar, prediction_type, min_snr_gamma=None, x0_weight_floor=None):
+        assert (prediction_type, min_snr_gamma, x0_weight_floor) == ("epsilon", None, 0.5)
+        weights.append((alpha_bar / (1 - alpha_bar), loss_weight(alpha_bar, prediction_type, None, x0_weight_floor)))
+        return weights[-1][1]
+
+    monkeypatch.setattr(diffusion, "loss_weight", spy)
+    out = tmp_path / "floor"
+    assert train(image_folder, vqgan, out, "--max_steps", 4, "--x0_weight_floor", 0.5) == 0
+    snr, weight = (torch.cat(column) for column in zip(*weights))
+    assert len(weights) == 4 and torch.all(snr * weight >= 0.5 * (1 - 1e-6))  # x0 weight at least the floor
+    assert torch.all(weight[snr >= 0.5] == 1) and weight[snr < 0.5].min() > 1
+    losses = [e["loss"] for e in log_entries(out)]
+    # the same timesteps and noise as the unweighted run: its first loss, before any update, can only grow
+    assert all(math.isfinite(x) for x in losses) and losses[0] > LOSSES_BEFORE_THE_LEVERS[0]
 
 
 def test_repa_cache_holds_lite2_targets_of_each_image_and_mirror_and_is_keyed_by_its_settings(
