@@ -3,9 +3,11 @@
 At each noise level t, noisy latents x_t are made from held-out paintings. The model predicts x0 from each x_t
 once per caption; the spread of those predictions across captions is how far the caption moves the image. The
 same is computed for the training set's own optimal denoiser, E[x0 | x_t, caption] = the softmax-weighted mean of
-that caption's latents, weights exp(-|x_t - sqrt(alpha_bar) x0_i|^2 / (2 (1 - alpha_bar))). Its spread is what
-the data lets a caption explain (at low noise it memorises, so there it is an upper bound; `pool_images` says how
-many paintings it averages). A model whose style rows share one layout has a small ratio where layout is decided.
+that caption's latents, weights exp(-|x_t - sqrt(alpha_bar) x0_i|^2 / (2 (1 - alpha_bar))). Its spread holds what
+the captions explain and the noise of averaging finite pools (`pool_images` says how many paintings it averages;
+at low noise it memorises). The control: the same denoiser over the same paintings with their captions shuffled
+(pools of the same sizes), whose spread is that noise alone; sqrt(optimal^2 - shuffled^2) estimates the part the
+captions explain.
 
 Spreads are RMS over latent elements, split into layout (each channel's spatial mean removed: composition) and
 palette (the spatial means: colour).
@@ -74,6 +76,20 @@ def optimal_x0(x_t, alpha_bar, pool):
     return (weights.float() @ pool.flatten(1)).view_as(x_t), effective
 
 
+def shuffled_pools(pools, seed):
+    """The latents of `pools` (a list of N_i x C x h x w) dealt at random into pools of the same sizes."""
+    every = torch.cat(pools)
+    order = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed)).to(every.device)
+    return list(every[order].split([len(pool) for pool in pools]))
+
+
+def optimal_spread(x_t, alpha_bar, pools):
+    """Caption spread (layout, palette) of the optimal denoisers of `pools` at x_t, and the mean effective number
+    of pool images they average."""
+    optimal = [optimal_x0(x_t, alpha_bar, pool) for pool in pools]
+    return caption_spread(torch.stack([x0 for x0, _ in optimal], dim=1)), sum(n for _, n in optimal) / len(optimal)
+
+
 @torch.no_grad()
 def model_x0(pipeline, x_t, t, context, mask):
     """The model's x0 prediction for every (latent, caption) pair: B x S x C x h x w, S = len(context)."""
@@ -87,21 +103,25 @@ def model_x0(pipeline, x_t, t, context, mask):
 
 def measure(pipeline, pools, probes, timesteps, seed=0):
     """One row per timestep: the model's and the optimal denoiser's caption spreads (layout, palette) at x_t made
-    from `probes` (B x C x h x w) with noise from `seed`. pools: {caption: latents N x C x h x w}."""
+    from `probes` (B x C x h x w) with noise from `seed`, and the optimal denoiser's with the captions shuffled
+    (the same seed). pools: {caption: latents N x C x h x w}."""
     context, mask = pipeline.text_encoder.encode(list(pools))
     noise = torch.randn(probes.shape, generator=torch.Generator().manual_seed(seed)).to(probes.device)
+    shuffled = shuffled_pools(list(pools.values()), seed)
     rows = []
     for t in timesteps:
         alpha_bar = pipeline.schedule.alpha_bar(torch.tensor(float(t)))
         x_t = pipeline.schedule.q_sample(probes, torch.full((len(probes),), float(t)), noise).float()
-        optimal = [optimal_x0(x_t, alpha_bar, pool) for pool in pools.values()]
         model = caption_spread(model_x0(pipeline, x_t, t, context, mask))
-        data = caption_spread(torch.stack([x0 for x0, _ in optimal], dim=1))
+        data, pool_images = optimal_spread(x_t, alpha_bar, pools.values())
+        control, _ = optimal_spread(x_t, alpha_bar, shuffled)
         rows.append({"t": t, "sigma": ((1 - alpha_bar) / alpha_bar).sqrt().item(),
                      "model_layout": model[0], "model_palette": model[1],
                      "optimal_layout": data[0], "optimal_palette": data[1],
+                     "shuffled_layout": control[0], "shuffled_palette": control[1],
+                     "explained_layout": max(data[0] ** 2 - control[0] ** 2, 0) ** 0.5,
                      "layout_ratio": model[0] / data[0] if data[0] else float("nan"),
-                     "pool_images": sum(n for _, n in optimal) / len(optimal)})
+                     "pool_images": pool_images})
     return rows
 
 
@@ -115,13 +135,15 @@ def grid_spread(pipeline, captions, num_seeds, seed=0, **sampling):
 
 
 def print_rows(rows):
-    print("caption spread (RMS over latent elements): layout = composition, palette = colour; "
-          "ratio = model / optimal layout")
-    print(f"{'t':>5} {'sigma':>7} {'layout':>8} {'optimal':>8} {'ratio':>6} {'palette':>8} {'optimal':>8} "
-          f"{'pool images':>11}")
+    print("caption spread (RMS over latent elements): layout = composition, palette = colour; ratio = model / "
+          "optimal layout; shuffled = the optimal denoiser with the captions shuffled (pool noise alone); explained = "
+          "sqrt(optimal^2 - shuffled^2)")
+    print(f"{'t':>5} {'sigma':>7} {'layout':>8} {'optimal':>8} {'ratio':>6} {'shuffled':>8} {'explained':>9} "
+          f"{'palette':>8} {'optimal':>8} {'shuffled':>8} {'pool images':>11}")
     for r in rows:
         print(f"{r['t']:>5} {r['sigma']:>7.2f} {r['model_layout']:>8.4f} {r['optimal_layout']:>8.4f} "
-              f"{r['layout_ratio']:>6.2f} {r['model_palette']:>8.4f} {r['optimal_palette']:>8.4f} "
+              f"{r['layout_ratio']:>6.2f} {r['shuffled_layout']:>8.4f} {r['explained_layout']:>9.4f} "
+              f"{r['model_palette']:>8.4f} {r['optimal_palette']:>8.4f} {r['shuffled_palette']:>8.4f} "
               f"{r['pool_images']:>11.1f}")
 
 

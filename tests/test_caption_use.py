@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import caption_use
-from caption_use import caption_spread, optimal_x0
+from caption_use import caption_spread, optimal_spread, optimal_x0, shuffled_pools
 from common import UserError
 from conftest import make_painting
 from diffusion import load_diffusion_model
@@ -37,6 +37,33 @@ def test_caption_spread_splits_layout_from_palette():
     assert layout > 0.1 and palette == pytest.approx(0, abs=1e-6)
 
 
+def test_shuffled_pools_deal_the_same_latents_into_pools_of_the_same_sizes():
+    pools = [torch.arange(n * 2.0).view(n, 2, 1, 1) + 100 * i for i, n in enumerate((3, 5, 4))]
+    shuffled = shuffled_pools(pools, seed=0)
+    assert [len(pool) for pool in shuffled] == [3, 5, 4]
+    assert sorted(torch.cat(shuffled).flatten().tolist()) == sorted(torch.cat(pools).flatten().tolist())
+    assert not all(torch.equal(a, b) for a, b in zip(pools, shuffled))
+    assert all(torch.equal(a, b) for a, b in zip(shuffled, shuffled_pools(pools, seed=0)))
+
+
+def test_shuffled_control_separates_caption_signal_from_pool_noise():
+    """Pools of one distribution spread only by pool noise, which shuffling keeps; pools whose layouts differ by
+    caption spread far more than their shuffled copies."""
+    torch.manual_seed(0)
+    alpha_bar = torch.tensor(0.01, dtype=torch.float64)  # high noise: each denoiser is near its pool's mean
+    x_t = torch.randn(8, 2, 4, 4)
+    same = [torch.randn(20, 2, 4, 4) for _ in range(3)]
+    (layout, _), _ = optimal_spread(x_t, alpha_bar, same)
+    (control, _), _ = optimal_spread(x_t, alpha_bar, shuffled_pools(same, seed=0))
+    assert layout == pytest.approx(control, rel=0.5)
+    pattern = torch.randn(1, 2, 4, 4)
+    pattern = pattern - pattern.mean(dim=(-2, -1), keepdim=True)  # a composition, no colour
+    differ = [torch.randn(20, 2, 4, 4) + sign * pattern for sign in (-1, 0, 1)]
+    (layout, _), _ = optimal_spread(x_t, alpha_bar, differ)
+    (control, _), _ = optimal_spread(x_t, alpha_bar, shuffled_pools(differ, seed=0))
+    assert layout > 2 * control
+
+
 @pytest.fixture(scope="module")
 def conditional_checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("cond"), context_dim=384)
@@ -52,9 +79,11 @@ def test_command_measures_a_model_and_a_model_blind_to_captions_scores_zero(tmp_
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["captions"] == ["a Baroque painting", "a Expressionism painting", "a Impressionism painting"]
     out = capsys.readouterr().out
-    assert [r["t"] for r in result["rows"]] == [900, 100] and "ratio" in out and "3 captions x 2 seeds" in out
+    assert [r["t"] for r in result["rows"]] == [900, 100] and "shuffled" in out and "3 captions x 2 seeds" in out
     for r in result["rows"]:
         assert r["model_layout"] > 0 and r["optimal_layout"] > 0 and 1 <= r["pool_images"] <= 4
+        assert r["shuffled_layout"] > 0 and r["explained_layout"] == pytest.approx(
+            max(r["optimal_layout"] ** 2 - r["shuffled_layout"] ** 2, 0) ** 0.5)
     grid = result["grid"]
     assert grid["seeds"] == 2 and grid["sampling"]["steps"] == 3
     assert grid["sampling"]["guidance_interval"] == [0.5, float("inf")] and grid["sampling"]["guidance_high"] == [4, 2]
