@@ -210,7 +210,7 @@ def loss_weight(alpha_bar, prediction_type, min_snr_gamma=None, x0_weight_floor=
     alpha_bar). Unweighted, lambda = SNR for eps targets and SNR + 1 for v. Min-SNR-gamma (Hang et al. 2023) caps it:
     lambda = min(SNR, gamma). `x0_weight_floor` F raises it to at least F (truncated-SNR weighting, Salimans & Ho
     2022, is F = 1). At high noise, where the layout is set, eps targets weigh the x0 error by SNR alone (3.6e-4 at
-    sigma 52.6), so a floor there trains what the caption says about the layout far harder."""
+    sigma 52.6); a floor gives those steps weight."""
     snr = alpha_bar / (1 - alpha_bar)
     unweighted = snr if prediction_type == "epsilon" else snr + 1
     if not min_snr_gamma:

@@ -1039,8 +1039,8 @@ def parse_args(argv=None):
     g.add_argument("--x0_weight_floor", type=positive_float, default=None, metavar="F",
                    help="raise each sample's loss weight to at least F ||x0 - x0_hat||^2 (truncated-SNR weighting, "
                         "Salimans & Ho 2022, is F = 1; combines with --min_snr_gamma): at high noise, where the layout "
-                        "is set, eps targets weigh the x0 error by SNR alone (3.6e-4 at sigma 52.6), so what the "
-                        "caption says about the layout is barely trained; default: off")
+                        "is set, eps targets weigh the x0 error by SNR alone (3.6e-4 at sigma 52.6); README, "
+                        "'Training the UNet', for what F 0.1 did; default: off")
     g = p.add_argument_group("representation alignment (REPA with EfficientNet-Lite2 targets; off by default)")
     g.add_argument("--repa_weight", type=non_negative_float, default=0.0,
                    help="weight of the REPA loss (negative cosine per position; Yu et al. 2024 use 0.5); 0 = off")
