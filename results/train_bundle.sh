@@ -19,6 +19,7 @@
 #   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=2800 CONT_COND_STEPS=0 bash results/train_bundle.sh
 #   DATA=../shared/wikiart-mini CONTINUE=1 SEED=3 CONT_UNCOND_STEPS=2400 CONT_COND_STEPS=0 bash results/train_bundle.sh
 #   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=2000 bash results/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=4 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=1000 bash results/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, DECODER_SECONDS (the
