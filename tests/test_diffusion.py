@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import diffusion
-from common import ImageSource, UserError
+from common import ImageSource, UserError, native_bf16
 from diffusion import (
-    SAMPLERS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn, load_diffusion_model, make_betas,
-    loss_weight, make_denoiser, predicted_eps, predicted_x0, prediction_target, q_sample, sampling_timesteps,
-    save_diffusion_model, slerp,
+    DEFAULT_STEPS, SAMPLERS, UNPROMPTED_STEPS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn,
+    load_diffusion_model, loss_weight, make_betas, make_denoiser, predicted_eps, predicted_x0, prediction_target,
+    q_sample, sampling_timesteps, save_diffusion_model, slerp,
 )
 from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
@@ -523,6 +523,17 @@ def test_cli_writes_images_grid_and_metadata(tmp_path, checkpoint, capsys):
     assert (out / "00003.png").is_file() and (out / "grid-00003.png").is_file()
 
 
+def test_unprompted_sampling_takes_ten_steps_by_default(tmp_path, checkpoint):
+    """Without --prompt diffusion.py's dpmpp-2m default is 10 steps (guided sampling keeps 20: the prompt test
+    below), and the PNG says so; evaluate.py's protocol stays at 20 (tests/test_evaluate.py)."""
+    assert run(checkpoint, tmp_path, "--num_images", 1) == 0
+    text = png_text(tmp_path / "00000.png")[0]
+    assert json.loads(text["parameters"])["steps"] == UNPROMPTED_STEPS["dpmpp-2m"] == 10
+    assert "--steps 10" in text["command"] and DEFAULT_STEPS["dpmpp-2m"] == 20
+    assert run(checkpoint, tmp_path, "--num_images", 1, "--sampler", "ddim") == 0  # the other samplers keep theirs
+    assert json.loads(png_text(tmp_path / "00001.png")[0]["parameters"])["steps"] == DEFAULT_STEPS["ddim"]
+
+
 def test_a_folder_written_by_diffusion_py_reads_as_exactly_its_images(tmp_path, checkpoint):
     """evaluate.py --fake samples (and any folder reader) must not count the grids as samples."""
     out = tmp_path / "out"
@@ -563,7 +574,9 @@ def test_same_seed_same_images_and_any_image_alone(tmp_path, checkpoint):
 def test_cli_sampler_options(tmp_path, checkpoint, flags):
     assert run(checkpoint, tmp_path, "--num_images", 2, "--steps", 3, *flags) == 0
     params = json.loads(png_text(tmp_path / "00001.png")[0]["parameters"])
-    assert params["spacing"] == ("even" if "even" in flags else "auto") and params["bf16"] == ("bf16" in flags)
+    auto_bf16 = "--precision" not in flags and native_bf16(torch.device("cpu"))  # auto: bf16 on CPUs where it pays
+    assert params["spacing"] == ("even" if "even" in flags else "auto")
+    assert params["bf16"] == ("bf16" in flags or auto_bf16)
     assert params["lower_order_final"] == ("--lower_order_final" in flags)
     assert params["weights"] == ("model" if "--no_ema" in flags else "ema")
 
@@ -685,10 +698,10 @@ def test_conditional_prompt_guidance_and_negative_prompt(tmp_path):
     assert torch.equal(plain, pipeline.sample_latents(2, seed=0, prompt="a Baroque painting", guidance_scale=1.0,
                                                       **options))
     assert run(path, tmp_path / "out", "--prompt", "a Baroque painting", "--negative_prompt", "dark",
-               "--guidance_scale", 3, "--guidance_interval", 0.5, 5, "--guidance_high", 5, 2.5, "--num_images", 1,
-               "--steps", 2) == 0
+               "--guidance_scale", 3, "--guidance_interval", 0.5, 5, "--guidance_high", 5, 2.5, "--num_images", 1) == 0
     text = png_text(tmp_path / "out" / "00000.png")[0]
     params = json.loads(text["parameters"])
+    assert params["steps"] == DEFAULT_STEPS["dpmpp-2m"] == 20  # guided sampling's default
     assert params["prompt"] == "a Baroque painting" and params["negative_prompt"] == "dark"
     assert params["guidance_scale"] == 3.0 and params["guidance_interval"] == [0.5, 5.0]
     assert params["guidance_high"] == [5.0, 2.5]

@@ -255,6 +255,8 @@ def test_samples_from_generates_resumes_and_scores(tmp_path, capsys, monkeypatch
     assert sorted(p.name for p in fake.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
     assert pixels(fake / "00000.png").shape == (32, 32, 3)
     assert json.loads((fake / "samples.json").read_text())["steps"] == 2
+    # the protocol's default is dpmpp-2m at 20 steps, whatever diffusion.py's unprompted default
+    assert evaluate.sampling_options(evaluate.parse_args(["--samples_from", "m", "--real", "r"]))["steps"] == 20
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["n_fake"] == 4 and results["fake"] == str(fake) and "FD_effnet-lite0" in out
 
