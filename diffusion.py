@@ -783,7 +783,7 @@ def image_parameters(args, checkpoint, pipeline, options, index, prompt):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
+    sampling_options(args)  # refuses bad sampling flags before the model loads
     checkpoint = args.unet_ckpt_path or default_checkpoint(conditional=args.prompt is not None)
     if args.export:
         weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype])
@@ -793,6 +793,16 @@ def main(argv=None):
     device = pick_device(args.device)
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=use_bf16(args.precision, device),
                                     channels_last=args.channels_last, compile=args.compile)
+    paths, grid_path = sample_to_folder(args, checkpoint, pipeline, outdir)
+    print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
+    return 0
+
+
+def sample_to_folder(args, checkpoint, pipeline, outdir):
+    """The sampling command's work once its model is loaded: the images parsed flags `args` ask of `pipeline`
+    (loaded from `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image
+    paths, grid path). studio.py calls it with the command line its widgets make, so both write the same files."""
+    options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
     init_image = None
     if args.init_image is not None:
         args.strength = 0.75 if args.strength is None else args.strength
@@ -820,8 +830,7 @@ def main(argv=None):
     grid_params["files"] = [p.name for p in paths]
     row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption
     save_png(grid_path, make_grid(all_images, ncols=args.num_images if row_each else None), grid_params)
-    print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
-    return 0
+    return paths, grid_path
 
 
 if __name__ == "__main__":
