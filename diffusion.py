@@ -717,6 +717,8 @@ def parse_args(argv):
                         help="img2img: how far to noise the init image, in (0, 1] (default 0.75)")
     parser.add_argument("--interpolate", action="store_true",
                         help="slerp the start noise from --seed to --seed + 1 over --num_images frames")
+    parser.add_argument("--interpolate_to", type=int, default=None, metavar="SEED",
+                        help="with --interpolate: the seed of the last frame's noise (default: --seed + 1)")
     parser.add_argument("--outdir", default="samples", help="folder for the PNGs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA ones")
@@ -738,6 +740,8 @@ def check_args(args):
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num_images of at least 2")
+    if args.interpolate_to is not None and not args.interpolate:
+        raise UserError("--interpolate_to needs --interpolate")
 
 
 def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompts):
@@ -753,6 +757,8 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
                 "--steps", str(options["steps"]), "--spacing", args.spacing, "--eta", str(args.eta),
                 "--device", args.device, "--precision", args.precision]
     command += [f"--{flag}" for flag in ("lower_order_final", "no_ema", "interpolate") if getattr(args, flag)]
+    if args.interpolate_to is not None:
+        command += ["--interpolate_to", str(args.interpolate_to)]
     if prompts is not None:
         params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,
                       guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
@@ -769,13 +775,18 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
     return {"parameters": params, "command": shlex.join(command)}
 
 
+def interpolation_seeds(args):
+    """The seeds of an interpolation's first and last frames."""
+    return [args.seed, args.seed + 1 if args.interpolate_to is None else args.interpolate_to]
+
+
 def image_parameters(args, checkpoint, pipeline, options, index, prompt):
     """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
     row."""
     prompts = None if prompt is None else [prompt]
     if args.interpolate:
         chunks = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, prompts)
-        chunks["parameters"].update(interpolate=dict(seeds=[args.seed, args.seed + 1], frame=index))
+        chunks["parameters"].update(interpolate=dict(seeds=interpolation_seeds(args), frame=index))
         return chunks
     return run_parameters(args, checkpoint, pipeline, options, args.seed + index, 1, prompts)
 
@@ -808,7 +819,8 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
         args.strength = 0.75 if args.strength is None else args.strength
         init_image = load_init_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
     if args.interpolate:
-        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(args.seed + k)) for k in (0, 1)]
+        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
+                for seed in interpolation_seeds(args)]
         frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
     first = next_image_index(outdir)
     all_images, paths = [], []
