@@ -1,19 +1,20 @@
-"""The prepared accelerator call (results/gpu_pack.sh, train_gpu.sh, gpu_unpack.sh): what travels there and back.
+"""Training on a rented GPU machine (experiments/gpu_pack.sh, train_gpu.sh, gpu_unpack.sh): what travels there and
+back.
 
 Out: the latent cache as the VQGAN's code indices, bit-packed. A cache holds fp16 latents z (N x 2 flips x C x h x w,
 164 MB for the 10,010 WikiArt-mini paintings); the pack holds for each position the index k of its nearest code,
 k = argmin_j |z - e_j|^2 over the codebook e (what VectorQuantizer computes), in ceil(log2 K) bits (11 for K = 2048:
 28 MB). Unpacked, each latent becomes e_k = z_q, the quantised latent: the VQGAN decoder quantises first, so z_q
 decodes to the same image as z (the same codes), and what the UNet trains on differs from the cache only by
-z - z_q, which the pack measures (`quantisation_error`). Back: exports split into parts (the device returns at
-most 8 files of 16 MiB) with a sha256 manifest, joined and checked before anything is installed.
+z - z_q, which the pack measures (`quantisation_error`). Back: exports split into parts (the GPU machine returns
+at most 8 files of 16 MiB) with a sha256 manifest, joined and checked before anything is installed.
 
     python packing.py latents --latent_cache runs/latents --vqgan_ckpt models/vqgan --out .gpu/latents
-    python packing.py size --carry .gpu --limit_mib 60          # what a device call would send; refuses above
+    python packing.py size --carry .gpu --limit_mib 60          # what would be sent to the GPU; refuses above
     python packing.py split runs/gpu/models/unet-uncond.safetensors runs/gpu/models/unet-uncond.json \\
         --name unet-uncond --out "$OUT"                           # parts + OUT/manifest.json
     python packing.py join DIR --dest models                      # check every part and file, then install
-    python packing.py shelve models/unet-uncond.safetensors ...   # untrack + exclude for the call; --restore undoes
+    python packing.py shelve models/unet-uncond.safetensors ...   # untrack + exclude while away; --restore undoes
     python packing.py timeline runs/gpu/unet-uncond/log.jsonl     # a few lines of log.jsonl for a log file
 """
 import hashlib
@@ -40,9 +41,9 @@ from common import (
 
 PACK_FORMAT = 1
 MIB = 1 << 20
-PART_BYTES = 15 * MIB          # under the device's 16 MiB per returned file
-MAX_RETURNED_FILES = 8         # the device returns at most 8 files from $OUT
-SHELF_BEGIN = "# noise2art gpu_pack: untracked for a device call; `python packing.py shelve --restore` re-tracks"
+PART_BYTES = 15 * MIB          # under the 16 MiB per file that the GPU machine returns
+MAX_RETURNED_FILES = 8         # the GPU machine returns at most 8 files from $OUT
+SHELF_BEGIN = "# noise2art gpu_pack: untracked while on a GPU machine; `python packing.py shelve --restore` re-tracks"
 SHELF_END = "# end of noise2art gpu_pack"
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def split_files(paths, name, out, part_bytes=PART_BYTES, max_files=MAX_RETURNED_
     existing = {p.name for p in out.glob("*") if p.is_file()} - {f"{name}.part{i:02d}" for i in range(len(pieces))}
     total = len(existing | {"manifest.json"}) + len(pieces)
     if total > max_files:
-        raise UserError(f"{out} would hold {total} files, more than the {max_files} the device returns")
+        raise UserError(f"{out} would hold {total} files, more than the {max_files} the GPU machine returns")
     manifest = read_json(out / "manifest.json", "manifest") if (out / "manifest.json").is_file() else {"stages": {}}
     parts = []
     for i, piece in enumerate(pieces):
@@ -221,7 +222,8 @@ def join_files(folder, dest):
 
 
 # ----------------------------------------------------------------------------------------------
-# The travelling tree: what a device call sends (tracked and untracked-not-ignored files, shared/, carried paths)
+# The travelling tree: what is sent to the GPU machine (tracked and untracked-not-ignored files, shared/, carried
+# paths)
 
 
 def git(repo, *args):
@@ -232,7 +234,7 @@ def git(repo, *args):
 
 
 def tree_files(repo):
-    """Files of `repo` a call sends without `carry`: tracked (present on disk) and untracked-not-ignored ones,
+    """Files of `repo` sent without `carry`: tracked (present on disk) and untracked-not-ignored ones,
     and the folder shared/ if the checkout has one."""
     listed = git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
     files = {Path(repo) / name for name in listed if name}
@@ -250,8 +252,8 @@ def carried_files(repo, carry):
 
 
 def travelling_size(repo, carry=(), leave_out=()):
-    """(bytes of the tree, bytes of the carried paths, total): what a device call from `repo` would send, less the
-    files `leave_out` (paths relative to `repo` that a call would leave behind once shelved)."""
+    """(bytes of the tree, bytes of the carried paths, total): what would be sent from `repo`, less the files
+    `leave_out` (paths relative to `repo` that would stay behind once shelved)."""
     tree, carried = tree_files(repo), carried_files(repo, carry)
     tree -= {Path(repo) / p for p in leave_out}
     tree_bytes = sum(p.lstat().st_size for p in tree - carried)
@@ -260,7 +262,7 @@ def travelling_size(repo, carry=(), leave_out=()):
 
 
 # ----------------------------------------------------------------------------------------------
-# Shelving: tracked files kept out of one device call (untracked and excluded), re-tracked afterwards
+# Shelving: tracked files kept out of what is sent (untracked and excluded), re-tracked afterwards
 
 
 def exclude_file(repo):
@@ -278,9 +280,8 @@ def shelved_paths(repo):
 
 
 def shelve(repo, paths):
-    """Untrack `paths` (git rm --cached; the files stay on disk) and exclude them, so a device call leaves them
-    behind; a no-op if exactly these are shelved already. Refuses files with uncommitted changes (re-tracking would
-    forget them)."""
+    """Untrack `paths` (git rm --cached; the files stay on disk) and exclude them, so that they are not sent; a no-op
+    if exactly these are shelved already. Refuses files with uncommitted changes (re-tracking would forget them)."""
     shelved = shelved_paths(repo)
     if shelved and sorted(shelved) == sorted(paths):
         return
@@ -355,8 +356,8 @@ def cmd_size(args):
     print(f"travelling tree: {tree / MIB:.1f} MiB (tracked + untracked-not-ignored{left}) + {carried / MIB:.1f} MiB "
           f"carried ({' '.join(args.carry) or 'nothing'}) = {total / MIB:.1f} MiB (limit {args.limit_mib:g} MiB)")
     if total > args.limit_mib * MIB:
-        raise UserError(f"the device call would send {total / MIB:.1f} MiB, over {args.limit_mib:g} MiB: "
-                        "shelve the shipped UNets (results/gpu_pack.sh does) or carry less")
+        raise UserError(f"this would send {total / MIB:.1f} MiB, over {args.limit_mib:g} MiB: "
+                        "shelve the shipped UNets (experiments/gpu_pack.sh does) or carry less")
     return 0
 
 
@@ -398,9 +399,9 @@ def parse_args(argv=None):
     s.add_argument("--vqgan_ckpt", required=True, help="the VQGAN the cache was encoded with")
     s.add_argument("--out", required=True, help="folder for the packed latents (trainer.py --packed_latents)")
     s.set_defaults(run=cmd_latents)
-    s = sub.add_parser("size", help="print what a device call would send; refuse above --limit_mib")
-    s.add_argument("--repo", default=".", help="the checkout the call sends (default: .)")
-    s.add_argument("--carry", nargs="*", default=[], help="ignored paths the call carries (default: none)")
+    s = sub.add_parser("size", help="print what would be sent to the GPU machine; refuse above --limit_mib")
+    s.add_argument("--repo", default=".", help="the checkout that is sent (default: .)")
+    s.add_argument("--carry", nargs="*", default=[], help="ignored paths sent along with it (default: none)")
     s.add_argument("--leave_out", nargs="*", default=[],
                    help="tracked files not to count, as if shelved (SMOKE=1 gpu_pack.sh; default: none)")
     s.add_argument("--limit_mib", type=positive_float, default=60,
@@ -409,7 +410,7 @@ def parse_args(argv=None):
     s = sub.add_parser("split", help="cut files into parts and add them to OUT/manifest.json")
     s.add_argument("files", nargs="+", help="files of one stage, e.g. NAME.safetensors NAME.json")
     s.add_argument("--name", required=True, help="stage name: parts are NAME.partNN")
-    s.add_argument("--out", required=True, help="folder of the parts and manifest.json (the device's $OUT)")
+    s.add_argument("--out", required=True, help="folder of the parts and manifest.json (train_gpu.sh's $OUT)")
     s.add_argument("--part_mib", type=positive_float, default=PART_BYTES / MIB,
                    help="part size in MiB (default: 15)")
     s.set_defaults(run=cmd_split)
@@ -417,7 +418,7 @@ def parse_args(argv=None):
     s.add_argument("folder", help="folder holding manifest.json and the parts")
     s.add_argument("--dest", required=True, help="folder the joined files are written to")
     s.set_defaults(run=cmd_join)
-    s = sub.add_parser("shelve", help="untrack and exclude tracked files for one device call; --restore re-tracks")
+    s = sub.add_parser("shelve", help="untrack and exclude tracked files while away; --restore re-tracks")
     s.add_argument("paths", nargs="*", help="tracked files to leave behind, relative to --repo")
     s.add_argument("--repo", default=".", help="the checkout (default: .)")
     s.add_argument("--restore", action="store_true", help="re-track what was shelved and drop its exclude lines")

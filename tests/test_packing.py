@@ -1,7 +1,7 @@
-"""packing.py and the accelerator call (results/gpu_pack.sh, train_gpu.sh, gpu_unpack.sh): codes round-trip
-bit-exactly and decode as the cache's latents do, trainer.py trains on a pack without `datasets`, parts split and
-join bit-exactly, a corrupted part is refused, the travelling size is what a call sends, shelving leaves the
-shipped UNets behind and restores them, and the smoke path runs end to end."""
+"""packing.py and training on a rented GPU machine (experiments/gpu_pack.sh, train_gpu.sh, gpu_unpack.sh): codes
+round-trip bit-exactly and decode as the cache's latents do, trainer.py trains on a pack without `datasets`, parts
+split and join bit-exactly, a corrupted part is refused, the travelling size is what would be sent, shelving leaves
+the shipped UNets behind and restores them, and the smoke path runs end to end."""
 import json
 import os
 import shutil
@@ -85,7 +85,7 @@ def test_packed_cache_holds_the_quantised_latents_which_decode_as_the_cache_does
 
 
 def test_trainer_trains_on_packed_latents_without_datasets(made, tmp_path, monkeypatch):
-    """The device path: --packed_latents and --text_embeddings, with `import datasets` failing; the batches are the
+    """The GPU-machine path: --packed_latents and --text_embeddings, with `import datasets` failing; the batches are the
     quantised latents, and a conditional and an unconditional run both train from the one pack."""
     vqgan, cache = made
     import text_encoder
@@ -193,7 +193,7 @@ def test_travelling_size_and_shelving_leave_the_shipped_models_behind_and_restor
     assert packing.travelling_size(repo, [".gpu"])[0] == tree - 5000
     packing.main(["size", "--repo", str(repo), "--carry", ".gpu", "--limit_mib", "0.005"])
     assert "= 0.0 MiB (limit 0.005 MiB)" in capsys.readouterr().out
-    (repo / "models" / "unet-a.safetensors").write_bytes(b"v" * 5000)  # a model the call brought back
+    (repo / "models" / "unet-a.safetensors").write_bytes(b"v" * 5000)  # a model brought back from the GPU machine
     assert packing.restore(repo) == ["models/unet-a.safetensors"]
     assert exclude.read_text() == before and "models/unet-a.safetensors" in git(repo, "ls-files")
     assert git(repo, "status", "--porcelain", "models") == " M models/unet-a.safetensors\n"
@@ -212,7 +212,7 @@ def test_timeline_keeps_a_few_lines_and_the_last(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The smoke path: the three scripts end to end on the CPU, as in the README's "On a GPU"
+# The smoke path: the three scripts end to end on the CPU, as in the README's "A rented GPU machine"
 
 
 def run_script(args, env):
@@ -223,17 +223,17 @@ def run_script(args, env):
 
 
 @pytest.mark.skipif(not os.environ.get("NOISE2ART_SMOKE"), reason="minutes of CPU: run with NOISE2ART_SMOKE=1")
-def test_smoke_call_packs_trains_exports_and_unpacks_models_that_sample(tmp_path, wikiart_mini):
+def test_smoke_run_packs_trains_exports_and_unpacks_models_that_sample(tmp_path, wikiart_mini):
     """The README's smoke commands (about 20 Python start-ups and two small-UNet exports: several minutes here, so
     it runs on request: NOISE2ART_SMOKE=1 python -m pytest tests/test_packing.py -k smoke)."""
     out, models = tmp_path / "out", tmp_path / "models"
     env = {**os.environ, "SMOKE": "1", "MAX_IMAGES": "4", "DATA": str(wikiart_mini), "CARRY": str(tmp_path / "carry"),
            "CACHE": str(tmp_path / "cache"), "WORK": str(tmp_path / "work"), "OUT": str(out),
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    packed = run_script(["results/gpu_pack.sh"], env)
+    packed = run_script(["experiments/gpu_pack.sh"], env)
     assert "packed 4 images x 2 flips as 11-bit codes" in packed and "(limit 60 MiB)" in packed
     assert packing.shelved_paths(ROOT) == []  # SMOKE leaves git alone
-    run_script(["results/train_gpu.sh"], env)
+    run_script(["experiments/train_gpu.sh"], env)
     assert sorted(p.name for p in out.iterdir()) == [
         "bench_cpu.json", "log.txt", "manifest.json", "unet-cond.part00", "unet-cond.part01", "unet-uncond.part00",
         "unet-uncond.part01"]
@@ -242,7 +242,7 @@ def test_smoke_call_packs_trains_exports_and_unpacks_models_that_sample(tmp_path
     models.mkdir()
     for suffix in (".safetensors", ".json"):
         shutil.copy(ROOT / "models" / f"vqgan{suffix}", models)
-    run_script(["results/gpu_unpack.sh", out, models], env)
+    run_script(["experiments/gpu_unpack.sh", out, models], env)
     assert sorted(p.name for p in models.iterdir()) == [
         "unet-cond.json", "unet-cond.safetensors", "unet-uncond.json", "unet-uncond.safetensors", "vqgan.json",
         "vqgan.safetensors"]

@@ -1,35 +1,35 @@
 #!/usr/bin/env bash
-# Step 2 of the accelerator call (README, "On a GPU"), the one command sent to the lent H200: train the
+# Step 2 of training on a rented GPU machine (README, "A rented GPU machine"), the one command run there: train the
 # unconditional UNet, then the conditional one grown from it (--init_from), on the packed latents that
-# results/gpu_pack.sh put in the carry folder; after each stage export fp16 EMA weights and write them into $OUT at
-# once, as parts of at most 15 MiB with a sha256 manifest (packing.py split), so a partial run still returns the
-# finished stages; then, if time remains, bench.py on the GPU. An outer timeout ends everything by DEADLINE_SECONDS
-# (510 s = 8.5 min) of wall time. $OUT/log.txt gets a short timeline (steps, samples/s, loss).
+# experiments/gpu_pack.sh put in .gpu; after each stage export fp16 EMA weights and write them into $OUT at once, as
+# parts of at most 15 MiB with a sha256 manifest (packing.py split), so a run cut short still returns the finished
+# stages; then, if time remains, bench.py on the GPU. An outer timeout ends everything by DEADLINE_SECONDS (510 s =
+# 8.5 min) of wall time. $OUT/log.txt gets a short timeline (steps, samples/s, loss).
 #
-# The call, from the lead's checkout after `bash results/gpu_pack.sh` (which prints the size that travels):
-#   run(command="bash results/train_gpu.sh", carry=[".gpu"], timeout_s=600)
-# then `bash results/gpu_unpack.sh <files_at>`. $OUT comes back as at most 7 files: manifest.json,
-# unet-uncond.part00-01, unet-cond.part00-01, log.txt, bench_cuda.json. The device's python3 has torch but no
-# `datasets` and no text-encoder weights: trainer.py --packed_latents and --text_embeddings need neither.
+# On the GPU machine, in the checkout sent there with its .gpu folder (experiments/gpu_pack.sh prints its size):
+#   OUT=<folder that comes back> bash experiments/train_gpu.sh
+# then, back here, `bash experiments/gpu_unpack.sh <that folder>`. $OUT holds at most 7 files: manifest.json,
+# unet-uncond.part00-01, unet-cond.part00-01, log.txt, bench_cuda.json. The GPU machine needs python3 with torch
+# only: no `datasets` and no text-encoder weights (trainer.py --packed_latents and --text_embeddings need neither).
 #
-# On this CPU, the same path with tiny step counts (a few minutes; after SMOKE=1 bash results/gpu_pack.sh):
-#   SMOKE=1 OUT=/tmp/gpu-out bash results/train_gpu.sh && bash results/gpu_unpack.sh /tmp/gpu-out /tmp/models
+# On a CPU, the same path with tiny step counts (a few minutes; after SMOKE=1 bash experiments/gpu_pack.sh):
+#   SMOKE=1 OUT=/tmp/gpu-out bash experiments/train_gpu.sh && bash experiments/gpu_unpack.sh /tmp/gpu-out /tmp/models
 # Variables: OUT (required), SMOKE, CARRY (default .gpu; SMOKE: .gpu-smoke), WORK (runs/gpu; SMOKE: runs/gpu-smoke),
 # DEADLINE_SECONDS, PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# ---- The recipe: change it here, in one place (issue 14 measures the levers). ------------------------------------
+# ---- The recipe: change it here, in one place (docs/ablation.md measures the levers). ----------------------------
 UNCOND_SECONDS=${UNCOND_SECONDS:-200}    # wall-time box of each training stage, start-up included
 COND_SECONDS=${COND_SECONDS:-200}
 RECIPE=(--unet_size small --schedule scaled_linear --beta_start 0.0015 --beta_end 0.0195 --min_snr_gamma 5
         --batch_size 256 --lr 3e-4 --warmup_steps 200 --ema_decay 0.999 --bf16)
 COND_RECIPE=(--conditional --caption_template "a {style} painting" --cond_drop 0.1   # gpu_pack.sh's captions
-             --pooled_text_embed)   # as the shipped conditional UNet since 2026-12-02
+             --pooled_text_embed)   # as the shipped conditional UNet
 BENCH=(--sections unet sampler --bf16 --batch_size 256 --sample_batch 64)
 # ---------------------------------------------------------------------------------------------------------------------
 
-OUT=${OUT:?set OUT to the folder the results go to (the device sets it)}
+OUT=${OUT:?set OUT to the folder that comes back from the GPU machine}
 PY=${PYTHON:-python3}
 DEADLINE_SECONDS=${DEADLINE_SECONDS:-510}
 RESERVE_SECONDS=40    # what an export and its split take after a stage's box

@@ -1,17 +1,16 @@
 """DPM-Solver++(2M) step spacing against an exact denoiser: Gaussian data N(0, STD^2) through the bundled models'
 schedule (scaled-linear 0.0015-0.0195). Prints, per step count and spacing, the output std over the data std and
-the RMS distance to the exact probability-flow solution (in data stds). Used by results/sampler_spacing.md.
+the RMS distance to the exact probability-flow solution (in data stds). The tables of docs/sampler-steps.md.
 
-    python results/sampler_oracle.py
+    python experiments/sampler_oracle.py
 """
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import test_diffusion as oracle  # noqa: E402  (the analytic Gaussian denoiser of the sampler tests)
 from diffusion import NoiseSchedule  # noqa: E402
+from gaussian_oracle import exact_flow, sample_gaussian  # noqa: E402
 
 VARIANTS = {"even": (False, False), "karras": (True, False), "even + lower_order_final": (False, True),
             "karras + lower_order_final": (True, True)}
@@ -25,9 +24,9 @@ def main():
         for steps in (10, 15, 20, 30):
             cells = []
             for karras, lower_order_final in VARIANTS.values():
-                samples, latents = oracle.sample_gaussian("dpmpp-2m", steps, karras=karras, schedule=schedule, mu=0.0,
-                                                          std=std, lower_order_final=lower_order_final)
-                error = (samples - oracle.exact_flow(schedule, latents, 0.0, std)).pow(2).mean().sqrt() / std
+                samples, latents = sample_gaussian("dpmpp-2m", steps, karras=karras, schedule=schedule, mu=0.0,
+                                                   std=std, lower_order_final=lower_order_final)
+                error = (samples - exact_flow(schedule, latents, 0.0, std)).pow(2).mean().sqrt() / std
                 cells.append(f"{samples.std().item() / std:.3f} / {error.item():.3f}")
             print(f"{steps} | " + " | ".join(cells))
 

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# The recipe of the bundled models in models/ (README, "Training your own"): a VQGAN, then the unconditional UNet
+# The recipe of the bundled models in models/ (docs/models.md): a VQGAN, then the unconditional UNet
 # on its frozen latents, then the style-conditional UNet grown from the unconditional one (--init_from), each
 # stage boxed in wall time (SIGTERM makes vqgan.py and trainer.py save, export and exit cleanly), then fp16 EMA
 # exports into models/. Both UNets read one latent cache (the conditional run's captions are ignored by the other).
 # The defaults are the run that made the shipped models: on the 2-core CPU, VQGAN_SECONDS=0 (the shipped VQGAN was
-# trained before, with the command in the README), the UNets for UNCOND_SECONDS and COND_SECONDS. Its decoder was
+# trained before, with the command in docs/models.md), the UNets for UNCOND_SECONDS and COND_SECONDS. Its decoder was
 # fine-tuned later (DECODER_SECONDS=1740, the 29 minutes that gave the shipped decoder; the latents do not change,
 # so this stage can run at any time and the UNets stay valid).
 #
 #   python download_hf.py --dataset_name ../shared/wikiart-mini --image_bytes_key image --metadata_columns style \
 #       --rows 8000 --center_crop 128 --jpeg_quality 85 --output_dir data/wikiart128 --workers 2
-#   DATA=data/wikiart128 bash results/train_bundle.sh
-#   # later, training both on from their newest checkpoints (the shipped models had one such session):
-#   DATA=data/wikiart128 RESUME=1 UNCOND_SECONDS=3600 COND_SECONDS=3600 bash results/train_bundle.sh
+#   DATA=data/wikiart128 bash experiments/train_bundle.sh
+#   # later, training both on from their newest checkpoints (the shipped models' second stage):
+#   DATA=data/wikiart128 RESUME=1 UNCOND_SECONDS=3600 COND_SECONDS=3600 bash experiments/train_bundle.sh
 #   # on a GPU, e.g.: DEVICE=cuda WORKERS=6 BATCH=256 LR=3e-4 VQGAN_SECONDS=600 UNCOND_SECONDS=1800 ...
 #   # the shipped models' later stages: trained on from models/ over all 10,010 paintings, learning rate annealed
-#   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=820 bash results/train_bundle.sh
-#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=2800 CONT_COND_STEPS=0 bash results/train_bundle.sh
-#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=3 CONT_UNCOND_STEPS=2400 CONT_COND_STEPS=0 bash results/train_bundle.sh
-#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=2000 bash results/train_bundle.sh
-#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=4 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=1000 bash results/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 CONT_UNCOND_STEPS=2600 CONT_COND_STEPS=820 bash experiments/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=2800 CONT_COND_STEPS=0 bash experiments/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=3 CONT_UNCOND_STEPS=2400 CONT_COND_STEPS=0 bash experiments/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=2 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=2000 bash experiments/train_bundle.sh
+#   DATA=../shared/wikiart-mini CONTINUE=1 SEED=4 CONT_UNCOND_STEPS=0 CONT_COND_STEPS=1000 bash experiments/train_bundle.sh
 #
 # Variables: DATA (ImageFolder of 128 px paintings), TEXT_EMBEDDINGS (optional: captions encoded in advance by
 # text_encoder.py --save, where the text encoder's weights are absent), VQGAN_SECONDS, DECODER_SECONDS (the
@@ -28,7 +28,7 @@
 # RESUME (set: both UNets continue from their newest checkpoints in runs/, optimizer and data order included),
 # CONTINUE (set: instead of the stages above, each UNet in models/ trains on (--init_from: its weights, a fresh
 # optimizer) for CONT_UNCOND_STEPS / CONT_COND_STEPS steps (0: that one stays as it is), warm-up 200, then a half
-# cosine from LR to LR / 10, with data order SEED (default 1; a new SEED a session, runs/unet-*-continued-sSEED), and
+# cosine from LR to LR / 10, with data order SEED (default 1; a new SEED for each such stage, runs/unet-*-continued-sSEED), and
 # its export replaces it; the conditional one continues from its own weights, not from the new unconditional one),
 # POOLED (default 1: the conditional UNet also adds the caption's pooled embedding to its timestep embedding,
 # --pooled_text_embed, as the shipped one does since its CONT_COND_STEPS=2000 stage, which added it to a model

@@ -1,13 +1,13 @@
 #!/bin/bash
-# Sampler spacing study on the bundled unconditional model (results/sampler_spacing.md): DPM-Solver++(2M) with even
+# Sampler spacing study on the bundled unconditional model (docs/sampler-steps.md): DPM-Solver++(2M) with even
 # spacing, Karras spacing and even spacing with a first-order final step, at each step count; FD/KID
 # (EfficientNet-Lite0) of N samples (seeds 0..N-1) against the `test` paintings. Run from the repository root with
 # nothing else on the machine; a cell whose JSON already holds this evaluation is kept (evaluate.py --skip_done), so
 # an interrupted study resumes; a JSON made by another model (one retrained in place) stops that cell with an error:
 # give a new OUT. Prints the table.
 #
-#   bash results/sampler_spacing.sh                       # issue 13's grid: 1,000 samples, 10/15/20/30 steps
-#   N=200 STEPS="20 10" bash results/sampler_spacing.sh   # the first, smaller study (200 of the 700 test)
+#   bash experiments/sampler_spacing.sh                       # the full table: 1,000 samples, 10/15/20/30 steps
+#   N=200 STEPS="20 10" bash experiments/sampler_spacing.sh   # the first, smaller study (200 of the 700 test)
 #
 # Variables: N (samples a cell, default 1000; evaluate.py --n also takes a fixed random N of the test paintings
 # where there are more), STEPS (default "10 15 20 30"), PRECISION (diffusion.py's --precision, default auto),

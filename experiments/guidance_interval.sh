@@ -1,5 +1,5 @@
 #!/bin/bash
-# Guidance study on the bundled style-conditional model (README, "Guidance"): for each (scale, interval) setting,
+# Guidance study on the bundled style-conditional model (docs/guidance.md): for each (scale, interval) setting,
 # N samples of each of the 7 WikiArt-mini styles with the caption "a STYLE painting", scored with FD / KID
 # (EfficientNet-Lite0) against that style's `test` paintings (100 each; evaluate.py --real_where style=STYLE).
 # Run from the repository root with nothing else on the machine; a cell whose JSON already holds this evaluation
@@ -7,8 +7,8 @@
 # in place) stops that cell with an error: give a new OUT. Prints the table: the mean over styles, then each
 # style's FD.
 #
-#   bash results/guidance_interval.sh                          # 100 samples a style, the default settings
-#   N=20 SETTINGS="5:all" bash results/guidance_interval.sh     # a quick look
+#   bash experiments/guidance_interval.sh                          # 100 samples a style, the default settings
+#   N=20 SETTINGS="5:all" bash experiments/guidance_interval.sh     # a quick look
 #
 # Variables: N (samples a style, default 100), SETTINGS (space-separated SCALE:all or SCALE:LOW,HIGH, the latter
 # guiding only where sigma is in (LOW, HIGH]; either may end in :HSCALE@SIGMA, guidance HSCALE where sigma > SIGMA,
