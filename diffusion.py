@@ -144,10 +144,9 @@ class NoiseSchedule:
         """x_t ~ q(x_t | x0) for timesteps t (B)."""
         return q_sample(x0, noise, self.alpha_bar(t))
 
-    def training_loss(self, model_fn, x0, prediction_type="epsilon", min_snr_gamma=None, t=None, noise=None,
-                      x0_weight_floor=None):
+    def training_loss(self, model_fn, x0, prediction_type="epsilon", min_snr_gamma=None, t=None, noise=None):
         """The simplified DDPM loss E ||target - model_fn(x_t, t)||^2 with t ~ U{0..T-1} and eps ~ N(0, I)
-        (unless given), target = eps or v, each sample weighted by loss_weight (min-SNR, an x0-weight floor)."""
+        (unless given), target = eps or v, each sample weighted by loss_weight (min-SNR)."""
         check_prediction_type(prediction_type)
         if t is None:
             t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -156,8 +155,8 @@ class NoiseSchedule:
         x_t = q_sample(x0, noise, alpha_bar)
         target = prediction_target(x0, noise, alpha_bar, prediction_type)
         loss = (model_fn(x_t, t).float() - target.float()).pow(2).flatten(1).mean(1)  # B
-        if min_snr_gamma or x0_weight_floor:
-            loss = loss * loss_weight(alpha_bar, prediction_type, min_snr_gamma, x0_weight_floor).to(loss)
+        if min_snr_gamma:
+            loss = loss * loss_weight(alpha_bar, prediction_type, min_snr_gamma).to(loss)
         return loss.mean()
 
 
@@ -205,12 +204,10 @@ def predicted_eps(x_t, x0, alpha_bar):
     return (x_t - _coef(alpha_bar.sqrt(), x_t) * x0) / _coef((1 - alpha_bar).sqrt(), x_t)
 
 
-def loss_weight(alpha_bar, prediction_type, min_snr_gamma=None, x0_weight_floor=None):
+def loss_weight(alpha_bar, prediction_type, min_snr_gamma=None):
     """Per-sample weights w that make w ||target - output||^2 = lambda ||x0 - x0_hat||^2, SNR = alpha_bar / (1 -
     alpha_bar). Unweighted, lambda = SNR for eps targets and SNR + 1 for v. Min-SNR-gamma (Hang et al. 2023) caps it:
-    lambda = min(SNR, gamma). `x0_weight_floor` F raises it to at least F (truncated-SNR weighting, Salimans & Ho
-    2022, is F = 1). At high noise, where the layout is set, eps targets weigh the x0 error by SNR alone (3.6e-4 at
-    sigma 52.6); a floor gives those steps weight."""
+    lambda = min(SNR, gamma)."""
     snr = alpha_bar / (1 - alpha_bar)
     unweighted = snr if prediction_type == "epsilon" else snr + 1
     if not min_snr_gamma:
@@ -219,8 +216,6 @@ def loss_weight(alpha_bar, prediction_type, min_snr_gamma=None, x0_weight_floor=
         weight = (min_snr_gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, and 1 at SNR 0
     else:
         weight = snr.clamp(max=min_snr_gamma) / unweighted
-    if x0_weight_floor:
-        weight = torch.maximum(weight, x0_weight_floor / unweighted)
     return weight
 
 
@@ -229,21 +224,33 @@ def loss_weight(alpha_bar, prediction_type, min_snr_gamma=None, x0_weight_floor=
 # `timesteps` descend (fractional values allowed); `generator` is a torch.Generator or a list with one per row.
 
 
-def sampling_timesteps(schedule, steps, karras=False):
-    """`steps` descending timesteps from T-1 to 0, evenly spaced, or (karras) spaced evenly in sigma^(1/7)
-    between the schedule's extreme sigmas, sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022)."""
+def sampling_timesteps(schedule, steps, karras=False, start=None):
+    """`steps` descending timesteps from `start` (default T-1, pure noise) to 0, evenly spaced integers (the
+    trained chain's own timesteps), or (karras) spaced evenly in sigma^(1/7) between sigma(start) and the
+    schedule's smallest sigma, sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022)."""
     T = schedule.num_train_timesteps
+    start = T - 1 if start is None else start
     if not 1 <= steps <= T:
         raise UserError(f"steps must be between 1 and {T}, got {steps}")
     if not karras:
-        return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
+        return torch.linspace(start, 0, steps, dtype=torch.float64).round()
     if schedule.alphas_cumprod[-1] == 0:
         raise UserError("Karras spacing needs a finite largest sigma; a zero-terminal-SNR schedule has none")
     sigmas = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
     rho, ramp = 7.0, torch.linspace(0, 1, steps, dtype=torch.float64)
-    high, low = sigmas[-1] ** (1 / rho), sigmas[0] ** (1 / rho)
+    high, low = sigmas[start] ** (1 / rho), sigmas[0] ** (1 / rho)
     karras_sigmas = (high + ramp * (low - high)) ** rho
     return schedule.timestep(1 / (1 + karras_sigmas**2))
+
+
+def img2img_timesteps(schedule, steps, karras, strength):
+    """SDEdit's timesteps: strength in (0, 1] names a noise level, that of timestep round(strength * (T - 1)), so
+    it means the same under every sampler and spacing; the image is denoised from there in max(1, round(strength *
+    steps)) steps of the spacing asked for."""
+    if strength is None or not 0 < strength <= 1:
+        raise UserError(f"strength must be in (0, 1], got {strength}")
+    start = round(strength * (schedule.num_train_timesteps - 1))
+    return sampling_timesteps(schedule, max(1, round(strength * steps)), karras, start=start)
 
 
 def randn(shape, generator=None, device="cpu"):
@@ -340,6 +347,10 @@ def _half_log_snr(alpha_bar):
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m}
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp-2m": 20}
+# Each sampler's own spacing, the one its accuracy test checks: ddpm is the ancestral chain on the integer timesteps
+# it was trained on, and ddim was derived and is run on evenly respaced ones (Song et al. 2021); the ODE solver
+# dpmpp-2m takes Karras steps, which measured better than even ones on the bundled model (docs/sampler_steps.md).
+DEFAULT_KARRAS = {"ddpm": False, "ddim": False, "dpmpp-2m": True}
 # diffusion.py without --prompt: 10 Karras-spaced dpmpp-2m steps score within the FD noise of 20 on 1,000 samples of
 # the bundled unconditional model in half the time; guided sampling loses at 10 (results/sampler_spacing.md), and
 # evaluate.py and caption_use.py measure at DEFAULT_STEPS.
@@ -489,12 +500,13 @@ class Pipeline:
                        guidance_high=None, eta=0.0, karras=None, lower_order_final=False, init_images=None,
                        strength=None, noise=None, progress=True):
         """Scaled latents of `num_images` samples; image i draws all its noise from torch.Generator(seed + i).
-        karras: Karras et al. spacing of the steps (else even in t; None: Karras unless the schedule has zero
-        terminal SNR); lower_order_final: dpmpp-2m's first-order step
+        karras: Karras et al. spacing of the steps (else even in t; None: the sampler's own, DEFAULT_KARRAS, and
+        even for a schedule with zero terminal SNR); lower_order_final: dpmpp-2m's first-order step
         into the last timestep; guidance_interval (low, high): guide only where low < sigma <= high (None: everywhere);
         guidance_high (scale, sigma): that scale instead where the noise level is above sigma (None: one scale).
-        init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img, noised to the timestep `strength` of
-        the way along and denoised over the last round(strength * steps) steps. `noise` replaces the start noise."""
+        init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img (Meng et al. 2022), noised to the noise
+        level of timestep round(strength * (T - 1)), the same for every sampler and spacing, and denoised from there
+        in max(1, round(strength * steps)) steps of the sampler's spacing. `noise` replaces the start noise."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} (choose {', '.join(SAMPLERS)})")
         if eta and sampler != "ddim":
@@ -509,14 +521,12 @@ class Pipeline:
             noise = randn((num_images, *self.latent_shape), generators)
         noise = noise.to(self.device)
         if karras is None:
-            karras = self.schedule.alphas_cumprod[-1] > 0
-        timesteps = sampling_timesteps(self.schedule, steps, karras)
+            karras = DEFAULT_KARRAS[sampler] and self.schedule.alphas_cumprod[-1] > 0
         if init_images is None:
+            timesteps = sampling_timesteps(self.schedule, steps, karras)
             latents = noise
         else:
-            if strength is None or not 0 < strength <= 1:
-                raise UserError(f"strength must be in (0, 1], got {strength}")
-            timesteps = timesteps[steps - max(1, round(strength * steps)):]
+            timesteps = img2img_timesteps(self.schedule, steps, karras, strength)
             latents = self.schedule.q_sample(self.encode(init_images), timesteps[:1].expand(num_images), noise)
         if self.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
@@ -660,8 +670,9 @@ def add_sampling_arguments(parser, unprompted_steps=None):
     parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"denoising steps (default per sampler: {DEFAULT_STEPS}{unprompted_help})")
     parser.add_argument("--spacing", default="auto", choices=["auto", "karras", "even"],
-                        help="timesteps spaced as Karras et al. 2022 (rho = 7) or evenly in t; auto = karras, or even "
-                             "for a zero-terminal-SNR schedule (whose largest sigma is infinite)")
+                        help="timesteps spaced as Karras et al. 2022 (rho = 7) or evenly in t; auto = the sampler's "
+                             "own: even for ddpm and ddim, karras for dpmpp-2m (even for a zero-terminal-SNR "
+                             "schedule, whose largest sigma is infinite)")
     parser.add_argument("--lower_order_final", action="store_true",
                         help="dpmpp-2m: first-order step into the last timestep (as diffusers' lower_order_final)")
     parser.add_argument("--guidance_scale", type=non_negative_float, default=DEFAULT_GUIDANCE_SCALE,
@@ -714,7 +725,8 @@ def parse_args(argv):
                                                                 "embedding in classifier-free guidance)")
     parser.add_argument("--init_image", default=None, help="img2img: start from this image (SDEdit)")
     parser.add_argument("--strength", type=float, default=None,
-                        help="img2img: how far to noise the init image, in (0, 1] (default 0.75)")
+                        help="img2img: how far to noise the init image, in (0, 1]: to the noise level of timestep "
+                             "strength x (T - 1), whatever the sampler and spacing; 1 = pure noise (default 0.75)")
     parser.add_argument("--interpolate", action="store_true",
                         help="slerp the start noise from --seed to --seed + 1 over --num_images frames")
     parser.add_argument("--interpolate_to", type=int, default=None, metavar="SEED",

@@ -56,8 +56,8 @@ from common import (
     save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
-    PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas, read_diffusion_model,
-    save_diffusion_model, unet_weights,
+    DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
+    read_diffusion_model, save_diffusion_model, unet_weights,
 )
 from features import TEACHER, EfficientNetLiteFeatures
 from packing import read_packed_latents
@@ -501,14 +501,17 @@ def init_from_checkpoint(unet, path):
     `unet` by name and shape; those only `unet` has (the cross-attention, null embedding and pooled text projection
     of a conditional model) keep their initialisation, but each new cross-attention starts with a zero output
     projection (as the pooled text projection always does), so the UNet starts out computing what the checkpoint
-    did. Returns the names of the new tensors."""
-    weights, _ = unet_weights(read_diffusion_model(path)[0], path)
+    did. Returns (the names of the new tensors, the optimizer steps the checkpoint's model was trained for: its
+    config's total_steps, or at least its last run's steps for a checkpoint that predates the count)."""
+    tensors, config = read_diffusion_model(path)
+    weights, _ = unet_weights(tensors, path)
     new = load_weights(unet, weights, f"--init_from {path} (pass its --unet_size, overrides and VQGAN)",
                        allow_missing=True)
     for name, module in unet.named_modules():
         if name.endswith("cross_attn") and f"{name}.to_out.weight" in new:
             zero_module(module.to_out)
-    return new
+    training = config.get("training") or {}
+    return new, max(1, int(training.get("total_steps") or training.get("step") or 0))
 
 
 def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
@@ -529,10 +532,12 @@ def lr_schedule_of(args):
                              lr_schedule=args.lr_schedule, floor=args.min_lr / args.lr)
 
 
-def ema_decay(step, max_decay):
-    """EMA decay at optimizer step `step` (from 0): min(max_decay, (1 + step) / (10 + step)), so the early average
-    forgets the random initialisation quickly."""
-    return min(max_decay, (1 + step) / (10 + step))
+def ema_decay(step, max_decay, warm_start=False):
+    """EMA decay at optimizer step `step` (from 0) of a run. A fresh run warms up, min(max_decay, (1 + step) /
+    (10 + step)), so the early average forgets the random initialisation quickly. A run started from a trained
+    model (`warm_start`, --init_from) averages at `max_decay` from its first step: its EMA starts as that model's
+    own and stays an average over about 1 / (1 - max_decay) steps, the decay its config states."""
+    return max_decay if warm_start else min(max_decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -547,7 +552,8 @@ def update_ema(ema, model, decay):
 class RunState:
     """What a training step reads and changes: the UNet, `model` (the UNet, or its DDP wrapper under torchrun),
     its EMA copy (eval mode; what sampling uses), AdamW, the LR scheduler, the noise schedule, the device, the
-    number of optimizer steps taken and the REPA projector (None without REPA)."""
+    number of optimizer steps taken, those its --init_from model had taken before (0 for fresh weights; the EMA
+    does not warm up after a trained model) and the REPA projector (None without REPA)."""
     unet: torch.nn.Module
     model: torch.nn.Module
     ema: torch.nn.Module
@@ -556,6 +562,7 @@ class RunState:
     schedule: NoiseSchedule
     device: torch.device
     step: int = 0
+    steps_before: int = 0
     projector: torch.nn.Module | None = None  # REPA's, training-only
 
     def trained_parameters(self):
@@ -608,7 +615,7 @@ def build_training(args, unet, device, repa_shape=None):
 
 def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon", min_snr_gamma=None,
                    cond_drop=0.0, timestep_sampling="uniform", timestep_loc=None, timestep_scale=None,
-                   x0_weight_floor=None, repa_layer="middle", repa_targets=None):
+                   repa_layer="middle", repa_targets=None):
     """(The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss), the REPA
     loss or None). Timesteps come from NoiseSchedule.training_timesteps(timestep_sampling, loc, scale); captions
     B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training).
@@ -627,8 +634,7 @@ def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon
         prediction, stage["features"] = run.model(x_t, t, context, context_mask, feature_layer=repa_layer)
         return prediction
 
-    loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t,
-                                      x0_weight_floor=x0_weight_floor)
+    loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t)
     if repa_targets is None:
         return loss, None
     return loss, repa_loss(run.projector(stage["features"]), repa_targets)
@@ -638,8 +644,7 @@ def loss_settings(args):
     """The keyword arguments of diffusion_loss that the command line sets."""
     return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
             "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
-            "timestep_scale": args.timestep_scale, "x0_weight_floor": args.x0_weight_floor,
-            "repa_layer": args.repa_layer}
+            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
 
 
 def repa_active(run, repa_until):
@@ -690,7 +695,7 @@ def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
-    update_ema(run.ema, run.unet, ema_decay(run.step, max_ema_decay))
+    update_ema(run.ema, run.unet, ema_decay(run.step, max_ema_decay, warm_start=run.steps_before > 0))
     run.step += 1
     return loss, grad_norm, repa
 
@@ -723,7 +728,7 @@ def lever_identity(args):
     REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
     repa = ("repa_layer", "repa_image_size", "repa_channels")
     return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
-                timestep_scale=args.timestep_scale, x0_weight_floor=args.x0_weight_floor,
+                timestep_scale=args.timestep_scale,
                 **{name: getattr(args, name) if args.repa_weight else None for name in repa})
 
 
@@ -751,6 +756,7 @@ def restore(run, state, path, rank, world_size, lr):
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.step = state["step"]
+    run.steps_before = state.get("steps_before", 0)
     run.lr_scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
     for group, factor in zip(run.optimizer.param_groups, run.lr_scheduler.lr_lambdas):
         group["lr"] = lr * factor(run.lr_scheduler.last_epoch)
@@ -767,7 +773,7 @@ def sampling_config(args, run, cache):
     return dict(unet=run.unet.config, schedule=run.schedule.config, prediction_type=args.prediction_type,
                 latent_shape=list(cache["latents"].shape[2:]), latent_scale=cache["latent_scale"],
                 text_encoder=args.text_encoder if args.conditional else None, max_text_length=args.max_text_length,
-                training=dict(step=run.step, images=len(cache["latents"]),
+                training=dict(step=run.step, total_steps=run.steps_before + run.step, images=len(cache["latents"]),
                               latent_scale_source=cache["latent_scale_source"], args=vars(args)))
 
 
@@ -781,7 +787,7 @@ def save_checkpoint(run, args, cache, vqgan, out, identity):
     config = sampling_config(args, run, cache)
     state = {"step": run.step, "config": config, "model": run.unet.state_dict(), "ema": run.ema.state_dict(),
              "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
-             "rng": rng_states, "identity": identity}
+             "rng": rng_states, "identity": identity, "steps_before": run.steps_before}
     if run.projector is not None:  # training-only: in the resumable state, never in the exported model
         state["repa_projector"] = run.projector.state_dict()
     save_state_dir(path, state)
@@ -868,8 +874,9 @@ def prepare(args, rank, world_size, device):
     if state is not None:
         check_same_architecture(state, unet, resume_path)
         check_run_identity(state.get("identity"), identity, resume_path, "start a new --output_dir")
-    elif args.init_from:
-        new = init_from_checkpoint(unet, args.init_from)
+    steps_before = 0
+    if state is None and args.init_from:
+        new, steps_before = init_from_checkpoint(unet, args.init_from)
         shown = ", ".join(new[:2]) + (", ..." if len(new) > 2 else "")
         say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({shown})" if new else ""))
 
@@ -883,6 +890,7 @@ def prepare(args, rank, world_size, device):
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
     run = build_training(args, unet, device, cache["repa"].shape[2:] if args.repa_weight else None)
+    run.steps_before = steps_before
     if state is not None:
         restore(run, state, resume_path, rank, world_size, args.lr)
         say(f"resumed from {resume_path} at step {run.step}")
@@ -1016,16 +1024,18 @@ def parse_args(argv=None):
     g.add_argument("--num_heads", type=int, default=None, help="override: attention heads" + size)
     g.add_argument("--dropout", type=float, default=None, help="override: dropout in the ResNet blocks" + size)
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
-                   help="noise schedule (diffusion.py)")
+    g.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"],
+                   help="noise schedule (diffusion.py; the bundled models': scaled_linear)")
     g.add_argument("--num_train_timesteps", type=positive_int, default=1000, help="diffusion steps T")
-    g.add_argument("--beta_start", type=float, default=None, help="first beta (default: the schedule's)")
-    g.add_argument("--beta_end", type=float, default=None, help="last beta (default: the schedule's)")
+    g.add_argument("--beta_start", type=float, default=0.0015,
+                   help="first beta of a linear kind (the bundled models' and LDM's f4 models': 0.0015)")
+    g.add_argument("--beta_end", type=float, default=0.0195,
+                   help="last beta of a linear kind (the bundled models' and LDM's f4 models': 0.0195)")
     g.add_argument("--zero_terminal_snr", action="store_true",
                    help="rescale the schedule to end at pure noise (Lin et al. 2023; needs --prediction_type v)")
     g.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES, help="what the UNet predicts")
-    g.add_argument("--min_snr_gamma", type=positive_float, default=None,
-                   help="min-SNR loss weighting (Hang et al. 2023), e.g. 5; default: unweighted")
+    g.add_argument("--min_snr_gamma", type=non_negative_float, default=5.0,
+                   help="min-SNR loss weighting (Hang et al. 2023; the bundled models': 5); 0 = unweighted")
     g.add_argument("--timestep_sampling", default="uniform", choices=list(TIMESTEP_SAMPLINGS),
                    help="training timesteps: uniform over 0..T-1 (DDPM), or fractional ones at a log-SNR drawn from "
                         "logit-normal (Esser et al. 2024) or laplace (Hang et al. 2024) and mapped through the "
@@ -1036,11 +1046,6 @@ def parse_args(argv=None):
     g.add_argument("--timestep_scale", type=positive_float, default=None,
                    help="logit-normal: std of logit(t); laplace: scale of the log-SNR (default: 1 and 0.5, the "
                         "papers' choices)")
-    g.add_argument("--x0_weight_floor", type=positive_float, default=None, metavar="F",
-                   help="raise each sample's loss weight to at least F ||x0 - x0_hat||^2 (truncated-SNR weighting, "
-                        "Salimans & Ho 2022, is F = 1; combines with --min_snr_gamma): at high noise, where the layout "
-                        "is set, eps targets weigh the x0 error by SNR alone (3.6e-4 at sigma 52.6); README, "
-                        "'Training the UNet', for what F 0.1 did; default: off")
     g = p.add_argument_group("representation alignment (REPA with EfficientNet-Lite2 targets; off by default)")
     g.add_argument("--repa_weight", type=non_negative_float, default=0.0,
                    help="weight of the REPA loss (negative cosine per position; Yu et al. 2024 use 0.5); 0 = off")
@@ -1057,14 +1062,17 @@ def parse_args(argv=None):
                    help="optimizer steps (0: build the latent cache and stop)")
     g.add_argument("--batch_size", type=positive_int, default=32, help="samples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW peak learning rate")
-    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up")
-    g.add_argument("--warmup_steps", type=non_negative_int, default=500, help="linear learning-rate warm-up")
-    g.add_argument("--min_lr", type=non_negative_float, default=0.0, help="final learning rate of the cosine schedule")
+    g.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW peak learning rate")
+    g.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"],
+                   help="after the warm-up: constant, or a half cosine from --lr down to --min_lr at --max_steps")
+    g.add_argument("--warmup_steps", type=non_negative_int, default=200, help="linear learning-rate warm-up")
+    g.add_argument("--min_lr", type=non_negative_float, default=2e-5, help="final learning rate of the cosine schedule")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.01,
                    help="AdamW weight decay (weights, not biases/norms)")
     g.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay, reached after a warm-up")
+    g.add_argument("--ema_decay", type=float, default=0.999,
+                   help="EMA decay: an average over about 1 / (1 - decay) steps; a fresh run reaches it after a "
+                        "warm-up, a run from --init_from uses it from the first step")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast; default: on where bf16 pays (CUDA; CPUs with "
                    "AVX512-BF16/AMX whose bf16 matmul measures >= 1.3x faster than fp32), off elsewhere")
@@ -1081,9 +1089,10 @@ def parse_args(argv=None):
     g.add_argument("--max_text_length", type=positive_int, default=32, help="tokens per caption")
     g.add_argument("--text_embeddings", default=None,
                    help="captions encoded in advance by text_encoder.py --save: the encoder's weights are not loaded")
-    g.add_argument("--pooled_text_embed", action="store_true",
+    g.add_argument("--pooled_text_embed", action=argparse.BooleanOptionalAction, default=None,
                    help="also add each caption's mean token embedding to the timestep embedding (a linear layer that "
-                   "starts at zero, so --init_from a model without it starts where that model was)")
+                   "starts at zero, so --init_from a model without it starts where that model was); default: on "
+                   "with --conditional, as in the bundled style model")
     g.add_argument("--cond_drop", type=float, default=0.1,
                    help="probability of dropping a caption in training (classifier-free guidance)")
     g = p.add_argument_group("checkpoints and feedback")
@@ -1107,10 +1116,12 @@ def parse_args(argv=None):
     g.add_argument("--sample_steps", type=positive_int, default=20, help="sampler steps for the grids")
     g.add_argument("--sample_prompts", nargs="+", default=None,
                    help="prompts of the grids (conditional; default: the dataset's first distinct captions)")
-    g.add_argument("--guidance_scale", type=non_negative_float, default=4.0,
-                   help="classifier-free guidance of the grids")
+    g.add_argument("--guidance_scale", type=non_negative_float, default=DEFAULT_GUIDANCE_SCALE,
+                   help="classifier-free guidance of the grids, as diffusion.py samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    pooled = args.conditional if args.pooled_text_embed is None else args.pooled_text_embed
+    return argparse.Namespace(**{**vars(args), "pooled_text_embed": pooled})
 
 
 def check_args(args):

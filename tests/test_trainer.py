@@ -62,6 +62,7 @@ def test_lr_warmup_then_cosine_and_ema_warmup():
     assert [trainer.lr_factor(step, 4, 14, "constant") for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
     assert trainer.ema_decay(0, 0.9999) == pytest.approx(0.1) and trainer.ema_decay(90, 0.9999) == pytest.approx(0.91)
     assert trainer.ema_decay(10**6, 0.9999) == 0.9999
+    assert trainer.ema_decay(0, 0.999, warm_start=True) == trainer.ema_decay(500, 0.999, warm_start=True) == 0.999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     expected = 0.9 * ema.weight.detach() + 0.1 * model.weight.detach()
     trainer.update_ema(ema, model, 0.9)
@@ -88,7 +89,7 @@ def test_help_lists_every_option_with_its_default(capsys):
                  "--min_snr_gamma", "--zero_terminal_snr", "--latent_cache", "--caption_template", "--cond_drop",
                  "--resume", "--keep_last", "--sample_every", "--grad_accum", "--ema_decay", "--bf16", "--device"):
         assert flag in text
-    assert "(default: 0.1)" in text and "(default: small)" in text and "(default: 0.9999)" in text
+    assert "(default: 0.1)" in text and "(default: small)" in text and "(default: 0.999)" in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,12 +346,12 @@ def test_resume_guards_other_architectures_and_existing_runs(tmp_path, image_fol
 
 @pytest.mark.parametrize("flags,message", [
     (["--prediction_type", "v"], "--prediction_type epsilon there, v here"),
-    (["--schedule", "cosine"], "--schedule linear there, cosine here"),
-    (["--beta_end", "0.03"], "--beta_end 0.02 there, 0.03 here"),
+    (["--schedule", "cosine"], "--schedule scaled_linear there, cosine here"),
+    (["--beta_end", "0.03"], "--beta_end 0.0195 there, 0.03 here"),
     (["--seed", "1"], "--seed 0 there, 1 here"),
     (["--batch_size", "2"], "--batch_size 4 there, 2 here"),
     (["--grad_accum", "2"], "--grad_accum 1 there, 2 here"),
-    (["--x0_weight_floor", "0.1"], "--x0_weight_floor None there, 0.1 here"),
+    (["--min_snr_gamma", "0"], "--min_snr_gamma 5.0 there, 0.0 here"),
 ])
 def test_resume_refuses_a_run_with_other_settings(tmp_path, image_folder, vqgan, flags, message):
     out = tmp_path / "run"
@@ -490,8 +491,8 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     uncond = load_diffusion_model(tmp_path / "uncond" / "unet").unet
     args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"])
     cond = trainer.make_unet(args, 4, 8, 384).eval()
-    new = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
-    assert "null_context" in new and all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
+    new, steps_before = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
+    assert steps_before == 2 and "null_context" in new and all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
     state = cond.state_dict()
     assert all(torch.equal(state[k], v) for k, v in uncond.state_dict().items())
     latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
@@ -511,6 +512,31 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         train(image_folder, vqgan, tmp_path / "wide", "--max_steps", 1, "--model_channels", 64, *cond_flags, *init)
     with pytest.raises(UserError, match=r"is not a Noise2Art diffusion checkpoint \(model: 'vqgan'\)"):
         train(image_folder, vqgan, tmp_path / "bad", "--max_steps", 1, "--init_from", vqgan)
+
+
+def test_a_continued_model_averages_at_its_stated_decay_and_counts_its_total_steps(tmp_path, image_folder, vqgan,
+                                                                                   monkeypatch):
+    """A fresh run's EMA warms up; a run from --init_from averages at --ema_decay from its first step, on resume
+    too, and its export counts the steps of both runs."""
+    decays = []
+    update_ema = trainer.update_ema
+    monkeypatch.setattr(trainer, "update_ema", lambda ema, model, decay: decays.append(decay) or
+                        update_ema(ema, model, decay))
+    assert train(image_folder, vqgan, tmp_path / "fresh", "--max_steps", 3, "--ema_decay", 0.99) == 0
+    assert decays == pytest.approx([0.1, 2 / 11, 3 / 12])
+    decays.clear()
+    continued = ["--init_from", tmp_path / "fresh" / "unet", "--ema_decay", 0.99, "--save_every", 2]
+    assert train(image_folder, vqgan, tmp_path / "continued", "--max_steps", 2, *continued) == 0
+    assert train(image_folder, vqgan, tmp_path / "continued", "--max_steps", 4, "--resume", "auto", *continued) == 0
+    assert decays == [0.99] * 4
+    config = json.loads((tmp_path / "continued" / "unet.json").read_text())
+    assert config["training"]["step"] == 4 and config["training"]["total_steps"] == 7
+    start = load_diffusion_model(tmp_path / "fresh" / "unet").unet.state_dict()
+    run = load_diffusion_model(tmp_path / "continued" / "unet", use_ema=False).unet.state_dict()
+    ema = load_diffusion_model(tmp_path / "continued" / "unet").unet.state_dict()
+    name = next(k for k in ema if k.endswith("weight") and not torch.equal(start[k], run[k]))
+    # four steps at 0.99 keep 0.99^4 of the starting weights: the EMA sits near the start, not at the last step
+    assert (ema[name] - start[name]).norm() < 0.1 * (run[name] - start[name]).norm()
 
 
 def test_pooled_text_embed_grows_from_a_conditional_model_and_older_runs_still_resume(
@@ -581,8 +607,7 @@ def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, 
     seen = []
     training_loss = diffusion.NoiseSchedule.training_loss
 
-    def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None, x0_weight_floor=None):
-        assert x0_weight_floor is None
+    def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None):
         seen.append((t, min_snr_gamma))
         return training_loss(self, model_fn, x0, prediction_type, min_snr_gamma, t, noise)
 
@@ -597,26 +622,6 @@ def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, 
     assert (log_snr - -1).abs().max() < 4  # 16 draws of Laplace(-1, 0.5): uniform t would spread over [-10, 9]
     losses = [e["loss"] for e in log_entries(out)]
     assert all(math.isfinite(x) for x in losses) and losses != pytest.approx(LOSSES_BEFORE_THE_LEVERS)
-
-
-def test_x0_weight_floor_raises_the_high_noise_weights_of_the_loss(tmp_path, image_folder, vqgan, monkeypatch):
-    weights = []
-    loss_weight = diffusion.loss_weight
-
-    def spy(alpha_bar, prediction_type, min_snr_gamma=None, x0_weight_floor=None):
-        assert (prediction_type, min_snr_gamma, x0_weight_floor) == ("epsilon", None, 0.5)
-        weights.append((alpha_bar / (1 - alpha_bar), loss_weight(alpha_bar, prediction_type, None, x0_weight_floor)))
-        return weights[-1][1]
-
-    monkeypatch.setattr(diffusion, "loss_weight", spy)
-    out = tmp_path / "floor"
-    assert train(image_folder, vqgan, out, "--max_steps", 4, "--x0_weight_floor", 0.5) == 0
-    snr, weight = (torch.cat(column) for column in zip(*weights))
-    assert len(weights) == 4 and torch.all(snr * weight >= 0.5 * (1 - 1e-6))  # x0 weight at least the floor
-    assert torch.all(weight[snr >= 0.5] == 1) and weight[snr < 0.5].min() > 1
-    losses = [e["loss"] for e in log_entries(out)]
-    # the same timesteps and noise as the unweighted run: its first loss, before any update, can only grow
-    assert all(math.isfinite(x) for x in losses) and losses[0] > LOSSES_BEFORE_THE_LEVERS[0]
 
 
 def test_repa_cache_holds_lite2_targets_of_each_image_and_mirror_and_is_keyed_by_its_settings(
