@@ -71,7 +71,7 @@ UNET=(--dataset_path "$DATA" --vqgan_ckpt models/vqgan --resolution 128 --unet_s
       --save_every 200 --sample_every 400 --log_every 20 --num_workers "$WORKERS" --device "$DEVICE"
       --latent_cache runs/latents128 "${RESUME_FLAGS[@]}")
 COND=(--conditional --caption_template "a {style} painting" "${TEXT[@]}")
-(( ${POOLED:-1} )) && COND+=(--pooled_text_embed)
+if (( ${POOLED:-1} )); then COND+=(--pooled_text_embed); else COND+=(--no-pooled_text_embed); fi
 if [[ -n ${CONTINUE:-} ]]; then
     : "${CONT_UNCOND_STEPS:?}" "${CONT_COND_STEPS:?}"
     SEED=${SEED:-1}
