@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import diffusion
-from common import ImageSource, UserError, native_bf16
+from common import ImageSource, UserError, image_to_tensor, native_bf16
 from diffusion import (
     DEFAULT_STEPS, SAMPLERS, UNPROMPTED_STEPS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn,
     load_diffusion_model, loss_weight, make_betas, make_denoiser, predicted_eps, predicted_x0, prediction_target,
@@ -828,6 +828,31 @@ def test_bundled_models_sample_without_arguments_and_with_a_prompt(tmp_path, mon
     with pytest.raises(UserError, match="no bundled model at .*unet-uncond.json yet.*--unet_ckpt_path"):
         run_default(tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("name", ["unet-uncond", "unet-cond"])
+def test_bundled_models_denoise_paintings_and_sample_latents_of_their_spread(name):
+    """What degenerate weights (zeros, a fresh initialisation) fail: on the latents of 4 paintings noised to t = 100
+    and 300 (SNR 4.6 and 0.7 on the bundled schedule) the model's x0 error is under half that of the best denoiser
+    that knows only the latents' per-channel mean and variance (their Gaussian posterior mean; the bundled models
+    reach about 0.14 of it), and 10 sampling steps end at latents with the spread of encoded paintings."""
+    from conftest import make_painting
+
+    pipeline = load_diffusion_model(diffusion.BUNDLED_MODELS / name, "cpu")
+    images = torch.stack([image_to_tensor(make_painting(seed, (128, 128)), 128) for seed in range(4)])
+    x0 = pipeline.encode(images)
+    mean, var = x0.mean((0, 2, 3), keepdim=True), x0.var((0, 2, 3), keepdim=True)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    denoiser = make_denoiser(lambda x, t: pipeline.unet(x, t), pipeline.schedule, pipeline.prediction_type)
+    for t in (100, 300):
+        a = pipeline.schedule.alpha_bar(torch.tensor(float(t))).item()
+        x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+        with torch.no_grad():
+            model_error = (denoiser(x_t, torch.full((4,), float(t))) - x0).pow(2).mean().item()
+        gaussian = mean + a**0.5 * var * (x_t - a**0.5 * mean) / (a * var + 1 - a)
+        assert model_error < 0.5 * (gaussian - x0).pow(2).mean().item(), t
+    samples = pipeline.sample_latents(2, seed=0, steps=10, progress=False)
+    assert samples.std().item() == pytest.approx(x0.std().item(), rel=0.25)
 
 
 def run_default(outdir, *flags):
