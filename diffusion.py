@@ -352,7 +352,7 @@ DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp-2m": 20}
 # dpmpp-2m takes Karras steps, which measured better than even ones on the bundled model (docs/sampler_steps.md).
 DEFAULT_KARRAS = {"ddpm": False, "ddim": False, "dpmpp-2m": True}
 # diffusion.py without --prompt: 10 Karras-spaced dpmpp-2m steps score within the FD noise of 20 on 1,000 samples of
-# the bundled unconditional model in half the time; guided sampling loses at 10 (results/sampler_spacing.md), and
+# the bundled unconditional model in half the time; guided sampling loses at 10 (docs/sampler-steps.md), and
 # evaluate.py and caption_use.py measure at DEFAULT_STEPS.
 UNPROMPTED_STEPS = {**DEFAULT_STEPS, "dpmpp-2m": 10}
 

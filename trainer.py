@@ -8,8 +8,8 @@ captions). Training reads latents, never pixels. With --conditional, captions (a
 column or a template over columns) are encoded once by the frozen text encoder and cached with the latents; they
 are dropped with probability --cond_drop during training so that one model serves classifier-free guidance.
 
-Two levers, both off by default (issue 14): --timestep_sampling logit-normal|laplace spends the loss where the
-log-SNR is middling (diffusion.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
+Two training levers, both off by default (docs/ablation.md): --timestep_sampling logit-normal|laplace spends the loss
+where the log-SNR is middling (diffusion.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
 frozen EfficientNet-Lite2 feature maps of every cached image and its mirror (REPA, Yu et al. 2024), computed once
 into a second cache beside the latent cache (LATENT_CACHE-repa), through a training-only projector that is saved in
 the checkpoints but never exported.
@@ -17,7 +17,7 @@ the checkpoints but never exported.
     python trainer.py --dataset_path ../shared/wikiart-mini --vqgan_ckpt runs/vq/vqgan --output_dir runs/unet
     python trainer.py ... --conditional --caption_template "a {style} painting"      # text conditioning
     python trainer.py ... --resume auto            # continue the latest checkpoint in --output_dir, exactly
-    python trainer.py ... --timestep_sampling logit-normal --repa_weight 0.5 --repa_until 4000   # issue 14 levers
+    python trainer.py ... --timestep_sampling logit-normal --repa_weight 0.5 --repa_until 4000   # the levers
     torchrun --nproc_per_node 4 trainer.py ...     # DistributedDataParallel, one process per GPU
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 trainer.py ...  # on nodes R = 0, 1,
                                                    # with --output_dir on a filesystem both nodes share
@@ -724,7 +724,7 @@ def run_identity(args, vqgan_digest, resolution):
 
 
 def lever_identity(args):
-    """Issue 14's levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
+    """The training levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
     REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
     repa = ("repa_layer", "repa_image_size", "repa_channels")
     return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
@@ -1001,7 +1001,7 @@ def parse_args(argv=None):
                         "(this or --packed_latents)")
     g.add_argument("--packed_latents", default=None,
                    help="train on latents packed by packing.py (VQGAN codes) instead of --dataset_path: no images "
-                        "are read and `datasets` is not needed (the accelerator call, results/train_gpu.sh)")
+                        "are read and `datasets` is not needed (a rented GPU machine, experiments/train_gpu.sh)")
     g.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
     g.add_argument("--image_column", default="image", help="image column (Hugging Face datasets)")
     g.add_argument("--max_images", type=positive_int, default=None, help="use only the first N images (default: all)")
@@ -1147,7 +1147,7 @@ def check_args(args):
 
 
 def check_lever_args(args):
-    """The issue-14 levers: a location or scale needs a focused sampling; REPA settings need --repa_weight.
+    """The training levers: a location or scale needs a focused sampling; REPA settings need --repa_weight.
     Fills in --repa_layer's default (middle)."""
     if args.timestep_sampling == "uniform" and (args.timestep_loc is not None or args.timestep_scale is not None):
         raise UserError("--timestep_loc and --timestep_scale need --timestep_sampling logit-normal or laplace")

@@ -564,7 +564,7 @@ def test_pooled_text_embed_grows_from_a_conditional_model_and_older_runs_still_r
 
 
 # ----------------------------------------------------------------------------------------------
-# Issue 14's levers: focused timesteps and REPA, both off by default
+# The training levers: focused timesteps and REPA, both off by default
 
 # The first four losses of `train(..., "--max_steps", 4)` before the levers existed (commit 39ea698): the default
 # path must stay bit-identical, so old runs resume exactly.
