@@ -1,0 +1,369 @@
+"""Noise2Art Studio: a local web page that makes paintings with the bundled models (Gradio).
+
+    python studio.py                                # http://127.0.0.1:7860, bundled models, offline
+    python studio.py --port 7861 --outdir my_paintings
+    python studio.py --unet runs/cond/unet.json     # another diffusion checkpoint
+
+Tabs Generate, Img2img and Interpolate; each is also an API endpoint (/generate, /img2img, /interpolate) that
+gradio_client can call. A callback is thin: it turns its widgets into a diffusion.py command line, parses that with
+diffusion.py's own parser (the page refuses what `diffusion.py -h` refuses, with the same message) and runs
+diffusion.sample_to_folder on the models loaded at start. So every image lands in --outdir with the PNG text chunks
+diffusion.py writes, the command that regenerates it among them, and closing the browser loses nothing.
+"""
+import argparse
+import math
+import os
+import random
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+import diffusion
+from common import ArgumentParser, UserError, atomic_write, check_output_folder, pick_device, positive_int, run_cli
+
+# The seven WikiArt-mini styles the bundled conditional model was trained on (its captions: "a {style} painting").
+STYLES = ("Art Nouveau Modern", "Baroque", "Expressionism", "Impressionism", "Post-Impressionism", "Romanticism",
+          "Symbolism")
+DEFAULT_CAPTION_TEMPLATE = "a {style} painting"
+# The text encoder reads only the first max_text_length (32) tokens, about 150 characters; a page that took any
+# length would let a pasted essay look as if it mattered.
+MAX_PROMPT_CHARS = 1000
+# An upload is cut to the model's 128 px anyway; past this, decoding alone takes seconds and hundreds of MB.
+MAX_UPLOAD_PIXELS = 4096 * 4096
+ANIMATION_FRAME_MS = 150
+# Two cores: one generation already keeps both busy (torch's intra-op threads), so a second one at once would
+# only halve the speed of each and double the memory; the queue runs them one after another instead.
+CONCURRENCY = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: loaded once at start
+
+
+class Models:
+    """The pipelines the studio samples from, loaded once. Bundled: models/unet-uncond for an empty prompt and
+    models/unet-cond for a prompt (as diffusion.py picks them); with --unet, that one checkpoint for both."""
+
+    def __init__(self, unet=None, device="cpu", precision="auto"):
+        self.unet, self.device_name, self.precision = unet, device, precision
+        self.device = pick_device(device)
+        paths = [unet] if unet else [diffusion.default_checkpoint(False), diffusion.default_checkpoint(True)]
+        self.pipelines = {str(p): self.load(p) for p in paths}
+
+    def load(self, checkpoint):
+        pipeline = diffusion.load_diffusion_model(checkpoint, self.device,
+                                                  bf16=diffusion.use_bf16(self.precision, self.device))
+        if pipeline.conditional:
+            pipeline.text_encoder  # load the encoder now rather than on the first prompt
+        return pipeline
+
+    def checkpoint(self, prompt):
+        return self.unet or diffusion.default_checkpoint(conditional=bool(prompt))
+
+    def pick(self, prompt):
+        """(checkpoint, pipeline) for a prompt ("" = unconditional)."""
+        checkpoint = self.checkpoint(prompt)
+        return checkpoint, self.pipelines[str(checkpoint)]
+
+    def caption_template(self):
+        """The caption template the conditional model was trained with, for the style presets."""
+        for pipeline in self.pipelines.values():
+            if pipeline.conditional:
+                args = pipeline.config.get("training", {}).get("args", {})
+                return args.get("caption_template") or DEFAULT_CAPTION_TEMPLATE
+        return None
+
+    def num_train_timesteps(self):
+        return min(p.schedule.num_train_timesteps for p in self.pipelines.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# From widgets to a diffusion.py command line, and back to files
+
+
+def sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler):
+    """The diffusion.py flags that every tab shares. steps 0 = the sampler's default; guidance applies to a
+    prompt only, as on the command line."""
+    prompt = check_prompt(prompt, "prompt")
+    negative_prompt = check_prompt(negative_prompt, "negative prompt")
+    flags = ["--seed", str(check_seed(seed)), "--sampler", str(sampler), "--device", models.device_name,
+             "--precision", models.precision]
+    flags += ["--unet_ckpt_path", str(models.unet)] if models.unet else []
+    flags += ["--steps", str(int(steps))] if steps else []
+    flags += ["--prompt", prompt, "--guidance_scale", str(guidance_scale)] if prompt else []
+    return flags + (["--negative_prompt", negative_prompt] if negative_prompt else [])
+
+
+def check_prompt(text, what):
+    text = (text or "").strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        raise gr.Error(f"the {what} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
+                       f"only its first 32 tokens)")
+    return text
+
+
+def check_seed(seed):
+    """A seed as an int; gradio_client can send any JSON value."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or not math.isfinite(seed) or seed != int(seed):
+        raise gr.Error(f"the seed must be a whole number, got {seed!r}")
+    return int(seed)
+
+
+def friendly_preprocess(component, message):
+    """`component` whose preprocess failure (an upload that is no image, say) is a message on the page rather than a
+    server error. It patches the one widget: a subclass of a Gradio component makes Gradio write a .pyi stub beside
+    this file at import."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except (OSError, ValueError) as err:
+            raise gr.Error(f"{message}: {err}") from None
+
+    component.preprocess = checked
+    return component
+
+
+def parse_command(flags, outdir):
+    """diffusion.py's parsed flags for `flags`, checked as the command line checks them: a value it refuses
+    becomes a message on the page, before any work."""
+    try:
+        args = diffusion.parse_args([*flags, "--outdir", str(outdir)])
+        diffusion.check_args(args)
+        diffusion.sampling_options(args)
+    except UserError as err:
+        raise gr.Error(str(err).removesuffix(" (see diffusion.py -h)")) from None
+    return args
+
+
+def sample(models, args, outdir):
+    """diffusion.py's sampling and saving with the loaded model: (image paths, grid path)."""
+    checkpoint, pipeline = models.pick(args.prompt and args.prompt[0])
+    try:
+        return diffusion.sample_to_folder(args, checkpoint, pipeline, outdir)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+
+
+def gallery(paths):
+    """Gallery items: each saved PNG (downloads with its text chunks) captioned by its file name."""
+    return [(str(p), p.name) for p in paths]
+
+
+def upload_path(outdir):
+    """Where an upload is kept: beside the images it starts, named after the first of them."""
+    return Path(outdir) / f"upload-{diffusion.next_image_index(outdir):05d}.png"
+
+
+def keep_upload(upload, path):
+    """An uploaded painting, checked and copied to `path` as PNG, so the images' regenerate command (which names
+    it) still works when Gradio's temporary copy is gone."""
+    if upload is None:
+        raise gr.Error("upload a painting first (JPEG, PNG or WebP)")
+    with open_upload(upload) as img:
+        if img.width * img.height > MAX_UPLOAD_PIXELS:  # read from the header, before decoding
+            raise gr.Error(f"the image is {img.width} x {img.height} ({img.width * img.height / 1e6:.1f} "
+                           f"megapixels); at most {MAX_UPLOAD_PIXELS / 1e6:.1f}")
+        try:
+            img = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise gr.Error(f"cannot decode the upload: {err}") from None
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def open_upload(path):
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise gr.Error(f"cannot read the upload as an image (JPEG, PNG or WebP): {err}") from None
+
+
+def save_animation(paths, path):
+    """The frames `paths` as a looping animated WebP at `path`."""
+    frames = [Image.open(p).convert("RGB") for p in paths]
+    atomic_write(path, lambda f: frames[0].save(f, format="WEBP", save_all=True, append_images=frames[1:],
+                                                duration=ANIMATION_FRAME_MS, loop=0, lossless=True))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The callbacks: one per tab, each an API endpoint. Arguments in the order the README lists them.
+
+
+def make_callbacks(models, outdir):
+    """generate, img2img, interpolate: widget values -> gallery (and for interpolate a strip and an animation).
+    Counts arrive within their sliders' range (Gradio refuses others with a message)."""
+
+    def generate(prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
+                 progress=gr.Progress(track_tqdm=True)):
+        flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
+        args = parse_command([*flags, "--num_images", str(int(count))], outdir)
+        return gallery(sample(models, args, outdir)[0])
+
+    def img2img(image, strength, prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
+                progress=gr.Progress(track_tqdm=True)):
+        flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
+        init = upload_path(outdir)
+        args = parse_command([*flags, "--num_images", str(int(count)), "--init_image", str(init),
+                              "--strength", str(strength)], outdir)
+        keep_upload(image, init)
+        return gallery(sample(models, args, outdir)[0])
+
+    def interpolate(seed, seed_to, frames, prompt, negative_prompt, steps, guidance_scale, sampler,
+                    progress=gr.Progress(track_tqdm=True)):
+        flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
+        args = parse_command([*flags, "--num_images", str(int(frames)), "--interpolate",
+                              "--interpolate_to", str(check_seed(seed_to))], outdir)
+        paths, strip = sample(models, args, outdir)
+        animation = save_animation(paths, Path(outdir) / f"interpolation-{paths[0].stem}.webp")
+        return gallery(paths), str(strip), str(animation)
+
+    return {"generate": generate, "img2img": img2img, "interpolate": interpolate}
+
+
+def random_seed():
+    return random.randrange(2**31)
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+
+
+def sampling_flag_actions():
+    """diffusion.py's sampling flags as argparse actions (choices, defaults), so the widgets follow them."""
+    parser = argparse.ArgumentParser()
+    diffusion.add_sampling_arguments(parser)
+    return {action.dest: action for action in parser._actions}
+
+
+def seed_widget(label="seed (image i uses seed + i)", value=0):
+    """A seed box and its Random button."""
+    with gr.Row():
+        seed = gr.Number(value=value, step=1, label=label)  # no precision: check_seed, not Gradio, judges it
+        gr.Button("Random", scale=0, min_width=80).click(random_seed, None, seed, api_visibility="private")
+    return seed
+
+
+def sampler_widgets(max_steps):
+    """steps, guidance scale and sampler, with diffusion.py's flag ranges and defaults."""
+    flags = sampling_flag_actions()
+    with gr.Row():
+        steps = gr.Slider(0, max_steps, value=0, step=1, label="steps (0 = the sampler's default)")
+        guidance = gr.Number(value=flags["guidance_scale"].default, minimum=0, label="guidance scale (with a prompt)")
+        sampler = gr.Dropdown(list(flags["sampler"].choices), value=flags["sampler"].default, label="sampler")
+    return steps, guidance, sampler
+
+
+def prompt_widgets(template, label="prompt (empty: the unconditional model)"):
+    """prompt, style preset (fills the prompt with the model's caption template) and negative prompt; shown only
+    where a model takes prompts (template is not None)."""
+    with gr.Row(visible=template is not None):
+        prompt = gr.Textbox("", label=label, max_length=MAX_PROMPT_CHARS, scale=3)
+        style = gr.Dropdown(list(STYLES), value=None, label="style preset", scale=1)
+    style.input(lambda name: template.format(style=name), style, prompt, api_visibility="private")
+    negative = gr.Textbox("", label="negative prompt", max_length=MAX_PROMPT_CHARS,
+                          visible=template is not None)
+    return prompt, negative
+
+
+def build_app(models, outdir, max_images=16):
+    """The Blocks page: tabs in the order a person works, each button an API endpoint of the tab's name."""
+    callbacks = make_callbacks(models, outdir)
+    template, max_steps = models.caption_template(), models.num_train_timesteps()
+    events = dict(concurrency_limit=CONCURRENCY, concurrency_id="sampler")  # all tabs share one queue slot
+    with gr.Blocks(title="Noise2Art Studio", analytics_enabled=False) as app:
+        gr.Markdown(f"# Noise2Art Studio\nEvery painting is also saved in `{outdir}`, with the command that "
+                    f"regenerates it in its PNG text.")
+        with gr.Tab("Generate"):
+            prompt, negative = prompt_widgets(template)
+            count = gr.Slider(1, max_images, value=4, step=1, label="count")
+            seed = seed_widget()
+            steps, guidance, sampler = sampler_widgets(max_steps)
+            button = gr.Button("Generate", variant="primary")
+            output = gr.Gallery(label="paintings", columns=4, elem_id="generate-gallery", buttons=["download"])
+            button.click(callbacks["generate"], [prompt, negative, seed, count, steps, guidance, sampler], output,
+                         api_name="generate", **events)
+        with gr.Tab("Img2img"):
+            image = friendly_preprocess(gr.Image(type="filepath", label="painting (JPEG, PNG or WebP, any size)"),
+                                        "cannot read the upload as an image (JPEG, PNG or WebP)")
+            strength = gr.Slider(0, 1, value=0.75, step=0.01, label="strength (1 = start from pure noise)")
+            prompt, negative = prompt_widgets(template, "prompt (optional)")
+            count = gr.Slider(1, max_images, value=4, step=1, label="count")
+            seed = seed_widget()
+            steps, guidance, sampler = sampler_widgets(max_steps)
+            button = gr.Button("Img2img", variant="primary")
+            output = gr.Gallery(label="paintings", columns=4, buttons=["download"])
+            button.click(callbacks["img2img"], [image, strength, prompt, negative, seed, count, steps, guidance,
+                                                sampler], output, api_name="img2img", **events)
+        with gr.Tab("Interpolate"):
+            seed, seed_to = seed_widget("from seed"), seed_widget("to seed", value=1)
+            frames = gr.Slider(2, max_images, value=8, step=1, label="frames")
+            prompt, negative = prompt_widgets(template, "prompt (optional, the same for every frame)")
+            steps, guidance, sampler = sampler_widgets(max_steps)
+            button = gr.Button("Interpolate", variant="primary")
+            output = gr.Gallery(label="frames", columns=8, buttons=["download"])
+            with gr.Row():
+                strip = gr.Image(label="strip", type="filepath")
+                animation = gr.Image(label="animation (WebP)", type="filepath")
+            button.click(callbacks["interpolate"], [seed, seed_to, frames, prompt, negative, steps, guidance, sampler],
+                         [output, strip, animation], api_name="interpolate", **events)
+    return app.queue(default_concurrency_limit=CONCURRENCY)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def wait_until_served(url, process, timeout=120):
+    """Poll `url` until the studio started as `process` (a subprocess.Popen) answers; a UserError if it exits
+    first or `timeout` seconds pass. For the tests and bench.py, which start a server and wait for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UserError(f"the studio exited with status {process.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise UserError(f"the studio did not serve {url} within {timeout} s")
+
+
+def parse_args(argv):
+    parser = ArgumentParser(__file__, description="Serve Noise2Art Studio, a local web page that makes paintings.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default: this machine only; 0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=positive_int, default=7860, help="port to serve on")
+    parser.add_argument("--outdir", default="studio_outputs",
+                        help="folder where every painting is saved, as diffusion.py saves them")
+    parser.add_argument("--unet", default=None,
+                        help="diffusion checkpoint for every tab (default: the bundled models/unet-uncond for an empty "
+                             "prompt, models/unet-cond for a prompt)")
+    parser.add_argument("--max_images", type=positive_int, default=16, help="most images one click makes")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="as diffusion.py --precision")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    outdir = check_output_folder(args.outdir, "--outdir")
+    outdir.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    models = Models(args.unet, args.device, args.precision)
+    app = build_app(models, outdir, args.max_images)
+    print(f"Noise2Art Studio: http://{args.host}:{args.port} (saving to {outdir})", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, mcp_server=False,
+               pwa=False, show_error=False, quiet=True, allowed_paths=[str(outdir.resolve())])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,288 @@
+"""studio.py: its API through gradio_client on a tiny model (each endpoint, the bad inputs, three requests at once),
+and the page in a real headless Chromium on the bundled models. Every server a test starts is stopped after it."""
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+
+import diffusion  # noqa: E402
+import studio  # noqa: E402
+from test_diffusion import write_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+# The endpoints' arguments in order, as the README lists them.
+ENDPOINTS = {
+    "/generate": ["prompt", "negative_prompt", "seed", "count", "steps", "guidance_scale", "sampler"],
+    "/img2img": ["image", "strength", "prompt", "negative_prompt", "seed", "count", "steps", "guidance_scale",
+                 "sampler"],
+    "/interpolate": ["seed", "seed_to", "frames", "prompt", "negative_prompt", "steps", "guidance_scale", "sampler"],
+}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_studio(folder, *flags, timeout=120):
+    """`python studio.py FLAGS` on a free port, run from `folder` (its only other writes go to a private
+    GRADIO_TEMP_DIR); returns (process, url, outdir) once the page answers."""
+    workdir, outdir, port = folder / "work", folder / "work" / "studio_outputs", free_port()
+    workdir.mkdir()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "OMP_NUM_THREADS": "1"}
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen([sys.executable, str(ROOT / "studio.py"), "--port", str(port), *map(str, flags)],
+                               cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        studio.wait_until_served(url, process, timeout)
+    except studio.UserError:
+        stop(process)
+        raise AssertionError((folder / "server.log").read_text()) from None
+    return process, url, outdir
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_studio(tmp_path_factory):
+    """A studio on a tiny conditional model (32 x 32 paintings), in fp32 on every CPU: (url, outdir, workdir,
+    checkpoint)."""
+    checkpoint = write_checkpoint(tmp_path_factory.mktemp("ckpt"), context_dim=384, prediction_type="epsilon")
+    folder = tmp_path_factory.mktemp("studio")
+    process, url, outdir = start_studio(folder, "--unet", checkpoint, "--max_images", 16, "--precision", "fp32")
+    yield url, outdir, outdir.parent, checkpoint
+    stop(process)
+
+
+@pytest.fixture
+def client(tiny_studio, tmp_path):
+    return gradio_client.Client(tiny_studio[0], download_files=str(tmp_path / "downloads"), verbose=False)
+
+
+def png_text(path):
+    with Image.open(path) as img:
+        return {key: img.text[key] for key in ("parameters", "command")}
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def regenerate(command, outdir):
+    """Run a PNG's recorded `python diffusion.py ...` command in this process, writing to outdir; its images."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "diffusion.py"]
+    assert diffusion.main([*argv[2:], "--outdir", str(outdir)]) == 0
+    return sorted(p for p in outdir.glob("[0-9]*.png"))
+
+
+def same_painting(a, b):
+    """Batched and single matmuls may round differently: one level of 255 apart at most."""
+    return np.abs(pixels(a).astype(int) - pixels(b)).max() <= 1
+
+
+def images_of(gallery):
+    return [Path(item["image"]) for item in gallery]
+
+
+# ----------------------------------------------------------------------------------------------
+# The API
+
+
+def test_every_endpoint_has_its_name_and_its_arguments_in_order(client):
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {name: [p["parameter_name"] for p in named[name]["parameters"]] for name in ENDPOINTS} == ENDPOINTS
+    assert set(named) == set(ENDPOINTS)  # the page's helpers (style preset, Random) are not part of the API
+
+
+def test_generate_saves_each_painting_with_the_command_that_regenerates_it(client, tiny_studio, tmp_path):
+    _, outdir, _, checkpoint = tiny_studio
+    gallery = client.predict("a Baroque painting", "dark", 5, 2, 3, 2.5, "ddim", api_name="/generate")
+    downloads = images_of(gallery)
+    assert len(downloads) == 2
+    for offset, path in enumerate(downloads):
+        saved = outdir / path.name  # the same file, kept under --outdir
+        assert path.read_bytes() == saved.read_bytes()
+        text = png_text(path)
+        params = json.loads(text["parameters"])
+        assert (params["seed"], params["steps"], params["sampler"]) == (5 + offset, 3, "ddim")
+        assert (params["prompt"], params["negative_prompt"], params["guidance_scale"]) == ("a Baroque painting",
+                                                                                           "dark", 2.5)
+        assert f"--unet_ckpt_path {checkpoint}" in text["command"]
+        (again,) = regenerate(text["command"], tmp_path / f"again{offset}")
+        assert same_painting(again, path)
+
+
+def test_an_empty_prompt_samples_unconditionally_at_the_samplers_default_steps(client):
+    (path,) = images_of(client.predict("", "", 0, 1, 0, 3.0, "dpmpp-2m", api_name="/generate"))
+    params = json.loads(png_text(path)["parameters"])
+    assert "prompt" not in params and params["steps"] == diffusion.UNPROMPTED_STEPS["dpmpp-2m"]
+
+
+def test_progress_follows_the_samplers_steps(client):
+    job = client.submit("", "", 0, 1, 200, 3.0, "ddpm", api_name="/generate")
+    seen = set()
+    while not job.done():
+        units = job.status().progress_data or []
+        seen |= {unit.index for unit in units if unit.length == 200}
+        time.sleep(0.02)  # a poll, not a wait for a result
+    assert len(job.result()) == 1
+    assert len(seen) >= 2  # the bar moved: at least two different step counts of 200 were reported
+
+
+def test_img2img_keeps_the_upload_and_its_regenerate_command(client, tiny_studio, tmp_path, monkeypatch):
+    _, outdir, workdir, _ = tiny_studio
+    upload = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 150, 3), dtype=np.uint8)).save(upload)
+    gallery = client.predict(gradio_client.handle_file(str(upload)), 0.5, "", "", 1, 2, 4, 3.0, "dpmpp-2m",
+                             api_name="/img2img")
+    paths = images_of(gallery)
+    assert len(paths) == 2
+    params = json.loads(png_text(paths[0])["parameters"])
+    assert params["strength"] == 0.5
+    kept = workdir / params["init_image"]  # as the server, run from workdir, names it
+    assert kept.parent == outdir and kept.is_file()  # the upload outlives Gradio's temporary copy
+    assert pixels(kept).shape == (90, 150, 3)
+    monkeypatch.chdir(workdir)
+    (again,) = regenerate(png_text(paths[0])["command"], tmp_path / "again")
+    assert same_painting(again, paths[0])
+
+
+def test_interpolate_runs_from_one_seed_to_the_other(client, tiny_studio):
+    _, outdir, _, _ = tiny_studio
+    frames, strip, animation = client.predict(3, 9, 3, "", "", 3, 3.0, "ddim", api_name="/interpolate")
+    frames = images_of(frames)
+    ends = [images_of(client.predict("", "", seed, 1, 3, 3.0, "ddim", api_name="/generate"))[0] for seed in (3, 9)]
+    assert same_painting(frames[0], ends[0]) and same_painting(frames[-1], ends[1])
+    assert not same_painting(frames[1], frames[0])
+    assert json.loads(png_text(frames[1])["parameters"])["interpolate"] == {"seeds": [3, 9], "frame": 1}
+    assert Image.open(strip).size == (3 * 32, 32)
+    with Image.open(animation) as webp:
+        assert webp.n_frames == 3
+    assert (outdir / Path(animation).name).is_file()
+
+
+BAD_INPUTS = {
+    "a text file as an image": ("/img2img", lambda files: [files["notes.txt"], 0.5, "", "", 0, 1, 2, 3.0, "ddim"],
+                                "cannot read the upload as an image"),
+    "a 40-megapixel image": ("/img2img", lambda files: [files["huge.png"], 0.5, "", "", 0, 1, 2, 3.0, "ddim"],
+                             "(40.0 megapixels); at most 16.8"),
+    "a count of 0": ("/generate", lambda files: ["", "", 0, 0, 2, 3.0, "ddim"], "less than minimum value 1"),
+    "a count of 1000": ("/generate", lambda files: ["", "", 0, 1000, 2, 3.0, "ddim"], "greater than maximum value 16"),
+    "a 10,000-character prompt": ("/generate", lambda files: ["a" * 10_000, "", 0, 1, 2, 3.0, "ddim"],
+                                  "10,000 characters; at most 1,000"),
+    "a seed that is not a number": ("/generate", lambda files: ["", "", "abc", 1, 2, 3.0, "ddim"],
+                                    "the seed must be a whole number, got 'abc'"),
+    "a negative prompt alone (refused by diffusion.py)": ("/generate", lambda files: ["", "dark", 0, 1, 2, 3.0, "ddim"],
+                                                          "--negative_prompt needs a --prompt"),
+}
+
+
+@pytest.fixture(scope="module")
+def upload_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uploads")
+    (folder / "notes.txt").write_text("not a painting\n")
+    Image.new("RGB", (8000, 5000), (120, 80, 40)).save(folder / "huge.png")  # 40 megapixels, a small file
+    return {name: gradio_client.handle_file(str(folder / name)) for name in ("notes.txt", "huge.png")}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, tiny_studio, upload_files, case):
+    endpoint, arguments, message = BAD_INPUTS[case]
+    written = sorted(tiny_studio[1].iterdir())
+    with pytest.raises(gradio_client.exceptions.AppError) as err:
+        client.predict(*arguments(upload_files), api_name=endpoint)
+    assert message in str(err.value)
+    assert sorted(tiny_studio[1].iterdir()) == written  # nothing kept from a refused request
+    assert len(client.predict("", "", 0, 1, 1, 3.0, "ddim", api_name="/generate")) == 1
+
+
+def test_three_requests_at_once_all_finish_with_their_own_files(client, tiny_studio):
+    def request(seed):
+        return images_of(client.predict("", "", seed, 2, 2, 3.0, "ddim", api_name="/generate"))
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(request, (100, 200, 300)))
+    names = [path.name for paths in results for path in paths]
+    assert len(names) == 6 and len(set(names)) == 6  # one after another: none overwrote another's numbers
+    for seed, paths in zip((100, 200, 300), results):
+        assert [json.loads(png_text(p)["parameters"])["seed"] for p in paths] == [seed, seed + 1]
+
+
+def test_nothing_is_written_outside_the_outdir(client, tiny_studio):
+    _, outdir, workdir, _ = tiny_studio
+    client.predict("a Baroque painting", "", 0, 1, 1, 3.0, "ddim", api_name="/generate")
+    assert [p.name for p in workdir.iterdir()] == [outdir.name]
+    assert not (ROOT / "studio.pyi").exists()  # Gradio writes one beside a module that subclasses a component
+
+
+# ----------------------------------------------------------------------------------------------
+# The page, in a real browser
+
+
+@pytest.fixture
+def bundled_studio(tmp_path):
+    """A studio on the bundled models: (url, outdir)."""
+    process, url, outdir = start_studio(tmp_path)
+    yield url, outdir
+    stop(process)
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_browser_types_a_prompt_generates_and_downloads_a_png_with_its_command(bundled_studio, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, outdir = bundled_studio
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000}, accept_downloads=True)
+            page.goto(url)
+            page.get_by_label("prompt (empty: the unconditional model)").first.fill("a Baroque painting")
+            steps = page.get_by_label("steps (0 = the sampler's default)").first
+            steps.fill("4")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            thumbnails = page.locator("#generate-gallery img")
+            sync_api.expect(thumbnails).to_have_count(4, timeout=120_000)
+            page.screenshot(path=str(tmp_path / "studio.png"))
+            thumbnails.first.click()
+            with page.expect_download() as download:
+                page.locator("#generate-gallery").get_by_role("button", name="Download").first.click()
+            downloaded = tmp_path / "download.png"
+            download.value.save_as(downloaded)
+        finally:
+            browser.close()
+    text = png_text(downloaded)
+    params = json.loads(text["parameters"])
+    assert params["prompt"] == "a Baroque painting" and params["steps"] == 4
+    assert text["command"].startswith("python diffusion.py --seed ")
+    assert "--prompt 'a Baroque painting'" in text["command"]
+    assert downloaded.read_bytes() == (outdir / f"{params['seed']:05d}.png").read_bytes()
+    if os.environ.get("STUDIO_SCREENSHOT"):  # docs/studio.png is made this way
+        shutil.copyfile(tmp_path / "studio.png", os.environ["STUDIO_SCREENSHOT"])
