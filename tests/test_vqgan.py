@@ -268,7 +268,7 @@ def test_resume_refuses_other_settings_and_accepts_states_without_an_identity(tm
     for flags, message in [(["--seed", "1"], "--seed 0 there, 1 here"),
                            (["--batch_size", "2"], "--batch_size 4 there, 2 here"),
                            (["--ch", "64"], "--ch 32 there, 64 here"),
-                           (["--disc_start", "5"], "--disc_start 10000 there, 5 here")]:
+                           (["--disc_start", "5"], "--disc_start None there, 5 here")]:  # None: never
         with pytest.raises(UserError, match=f"belongs to another run \\({message}\\)"):
             vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "2", "--resume", "auto", *flags))
     state = newest_state(out)
@@ -454,3 +454,80 @@ def test_disc_r1_is_logged_and_part_of_the_run(image_folder, tmp_path):
 def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
     with pytest.raises(UserError, match="--finetune_decoder needs --init_ckpt"):
         vqgan.main(train_args(image_folder, tmp_path / "x", "--finetune_decoder"))
+
+
+# The recipes of the shipped models/vqgan (docs/models.md, docs/decoder-finetune.md), written out here rather than
+# read from vqgan.RECIPES, so that a changed default fails.
+FIRST_STAGE = dict(config="vq-f4-small", resolution=None, batch_size=8, perceptual="effnet", perceptual_weight=0.1,
+                   max_steps=2427, lr=4e-4, lr_drop_step=1653, lr_drop_factor=0.25, disc_start=None,
+                   dead_code_steps=None, scale_images=256, export_dtype="fp16", bf16=None, seed=0)
+DECODER_FINETUNE = dict(batch_size=8, perceptual="effnet", perceptual_weight=0.1, max_steps=300, lr=5e-5,
+                        lr_drop_step=None, disc_start=0, disc_warmup=50, disc_weight=0.3, disc_r1=1e-5,
+                        export_dtype="fp16", bf16=None)
+
+
+@pytest.mark.parametrize("flags, recipe", [([], FIRST_STAGE),
+                                           (["--finetune_decoder", "--init_ckpt", "models/vqgan"], DECODER_FINETUNE)])
+def test_data_and_out_alone_give_the_shipped_recipe_of_each_stage(flags, recipe):
+    args = vqgan.parse_args(["--data", "D", "--out", "O", *flags])
+    assert {name: getattr(args, name) for name in recipe} == recipe  # bf16 None: on where it pays, found at run time
+    if not args.finetune_decoder:  # 128 px; 4e-4 to step 1,652, 1e-4 from step 1,653 (where the run was resumed)
+        assert CONFIGS[args.config]["resolution"] == 128
+        assert [vqgan.learning_rate(step, args.lr, args.lr_drop_step, args.lr_drop_factor)
+                for step in (0, 1652, 1653, 2426)] == [4e-4, 4e-4, 1e-4, 1e-4]
+
+
+def test_given_flags_override_the_recipe_and_help_names_each_stages_default(capsys):
+    args = vqgan.parse_args(["--data", "D", "--out", "O", "--finetune_decoder", "--init_ckpt", "v", "--lr", "1e-3",
+                             "--disc_start", "never", "--lr_drop_step", "7"])
+    assert (args.lr, args.disc_start, args.lr_drop_step, args.disc_r1) == (1e-3, None, 7, 1e-5)
+    assert vqgan.parse_args(["--init_ckpt", "v", "--max_steps", "0", "--out", "O"]).export_dtype == "fp32"
+    with pytest.raises(SystemExit):
+        vqgan.parse_args(["-h"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for expected in ("default: 2427 (first stage), 300 (--finetune_decoder)",
+                     "default: 0.0004 (first stage), 5e-05 (--finetune_decoder)",
+                     "default: never (first stage), 0 (--finetune_decoder)",
+                     "default: 0 (first stage), 1e-05 (--finetune_decoder)"):
+        assert expected in shown
+
+
+def test_each_export_records_how_it_was_trained(image_folder, tmp_path):
+    """The recipe defaults a run resolved (bf16 included) and its step land in vqgan.json; VQGANs saved before
+    exports recorded it (models/vqgan.json) still load, and the record leaves latents_digest alone."""
+    from pathlib import Path
+
+    from common import native_bf16, pick_device
+
+    fast = ["--config", "vq-f4-tiny", "--perceptual", "none", "--scale_images", "4", "--max_steps", "2"]
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert vqgan.main(["--data", str(image_folder), "--out", str(base), *fast]) == 0
+    assert vqgan.main(["--data", str(image_folder), "--out", str(tuned), *fast[2:], "--finetune_decoder",
+                       "--init_ckpt", str(base / "vqgan")]) == 0
+    bf16 = native_bf16(pick_device("auto"))
+    for out, recipe in ((base, FIRST_STAGE), (tuned, DECODER_FINETUNE)):
+        training = json.loads((out / "vqgan.json").read_text())["training"]
+        expected = {**recipe, "max_steps": 2, "bf16": bf16, "config": "vq-f4-tiny", "perceptual": "none",
+                    "perceptual_weight": 1.0, "scale_images": 4}
+        assert training["step"] == 2
+        assert {name: training["args"][name] for name in recipe} == {name: expected[name] for name in recipe}
+        assert all(t.dtype == torch.float16 for t in load_file(str(out / "vqgan.safetensors")).values())
+        assert "training" not in load_vqgan(out / "vqgan").config  # the record is no part of the architecture
+    shipped = Path(vqgan.__file__).parent / "models" / "vqgan"
+    assert "training" not in json.loads(shipped.with_suffix(".json").read_text())
+    assert load_vqgan(shipped).config["n_embed"] == 2048
+    model = load_vqgan(base / "vqgan")
+    save_vqgan(model, tmp_path / "plain")
+    save_vqgan(model, tmp_path / "recorded", training={"step": 5, "args": {"lr": 1.0}})
+    assert vqgan.latents_digest(tmp_path / "plain") == vqgan.latents_digest(tmp_path / "recorded")
+
+
+def test_the_learning_rate_drops_at_lr_drop_step_in_training_and_on_resume(image_folder, tmp_path):
+    out = tmp_path / "run"
+    flags = [*FAST_TRAIN, "--lr_drop_step", "2", "--lr_drop_factor", "0.5"]
+    for steps in (2, 3):  # a run to step 2 (steps 0-1 at --lr), resumed to step 3 (step 2 at half of it)
+        assert vqgan.main(train_args(image_folder, out, *flags, "--max_steps", str(steps),
+                                     *(["--resume", "auto"] if steps == 3 else []))) == 0
+        state = newest_state(out)
+        groups = state["opt_ae"]["param_groups"] + state["opt_disc"]["param_groups"]
+        assert {g["lr"] for g in groups} == {2e-3 if steps == 2 else 1e-3}
