@@ -52,16 +52,16 @@ box() { timeout --foreground --preserve-status -s TERM "$@"; }  # --foreground: 
 mkdir -p models runs
 if (( VQGAN_SECONDS > 0 )); then
     box "$VQGAN_SECONDS" python vqgan.py --config vq-f4-small --data "$DATA" --out runs/vqgan --resolution 128 \
-        --batch_size 32 --bf16 --perceptual effnet --lr 4e-4 --max_steps 1000000 --disc_start 100000000 \
-        --ckpt_every 2000 --log_every 50 --num_workers "$WORKERS" --scale_images 1024 --export_dtype fp16 \
-        --device "$DEVICE" || exit
+        --batch_size 32 --bf16 --perceptual effnet --lr 4e-4 --lr_drop_step never --max_steps 1000000 \
+        --disc_start never --ckpt_every 2000 --log_every 50 --num_workers "$WORKERS" --scale_images 1024 \
+        --export_dtype fp16 --device "$DEVICE" || exit
     cp runs/vqgan/vqgan.safetensors runs/vqgan/vqgan.json models/
 fi
 if (( DECODER_SECONDS > 0 )); then
     box "$DECODER_SECONDS" python vqgan.py --finetune_decoder --init_ckpt models/vqgan.safetensors --data "$DATA" \
-        --out runs/vqgan-ft --resolution 128 --batch_size 8 --lr 5e-5 --disc_weight 0.1 --disc_start 0 \
-        --disc_warmup 50 --max_steps 500 --ckpt_every 100 --num_workers "$WORKERS" --export_dtype fp16 \
-        --device "$DEVICE" || exit
+        --out runs/vqgan-ft --resolution 128 --batch_size 8 --lr 5e-5 --disc_weight 0.1 --disc_r1 0 \
+        --disc_start 0 --disc_warmup 50 --max_steps 500 --ckpt_every 100 --num_workers "$WORKERS" \
+        --export_dtype fp16 --device "$DEVICE" || exit
     cp runs/vqgan-ft/vqgan.safetensors runs/vqgan-ft/vqgan.json models/
 fi
 
