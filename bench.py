@@ -22,6 +22,9 @@ Sections:
   sampler    seconds per image of each sampler at its default steps, and DPM-Solver++(2M)-20's speed-up over
              DDPM-1000. Samplers with more than --max_sampler_steps steps are timed on their first steps and
              scaled up (each step costs one UNet call), as the row says.
+  studio     (only when asked for: it starts a web server) `python studio.py`: seconds from its start to the page
+             answering, and from a Generate click at the page's default settings (4 images, empty prompt) to the 4
+             images, through gradio_client and the page's queue: the first click, then the median of --repeats.
 
 Timings use randomly initialised models (speed does not depend on the weights). Each figure is the median of
 --repeats timed runs after one warm-up run (sampler figures: max(1, repeats // 3) runs after a short warm-up).
@@ -33,6 +36,7 @@ says.
 """
 import argparse
 import itertools
+import os
 import re
 import resource
 import statistics
@@ -371,10 +375,42 @@ def bench_cli(args, device):
              "s_per_image": (many_seconds - few_seconds) / (many - few), "peak_mb": None}]
 
 
+def bench_studio(args, device):
+    """`python studio.py` (bundled models, or --studio_unet) started in the background: seconds to the page answering,
+    then seconds per click on Generate at the page's defaults, as gradio_client sees them."""
+    import studio  # gradio: imported only for this section
+    from gradio_client import Client
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = studio.free_port()
+        url = f"http://127.0.0.1:{port}/"
+        command = [sys.executable, str(Path(studio.__file__)), "--port", str(port), "--outdir", f"{tmp}/out",
+                   "--device", str(device)] + (["--unet", args.studio_unet] if args.studio_unet else [])
+        start = time.perf_counter()
+        server = subprocess.Popen(command, env={**os.environ, "GRADIO_TEMP_DIR": f"{tmp}/gradio"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            studio.wait_until_served(url, server, timeout=600)
+            start_up = time.perf_counter() - start
+            client = Client(url, download_files=f"{tmp}/downloads", verbose=False)
+            first = timed(lambda: client.predict(api_name="/generate"), 1, warmup=lambda: None)
+            later = timed(lambda: client.predict(api_name="/generate"), args.repeats, warmup=lambda: None)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    label = "python studio.py" + (f" --unet {args.studio_unet}" if args.studio_unet else "")
+    return [{"section": "studio", "what": f"{label}: start to page served", "seconds": start_up, "peak_mb": None},
+            {"section": "studio", "what": f"{label}: first Generate click to 4 images (defaults)", "seconds": first,
+             "peak_mb": None},
+            {"section": "studio", "what": f"{label}: later clicks to 4 images, median of {args.repeats}",
+             "seconds": later, "peak_mb": None}]
+
+
 SECTIONS = {"vqgan": bench_vqgan, "unet": bench_unet, "train": bench_train, "diffusers": bench_diffusers,
-            "sampler": bench_samplers, "cli": bench_cli}
+            "sampler": bench_samplers, "cli": bench_cli, "studio": bench_studio}
+ON_REQUEST = ("studio",)  # not in the default run: it starts a web server
 FIGURES = {"images_per_s": "img/s", "samples_per_s": "samples/s", "s_per_image": "s/image", "ratio": "x",
-           "gflop_per_sample": "GFLOP/samp", "gflop_per_s": "GFLOP/s"}
+           "gflop_per_sample": "GFLOP/samp", "gflop_per_s": "GFLOP/s", "seconds": "s"}
 
 
 def print_table(rows, memory):
@@ -387,8 +423,8 @@ def print_table(rows, memory):
 
 def main(argv=None):
     parser = ArgumentParser(__file__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
-                        help="what to time (default: all)")
+    parser.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s not in ON_REQUEST],
+                        choices=list(SECTIONS), help=f"what to time (default: all but {', '.join(ON_REQUEST)})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--batch_size", type=positive_int, default=8,
                         help="batch of the vqgan, unet, train and diffusers UNet timings (default: 8)")
@@ -412,6 +448,8 @@ def main(argv=None):
                         help="image counts of the cli section's two runs of the default command (default: 16 48)")
     parser.add_argument("--cli_checkpoint", default=None,
                         help="diffusion checkpoint of the cli section (default: the bundled unconditional model)")
+    parser.add_argument("--studio_unet", default=None,
+                        help="diffusion checkpoint of the studio section (default: the bundled models)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast in the vqgan, train, diffusers and sampler sections; unet times both fp32 "
                              "and bf16 with it or where bf16 is native, fp32 alone elsewhere")

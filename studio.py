@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import random
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -318,6 +319,13 @@ def build_app(models, outdir, max_images=16):
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+
+def free_port(host="127.0.0.1"):
+    """A port nothing listens on now (for the tests and bench.py, which start servers)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def wait_until_served(url, process, timeout=120):

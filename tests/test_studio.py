@@ -4,7 +4,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,16 +31,10 @@ ENDPOINTS = {
 }
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_studio(folder, *flags, timeout=120):
     """`python studio.py FLAGS` on a free port, run from `folder` (its only other writes go to a private
     GRADIO_TEMP_DIR); returns (process, url, outdir) once the page answers."""
-    workdir, outdir, port = folder / "work", folder / "work" / "studio_outputs", free_port()
+    workdir, outdir, port = folder / "work", folder / "work" / "studio_outputs", studio.free_port()
     workdir.mkdir()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
            "OMP_NUM_THREADS": "1"}
@@ -286,3 +279,15 @@ def test_browser_types_a_prompt_generates_and_downloads_a_png_with_its_command(b
     assert downloaded.read_bytes() == (outdir / f"{params['seed']:05d}.png").read_bytes()
     if os.environ.get("STUDIO_SCREENSHOT"):  # docs/studio.png is made this way
         shutil.copyfile(tmp_path / "studio.png", os.environ["STUDIO_SCREENSHOT"])
+
+
+def test_bench_studio_section_reports_start_up_and_click_times(tiny_studio, tmp_path):
+    import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sections", "studio", "--studio_unet", str(tiny_studio[3]), "--repeats", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["what"].split(": ")[1] for row in rows] == [
+        "start to page served", "first Generate click to 4 images (defaults)", "later clicks to 4 images, median of 1"]
+    assert all(0 < row["seconds"] < float("inf") for row in rows)
