@@ -349,7 +349,7 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp-2m": 20}
 # Each sampler's own spacing, the one its accuracy test checks: ddpm is the ancestral chain on the integer timesteps
 # it was trained on, and ddim was derived and is run on evenly respaced ones (Song et al. 2021); the ODE solver
-# dpmpp-2m takes Karras steps, which measured better than even ones on the bundled model (docs/sampler_steps.md).
+# dpmpp-2m takes Karras steps, which measured better than even ones on the bundled model (docs/sampler-steps.md).
 DEFAULT_KARRAS = {"ddpm": False, "ddim": False, "dpmpp-2m": True}
 # diffusion.py without --prompt: 10 Karras-spaced dpmpp-2m steps score within the FD noise of 20 on 1,000 samples of
 # the bundled unconditional model in half the time; guided sampling loses at 10 (docs/sampler-steps.md), and
@@ -370,22 +370,31 @@ def make_denoiser(model_fn, schedule, prediction_type):
     return denoiser
 
 
-def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0):
+def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0,
+                    image_embed=None, uncond_image_embed=None):
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + scale (cond - uncond), both branches in one
-    batched forward pass. guidance_scale: a number, or t -> the scale at timestep t (guidance_scales). Where the
-    scale is 1 (or there is no uncond context) the output is the conditional prediction alone: one forward pass."""
+    batched forward pass. The conditional branch sees `context` and `image_embed` (B x E), the unconditional one
+    `uncond_context` and `uncond_image_embed` (None where the model takes none). guidance_scale: a number, or t ->
+    the scale at timestep t (guidance_scales). Where the scale is 1 (or there is no unconditional branch) the
+    output is the conditional prediction alone: one forward pass."""
     scale_at = guidance_scale if callable(guidance_scale) else lambda t: guidance_scale
+    guided = uncond_context is not None or uncond_image_embed is not None
 
     def model_fn(x, t):
         scale = scale_at(t)
-        if uncond_context is None or scale == 1:
-            return unet(x, t, context, context_mask)
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]),
-                   torch.cat([context_mask, uncond_mask]))
+        if not guided or scale == 1:
+            return unet(x, t, context, context_mask, image_embed=image_embed)
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), _both(context, uncond_context),
+                   _both(context_mask, uncond_mask), image_embed=_both(image_embed, uncond_image_embed))
         cond, uncond = out.chunk(2)
         return uncond + scale * (cond - uncond)
 
     return model_fn
+
+
+def _both(cond, uncond):
+    """The two branches' inputs stacked along the batch (None where the model takes none)."""
+    return None if cond is None else torch.cat([cond, uncond])
 
 
 # Classifier-free guidance at scale 3 wherever sigma > 0.28 (the low end of Kynkäänniemi et al. 2024's interval):
@@ -434,7 +443,7 @@ class Pipeline:
     "max_text_length" default to the UNet's, the VQGAN's and the default encoder)."""
 
     def __init__(self, unet, schedule, vqgan, config, text_encoder=None, bf16=False, channels_last=True,
-                 compile=False):
+                 compile=False, image_embedder=None):
         check_prediction_type(config["prediction_type"])
         self.unet, self.schedule, self.vqgan, self.config = unet, schedule, vqgan, config
         self.prediction_type = config["prediction_type"]
@@ -452,6 +461,7 @@ class Pipeline:
         vqgan.to(memory_format=layout)
         self.unet_forward = torch.compile(unet) if compile else unet
         self._text_encoder = text_encoder
+        self._image_embedder = image_embedder  # an ImageEmbedder, or its path (loaded on first use)
 
     @property
     def text_encoder(self):
@@ -461,6 +471,37 @@ class Pipeline:
             self._text_encoder = TextEncoder(self.config.get("text_encoder") or DEFAULT_TEXT_ENCODER, self.device,
                                              max_length=self.config.get("max_text_length", 32))
         return self._text_encoder
+
+    @property
+    def image_embedder(self):
+        if self.unet.image_embed_dim is None:
+            raise UserError("this model takes no image embedding (--like): train one with trainer.py "
+                            "--image_embeddings")
+        if self._image_embedder is None:
+            raise UserError("this model names no image embedder (image_embedding.py) in its config")
+        if not isinstance(self._image_embedder, torch.nn.Module):
+            from image_embedding import load_embedder
+
+            self._image_embedder = load_embedder(self._image_embedder, self.device)
+        return self._image_embedder
+
+    def image_embed_branches(self, image_embeds, num_images):
+        """guided_model_fn's image_embed and uncond_image_embed: the given embeddings against the null one."""
+        if image_embeds is None:
+            return {}
+        if self.unet.image_embed_dim is None:
+            raise UserError("this model takes no image embedding (--like): train one with trainer.py "
+                            "--image_embeddings")
+        if tuple(image_embeds.shape) != (num_images, self.unet.image_embed_dim):
+            raise UserError(f"image embeddings must be {num_images} x {self.unet.image_embed_dim}, got "
+                            f"{tuple(image_embeds.shape)}")
+        embeds = image_embeds.to(self.device).float()
+        return {"image_embed": embeds, "uncond_image_embed": self.unet.null_image_embed.detach().expand_as(embeds)}
+
+    @torch.no_grad()
+    def embed_images(self, images):
+        """Images B x 3 x H x W in [-1, 1] -> the image embeddings B x E this model is conditioned on."""
+        return self.image_embedder(images.to(self.device)).float()
 
     def contexts(self, num_images, prompt=None, negative_prompt=None):
         """(context, mask, uncond_context, uncond_mask) for guided_model_fn. No prompt: the null embedding alone;
@@ -498,7 +539,7 @@ class Pipeline:
     def sample_latents(self, num_images=1, seed=0, sampler="dpmpp-2m", steps=20, prompt=None, negative_prompt=None,
                        guidance_scale=DEFAULT_GUIDANCE_SCALE, guidance_interval=DEFAULT_GUIDANCE_INTERVAL,
                        guidance_high=None, eta=0.0, karras=None, lower_order_final=False, init_images=None,
-                       strength=None, noise=None, progress=True):
+                       strength=None, noise=None, image_embeds=None, progress=True):
         """Scaled latents of `num_images` samples; image i draws all its noise from torch.Generator(seed + i).
         karras: Karras et al. spacing of the steps (else even in t; None: the sampler's own, DEFAULT_KARRAS, and
         even for a schedule with zero terminal SNR); lower_order_final: dpmpp-2m's first-order step
@@ -506,7 +547,9 @@ class Pipeline:
         guidance_high (scale, sigma): that scale instead where the noise level is above sigma (None: one scale).
         init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img (Meng et al. 2022), noised to the noise
         level of timestep round(strength * (T - 1)), the same for every sampler and spacing, and denoised from there
-        in max(1, round(strength * steps)) steps of the sampler's spacing. `noise` replaces the start noise."""
+        in max(1, round(strength * steps)) steps of the sampler's spacing. `noise` replaces the start noise.
+        image_embeds (num_images x E): what an embedding-conditioned model draws (embed_images, or a prior's
+        samples), guided against its null embedding; None: its unconditional mode."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} (choose {', '.join(SAMPLERS)})")
         if eta and sampler != "ddim":
@@ -532,7 +575,8 @@ class Pipeline:
             latents = latents.contiguous(memory_format=torch.channels_last)
         model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt, negative_prompt),
                                    guidance_scale=guidance_scales(self.schedule, guidance_scale, guidance_interval,
-                                                                  guidance_high))
+                                                                  guidance_high),
+                                   **self.image_embed_branches(image_embeds, num_images))
 
         def model_fn_autocast(x, t):
             with autocast(self.device, self.bf16):
@@ -551,12 +595,13 @@ class Pipeline:
 # Checkpoints: NAME.safetensors ("model.*", "ema.*", optionally "vqgan.*") + NAME.json (see DEVELOPERS.md)
 
 
-def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype=None):
+def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype=None, image_embedder=None):
     """Write a self-describing diffusion checkpoint. `config` is the JSON of DEVELOPERS.md ("unet", "schedule",
     "prediction_type", "latent_shape", "latent_scale", "text_encoder", "max_text_length", "training").
     `vqgan`: a path to a VQGAN checkpoint (stored relative to the checkpoint's folder), or a VQModel whose
-    weights are embedded under "vqgan.*"; None keeps config["vqgan"] as it is. `dtype` (e.g. torch.float16)
-    is for storage only: loading gives fp32."""
+    weights are embedded under "vqgan.*"; None keeps config["vqgan"] as it is. `image_embedder`: the path of the
+    image_embedding.py embedder an embedding-conditioned UNet reads (stored relative like the VQGAN's). `dtype`
+    (e.g. torch.float16) is for storage only: loading gives fp32."""
     config = {**config, "model": "noise2art-unet"}
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     tensors.update({f"ema.{k}": v for k, v in (ema_state or {}).items()})
@@ -564,9 +609,15 @@ def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype
         tensors.update({f"vqgan.{k}": v for k, v in vqgan.state_dict().items()})
         config.update(vqgan=None, vqgan_config=vqgan.config)
     elif vqgan is not None:
-        weights_path = model_paths(vqgan)[0].resolve()
-        config["vqgan"] = os.path.relpath(weights_path.with_suffix(""), Path(path).resolve().parent)
+        config["vqgan"] = relative_reference(vqgan, path)
+    if image_embedder is not None:
+        config["image_embedder"] = relative_reference(image_embedder, path)
     return save_model(path, tensors, config, dtype=dtype)
+
+
+def relative_reference(target, checkpoint):
+    """Model file `target` as a path relative to the folder of `checkpoint` (what a checkpoint stores)."""
+    return os.path.relpath(model_paths(target)[0].resolve().with_suffix(""), Path(checkpoint).resolve().parent)
 
 
 def _weights(tensors, prefix):
@@ -595,9 +646,14 @@ def read_diffusion_model(path):
 def referenced_vqgan(path, config):
     """The VQGAN a diffusion checkpoint at `path` names (config["vqgan"], relative to its config file), or None
     where it embeds one."""
-    if config.get("vqgan") is None:
+    return referenced_file(path, config, "vqgan")
+
+
+def referenced_file(path, config, key):
+    """The model file that config[key] of the checkpoint at `path` names, relative to it; None where it names none."""
+    if config.get(key) is None:
         return None
-    return Path(model_paths(path)[1]).resolve().parent / config["vqgan"]
+    return Path(model_paths(path)[1]).resolve().parent / config[key]
 
 
 def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
@@ -621,16 +677,19 @@ def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
         vqgan = load_vqgan(vqgan_path)
     unet = unet.to(device).eval().requires_grad_(False)
     vqgan = vqgan.to(device).eval().requires_grad_(False)
-    return Pipeline(unet, schedule, vqgan, config, **pipeline_options)
+    return Pipeline(unet, schedule, vqgan, config, image_embedder=referenced_file(path, config, "image_embedder"),
+                    **pipeline_options)
 
 
 def export_diffusion_model(src, dst, dtype=torch.float16):
     """A sampling-only copy of checkpoint `src` at `dst`: the EMA weights (the raw ones where there is no EMA)
     stored in `dtype`, the VQGAN embedded as before or referenced relative to `dst`."""
     pipeline = load_diffusion_model(src)
-    config = {k: v for k, v in pipeline.config.items() if k not in ("weights", "vqgan", "vqgan_config")}
+    config = {k: v for k, v in pipeline.config.items()
+              if k not in ("weights", "vqgan", "vqgan_config", "image_embedder")}
     vqgan = referenced_vqgan(src, pipeline.config) or pipeline.vqgan
-    return save_diffusion_model(dst, {}, pipeline.unet.state_dict(), config, vqgan=vqgan, dtype=dtype)
+    return save_diffusion_model(dst, {}, pipeline.unet.state_dict(), config, vqgan=vqgan, dtype=dtype,
+                                image_embedder=referenced_file(src, pipeline.config, "image_embedder"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,13 +706,15 @@ def default_checkpoint(conditional):
     return path
 
 
-def load_init_image(path, resolution):
+def load_image(path, resolution, what="init image"):
+    """An image file (any size PIL reads) as 1 x 3 x R x R in [-1, 1], centre-cropped; unreadable: UserError."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read init image {path}: {err}") from None
+        raise UserError(f"cannot read {what} {path}: {err}") from None
     return image_to_tensor(img, resolution)[None]  # 1 x 3 x R x R
+
 
 
 def next_image_index(outdir):
@@ -727,6 +788,13 @@ def parse_args(argv):
     parser.add_argument("--strength", type=float, default=None,
                         help="img2img: how far to noise the init image, in (0, 1]: to the noise level of timestep "
                              "strength x (T - 1), whatever the sampler and spacing; 1 = pure noise (default 0.75)")
+    parser.add_argument("--like", action="append", default=None, metavar="IMAGE",
+                        help="variations of a painting (any size; JPEG, PNG, WebP): a model trained with "
+                             "--image_embeddings draws fresh paintings of its image embedding; give it twice to "
+                             "blend two paintings (--mix)")
+    parser.add_argument("--mix", type=float, default=None,
+                        help="with two --like: how far from the first painting's embedding to the second's, in "
+                             "[0, 1] (spherical interpolation; default 0.5)")
     parser.add_argument("--interpolate", action="store_true",
                         help="slerp the start noise from --seed to --seed + 1 over --num_images frames")
     parser.add_argument("--interpolate_to", type=int, default=None, metavar="SEED",
@@ -754,6 +822,12 @@ def check_args(args):
         raise UserError("--interpolate needs --num_images of at least 2")
     if args.interpolate_to is not None and not args.interpolate:
         raise UserError("--interpolate_to needs --interpolate")
+    if args.like is not None and len(args.like) > 2:
+        raise UserError(f"--like takes one painting (variations) or two (a blend), got {len(args.like)}")
+    if args.mix is not None and (args.like is None or len(args.like) != 2):
+        raise UserError("--mix needs two --like paintings")
+    if args.mix is not None and not 0 <= args.mix <= 1:
+        raise UserError(f"--mix must be in [0, 1], got {args.mix}")
 
 
 def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompts):
@@ -784,7 +858,24 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
     if args.init_image is not None:
         params.update(init_image=str(args.init_image), strength=args.strength)
         command += ["--init_image", str(args.init_image), "--strength", str(args.strength)]
+    if args.like is not None:
+        params.update(like=args.like, mix=like_mix(args), guidance_scale=args.guidance_scale)
+        command += [arg for path in args.like for arg in ("--like", str(path))]
+        command += ["--mix", str(args.mix)] if args.mix is not None else []
+        command += ["--guidance_scale", str(args.guidance_scale)] if prompts is None else []
     return {"parameters": params, "command": shlex.join(command)}
+
+
+def like_mix(args):
+    """The blend of two --like paintings (0.5 unless --mix); None for one painting."""
+    return None if args.like is None or len(args.like) < 2 else (0.5 if args.mix is None else args.mix)
+
+
+def like_embedding(paths, mix, pipeline):
+    """The image embedding 1 x E that --like asks for: one painting's, or the spherical blend of two's."""
+    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
+    embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
+    return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
 
 
 def interpolation_seeds(args):
@@ -829,11 +920,12 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
     init_image = None
     if args.init_image is not None:
         args.strength = 0.75 if args.strength is None else args.strength
-        init_image = load_init_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
+        init_image = load_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
     if args.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
                 for seed in interpolation_seeds(args)]
         frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
+    like = None if args.like is None else like_embedding(args.like, like_mix(args), pipeline)
     first = next_image_index(outdir)
     all_images, paths = [], []
     for prompt in args.prompt or [None]:  # one grid row per caption, each over the same seeds
@@ -843,7 +935,8 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
                 n, args.seed + start, **options, prompt=prompt, negative_prompt=args.negative_prompt, eta=args.eta,
                 strength=args.strength,
                 init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
-                noise=frames[start:start + n] if args.interpolate else None)
+                noise=frames[start:start + n] if args.interpolate else None,
+                image_embeds=None if like is None else like.expand(n, -1))
             for i, img in enumerate(tensor_to_images(images)):
                 path = outdir / f"{first + len(paths):05d}.png"
                 save_png(path, img, image_parameters(args, checkpoint, pipeline, options, start + i, prompt))

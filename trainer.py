@@ -52,14 +52,15 @@ from common import (
     ArgumentParser, CorruptCheckpoint, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log,
     atomic_write, autocast, check_run_identity, checkpoint_path, collate_skip_none, epoch_order, file_digest, int_list,
     load_resume, load_state_dir, load_weights, make_grid, native_bf16, non_negative_float,
-    non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_log, rng_state, run_cli,
-    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_json, read_log, rng_state,
+    run_cli, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from diffusion import (
     DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
     read_diffusion_model, save_diffusion_model, unet_weights,
 )
 from features import TEACHER, EfficientNetLiteFeatures
+from image_embedding import load_embedding_cache
 from packing import read_packed_latents
 from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
 from unet import UNET_CONFIGS, build_unet, complete_config, zero_module
@@ -327,6 +328,21 @@ def packed_cache(args, vqgan, resolution):
     return cache
 
 
+def read_image_embeds(folder, num_latents):
+    """The image embeddings N x 2 x E (each image and its mirror) of an image_embedding.py folder, checked to
+    cover the latent cache's rows."""
+    embeds, _ = load_embedding_cache(Path(folder) / "cache")
+    if len(embeds) != num_latents:
+        raise UserError(f"--image_embeddings {folder} holds {len(embeds)} images, the latent cache {num_latents}: "
+                        "embed the same data set (image_embedding.py --data)")
+    return embeds
+
+
+def image_embed_dim(folder):
+    """E of an image_embedding.py folder (None: no image embeddings), read before the UNet is built."""
+    return None if folder is None else read_json(Path(folder) / "cache.json", "embedding cache config")["dim"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Representation alignment (REPA, Yu et al. 2024): a UNet stage, through a small convolutional projector, is pulled
 # towards frozen EfficientNet-Lite2 features of the clean image (never Lite0, the FD judge). The teacher's last
@@ -467,21 +483,23 @@ def cache_on(cache, device):
 
 def cache_batch(cache, rows, device):
     """(scaled latents B x C x h x w, context B x L x D or None, mask B x L or None, REPA targets B x K x g x g or
-    None) for cache rows; each sample is the image or its mirror image at random."""
+    None, image embeddings B x E or None) for cache rows; each sample is the image or its mirror image at random,
+    and its REPA targets and embedding are those of the same image and flip."""
     flips = torch.randint(0, 2, (len(rows),))
     latents = cache["latents"][rows, flips].to(device).float() * cache["latent_scale"]
     targets = cache["repa"][rows, flips].to(device).float() if "repa" in cache else None
+    embeds = cache["image_embeds"][rows, flips].to(device).float() if "image_embeds" in cache else None
     if "caption_ids" not in cache:
-        return latents, None, None, targets
+        return latents, None, None, targets, embeds
     ids = cache["caption_ids"][rows]
-    return latents, cache["context"][ids].to(device).float(), cache["context_mask"][ids].to(device), targets
+    return latents, cache["context"][ids].to(device).float(), cache["context_mask"][ids].to(device), targets, embeds
 
 
 # ----------------------------------------------------------------------------------------------
 # Model, optimizer, EMA
 
 
-def make_unet(args, latent_channels, latent_size, context_dim):
+def make_unet(args, latent_channels, latent_size, context_dim, image_embed_dim=None):
     """The UNet of --unet_size with the command line's overrides, for latents C x h x h."""
     overrides = {name: getattr(args, name) for name in UNET_OVERRIDES if getattr(args, name) is not None}
     channel_mult = overrides.get("channel_mult", UNET_CONFIGS[args.unet_size]["channel_mult"])
@@ -490,7 +508,8 @@ def make_unet(args, latent_channels, latent_size, context_dim):
                         f"the UNet (channel_mult {channel_mult}): change --resolution or --channel_mult")
     try:
         return build_unet(args.unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
-                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=args.pooled_text_embed)
+                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=args.pooled_text_embed,
+                          image_embed_dim=image_embed_dim)
     except ValueError as err:
         raise UserError(f"bad UNet configuration: {err}") from None
 
@@ -615,23 +634,28 @@ def build_training(args, unet, device, repa_shape=None):
 
 def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon", min_snr_gamma=None,
                    cond_drop=0.0, timestep_sampling="uniform", timestep_loc=None, timestep_scale=None,
-                   repa_layer="middle", repa_targets=None):
+                   repa_layer="middle", repa_targets=None, image_embeds=None):
     """(The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss), the REPA
     loss or None). Timesteps come from NoiseSchedule.training_timesteps(timestep_sampling, loc, scale); captions
     B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training).
     With `repa_targets` (B x K x g x g) the same forward pass also returns stage `repa_layer`, which the projector
-    aligns with them."""
+    aligns with them. Image embeddings B x E (or None) are swapped for the null embedding with the same
+    probability, drawn apart from the captions'."""
     if context is not None:
         drop = torch.rand(latents.shape[0], device=latents.device) < cond_drop
         context, context_mask = run.unet.drop_context(context, context_mask, drop)
+    if image_embeds is not None:
+        image_embeds = run.unet.drop_image_embed(image_embeds, torch.rand(len(latents), device=latents.device)
+                                                 < cond_drop)
     t = run.schedule.training_timesteps(latents.shape[0], timestep_sampling, timestep_loc, timestep_scale,
                                         latents.device)
     stage = {}
 
     def model_fn(x_t, t):
         if repa_targets is None:
-            return run.model(x_t, t, context, context_mask)
-        prediction, stage["features"] = run.model(x_t, t, context, context_mask, feature_layer=repa_layer)
+            return run.model(x_t, t, context, context_mask, image_embed=image_embeds)
+        prediction, stage["features"] = run.model(x_t, t, context, context_mask, feature_layer=repa_layer,
+                                                  image_embed=image_embeds)
         return prediction
 
     loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t)
@@ -671,13 +695,13 @@ def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max
     None). A non-finite loss or gradient norm changes nothing and is returned as it is, for the caller to stop on."""
     total, repa_total = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
     aligning = repa_active(run, repa_until)
-    for i, (latents, context, context_mask, targets) in enumerate(micro_batches):
+    for i, (latents, context, context_mask, targets, embeds) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or run.model is run.unet else run.model.no_sync()
         with sync:
             with autocast(run.device, bf16):
                 loss, alignment = diffusion_loss(run, latents, context, context_mask, **loss_settings,
-                                                 repa_targets=targets if aligning else None)
+                                                 repa_targets=targets if aligning else None, image_embeds=embeds)
             objective = loss if alignment is None else loss + repa_weight * alignment
             (objective / len(micro_batches)).backward()
         total += loss.detach()
@@ -720,6 +744,8 @@ def run_identity(args, vqgan_digest, resolution):
                 prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
                 **{name: getattr(args, name) if args.conditional else None for name in captions},
+                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
+                                                                        "cache.safetensors")[:16],
                 **lever_identity(args))
 
 
@@ -793,7 +819,8 @@ def save_checkpoint(run, args, cache, vqgan, out, identity):
     save_state_dir(path, state)
     prune_checkpoints(out / "checkpoints", args.keep_last)
     save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config,
-                         vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt)
+                         vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt,
+                         image_embedder=args.image_embeddings and Path(args.image_embeddings) / "embedder")
     return path
 
 
@@ -869,7 +896,7 @@ def prepare(args, rank, world_size, device):
         text_encoder = load_text_encoder(args, device)
     seed_everything(args.seed)  # the initial weights depend on the seed alone
     unet = make_unet(args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
-                     text_encoder.dim if text_encoder else None)
+                     text_encoder.dim if text_encoder else None, image_embed_dim(args.image_embeddings))
     check_repa_layer(args, unet)
     if state is not None:
         check_same_architecture(state, unet, resume_path)
@@ -886,6 +913,8 @@ def prepare(args, rank, world_size, device):
         cache = dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device)
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
+    if args.image_embeddings:
+        cache = {**cache, "image_embeds": read_image_embeds(args.image_embeddings, len(cache["latents"]))}
     cache = cache_on(cache, device)
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
@@ -1094,7 +1123,13 @@ def parse_args(argv=None):
                    "starts at zero, so --init_from a model without it starts where that model was); default: on "
                    "with --conditional, as in the bundled style model")
     g.add_argument("--cond_drop", type=float, default=0.1,
-                   help="probability of dropping a caption in training (classifier-free guidance)")
+                   help="probability of dropping a caption (or an image embedding) in training (classifier-free "
+                        "guidance)")
+    g = p.add_argument_group("image-embedding conditioning (RCG / unCLIP style; off by default)")
+    g.add_argument("--image_embeddings", default=None, metavar="FOLDER",
+                   help="condition the UNet on the image embeddings image_embedding.py wrote to FOLDER (each "
+                        "painting's own, dropped with --cond_drop for guidance); a zero-initialised projection, so "
+                        "--init_from a model without it starts where that model was")
     g = p.add_argument_group("checkpoints and feedback")
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
     g.add_argument("--save_every", type=positive_int, default=1000, help="steps between checkpoints (and at the end)")

@@ -173,16 +173,19 @@ class UNet(nn.Module):
     blocks; `context_dim` (the text encoder's width) adds cross-attention and a learned null embedding.
     `pooled_text_embed` also adds the caption's mean token embedding, through a linear layer that starts at zero, to
     the timestep embedding (as Imagen and SDXL add a pooled text embedding): the caption then shifts every ResNet
-    block at every noise level, where cross-attention reaches only the attention resolutions."""
+    block at every noise level, where cross-attention reaches only the attention resolutions. `image_embed_dim` adds
+    an image embedding (image_embedding.py; RCG / unCLIP conditioning) the same way, through a linear layer that
+    starts at zero, with a learned null embedding for rows without one (classifier-free guidance)."""
 
     def __init__(self, in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attention_resolutions=(16, 8), num_heads=4, dropout=0.0, context_dim=None, sample_size=32,
-                 pooled_text_embed=False):
+                 pooled_text_embed=False, image_embed_dim=None):
         super().__init__()
         self.config = dict(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions), num_heads=num_heads, dropout=dropout,
-                           context_dim=context_dim, sample_size=sample_size, pooled_text_embed=pooled_text_embed)
+                           context_dim=context_dim, sample_size=sample_size, pooled_text_embed=pooled_text_embed,
+                           image_embed_dim=image_embed_dim)
         if pooled_text_embed and context_dim is None:
             raise ValueError("pooled_text_embed needs a text-conditioned UNet (context_dim)")
         if model_channels % 32:
@@ -196,6 +199,10 @@ class UNet(nn.Module):
         if context_dim is not None:
             self.null_context = nn.Parameter(torch.randn(1, context_dim) / math.sqrt(context_dim))  # 1 token
         self.pooled_text_proj = zero_module(nn.Linear(context_dim, emb_channels)) if pooled_text_embed else None
+        self.image_embed_dim = image_embed_dim
+        if image_embed_dim is not None:
+            self.null_image_embed = nn.Parameter(torch.zeros(image_embed_dim))
+            self.image_embed_proj = zero_module(nn.Linear(image_embed_dim, emb_channels))
 
         def res_and_attn(ch_in, ch_out, resolution):
             layers = [ResBlock(ch_in, ch_out, emb_channels, dropout)]
@@ -245,9 +252,14 @@ class UNet(nn.Module):
         context = torch.where(drop[:, None, None], torch.where(null_mask[..., None], null, 0.0), context)
         return context, torch.where(drop[:, None], null_mask, context_mask)
 
-    def forward(self, x, t, context=None, context_mask=None, feature_layer=None):
+    def drop_image_embed(self, image_embed, drop):
+        """Rows where `drop` (B bool) is True get the null image embedding."""
+        return torch.where(drop[:, None], self.null_image_embed.to(image_embed.dtype), image_embed)
+
+    def forward(self, x, t, context=None, context_mask=None, feature_layer=None, image_embed=None):
         """The prediction B x C x h x w; with `feature_layer` (a key of feature_shapes: "down.N", "middle" or
-        "up.N"), (the prediction, that stage's output B x channels x size x size), for representation alignment."""
+        "up.N"), (the prediction, that stage's output B x channels x size x size), for representation alignment.
+        image_embed: B x image_embed_dim, or None for the null embedding (ignored by a UNet without one)."""
         if feature_layer is not None and feature_layer not in self.feature_shapes:
             raise ValueError(f"no UNet stage {feature_layer!r} (choose from {', '.join(self.feature_shapes)})")
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
@@ -259,6 +271,10 @@ class UNet(nn.Module):
             context = context_mask = None
         if self.pooled_text_proj is not None:
             emb = emb + self.pooled_text_proj(mean_token(context, context_mask).to(emb.dtype))
+        if self.image_embed_dim is not None:
+            if image_embed is None:
+                image_embed = self.null_image_embed.expand(x.shape[0], -1)
+            emb = emb + self.image_embed_proj(image_embed.to(emb.dtype))
         h = self.conv_in(x)
         skips, feature = [h], None
         for i, stage in enumerate(self.down):

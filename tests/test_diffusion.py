@@ -646,7 +646,7 @@ def test_img2img(tmp_path, checkpoint):
 
     make_painting(3, size=(48, 32)).save(tmp_path / "init.png")
     pipeline = load_diffusion_model(checkpoint, "cpu")
-    init = diffusion.load_init_image(tmp_path / "init.png", 32)
+    init = diffusion.load_image(tmp_path / "init.png", 32)
     assert init.shape == (1, 3, 32, 32)
     init_latents = pipeline.encode(init)
     options = dict(init_images=init.expand(2, -1, -1, -1), sampler="ddim", steps=20, progress=False)

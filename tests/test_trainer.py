@@ -492,7 +492,8 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"])
     cond = trainer.make_unet(args, 4, 8, 384).eval()
     new, steps_before = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
-    assert steps_before == 2 and "null_context" in new and all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
+    assert steps_before == 2 and "null_context" in new
+    assert all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
     state = cond.state_dict()
     assert all(torch.equal(state[k], v) for k, v in uncond.state_dict().items())
     latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
@@ -725,15 +726,17 @@ def test_resume_with_repa_is_exact_across_the_switch_off(tmp_path, image_folder,
         train(image_folder, vqgan, straight, "--max_steps", 8, "--resume", "auto", *same_but_repa)
 
 
-def test_cache_batch_takes_the_repa_targets_of_the_same_image_and_flip():
+def test_cache_batch_takes_the_repa_targets_and_embeddings_of_the_same_image_and_flip():
     code = torch.arange(12, dtype=torch.float16).reshape(6, 2)  # image i, flip f -> 2 i + f
     cache = {"latents": code[:, :, None, None, None].expand(6, 2, 4, 2, 2).clone(), "latent_scale": 1.0,
-             "repa": code[:, :, None, None, None].expand(6, 2, 3, 2, 2).clone()}
+             "repa": code[:, :, None, None, None].expand(6, 2, 3, 2, 2).clone(),
+             "image_embeds": code[:, :, None].expand(6, 2, 5).clone()}
     torch.manual_seed(0)
-    latents, context, mask, targets = trainer.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
-    assert context is None and mask is None and targets.shape == (5, 3, 2, 2)
+    latents, context, mask, targets, embeds = trainer.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
+    assert context is None and mask is None and targets.shape == (5, 3, 2, 2) and embeds.shape == (5, 5)
     assert torch.equal(latents[:, 0, 0, 0], targets[:, 0, 0, 0])  # the same image and the same flip
+    assert torch.equal(latents[:, 0, 0, 0], embeds[:, 0])
     codes = latents[:, 0, 0, 0].long()
     assert (codes // 2).tolist() == [5, 0, 3, 3, 1] and len(set((codes % 2).tolist())) == 2  # both flips drawn
-    del cache["repa"]
-    assert trainer.cache_batch(cache, torch.tensor([1]), "cpu")[3] is None
+    del cache["repa"], cache["image_embeds"]
+    assert trainer.cache_batch(cache, torch.tensor([1]), "cpu")[3:] == (None, None)

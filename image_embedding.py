@@ -1,0 +1,178 @@
+"""The image embedding: what the image UNet can be conditioned on and what prior.py learns to generate.
+
+An embedding is EfficientNet-Lite2's pooled ImageNet features of a painting (features.TEACHER; never Lite0, the FD
+judge), projected on their top principal components over the training paintings and whitened, so each of its D
+dimensions has unit variance there (RCG, Li, Katabi, He 2023, conditions on a self-supervised representation in
+the same way; DALL-E 2's unCLIP on a CLIP image embedding). Conditioning the UNet on it gives variations of a
+painting (its embedding, fresh noise) and blends of two (a mix of their embeddings).
+
+    python image_embedding.py --data ../shared/wikiart-mini --out runs/embeddings
+
+writes OUT/embedder.safetensors + .json (the PCA: what turns any image into an embedding) and OUT/cache.safetensors
++ .json (embeddings N x 2 x D of every painting and its mirror, row-aligned with trainer.py's latent cache of the
+same images, and their captions for a caption-conditioned prior).
+"""
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common import (
+    ArgumentParser, ImageSource, ImageTensorDataset, UserError, check_output_folder, collate_skip_none, load_model,
+    non_negative_int, positive_int, run_cli, save_model,
+)
+from features import TEACHER, EfficientNetLiteFeatures
+from text_encoder import caption_function
+
+EMBED_DIM = 64        # principal components kept
+PCA_IMAGES = 4000     # the first paintings (and mirrors) whose features fit the PCA
+
+
+class ImageEmbedder(nn.Module):
+    """Images B x 3 x H x W in [-1, 1] -> whitened embeddings B x dim: (pooled Lite2 features - mean) projected
+    on `components` (dim x F) and divided by each component's standard deviation `scale` (dim)."""
+
+    def __init__(self, dim=EMBED_DIM, feature_dim=1280):
+        super().__init__()
+        self.config = {"model": "noise2art-image-embedder", "teacher": TEACHER, "dim": dim,
+                       "feature_dim": feature_dim}
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("components", torch.zeros(dim, feature_dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self._teacher = None  # loaded on first use: fitting and loading need only the buffers
+
+    @property
+    def teacher(self):
+        if self._teacher is None:  # kept out of the module's state: the package ships its weights
+            object.__setattr__(self, "_teacher", EfficientNetLiteFeatures(TEACHER).to(self.mean.device))
+        return self._teacher
+
+    @torch.no_grad()
+    def features(self, images):
+        """The teacher's pooled features B x F (its head, before the classifier, at its own input size), in fp32
+        whatever the autocast around, so embeddings do not depend on it."""
+        images = images.float().to(self.mean.device)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.teacher.pooled(images).float()
+
+    def project(self, features):
+        """Features B x F -> whitened embeddings B x dim."""
+        return (features - self.mean) @ self.components.T / self.scale
+
+    def forward(self, images):
+        return self.project(self.features(images))
+
+    @torch.no_grad()
+    def fit(self, features):
+        """Fit the PCA and whitening on features N x F (N >= dim)."""
+        if len(features) < self.config["dim"]:
+            raise UserError(f"fitting a {self.config['dim']}-dimensional embedding needs at least that many images, "
+                            f"got {len(features)}")
+        mean = features.mean(0)
+        _, singular, vh = torch.linalg.svd(features - mean, full_matrices=False)
+        dim = self.config["dim"]
+        self.mean.copy_(mean)
+        self.components.copy_(vh[:dim])
+        self.scale.copy_(singular[:dim] / math.sqrt(len(features) - 1))
+        return float((singular[:dim] ** 2).sum() / (singular**2).sum())  # the variance kept
+
+
+def save_embedder(embedder, path):
+    save_model(path, {k: v.contiguous() for k, v in embedder.state_dict().items()}, embedder.config)
+
+
+def load_embedder(path, device="cpu"):
+    state, config = load_model(path)
+    if config.get("model") != "noise2art-image-embedder":
+        raise UserError(f"{path} is not an image embedder written by image_embedding.py")
+    embedder = ImageEmbedder(config["dim"], config["feature_dim"])
+    embedder.load_state_dict(state)
+    return embedder.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding cache of a data set
+
+
+class CentreCrops(ImageTensorDataset):
+    """Row i -> (i, its centre crop 3 x R x R in [-1, 1], as trainer.py's latent cache takes it), or None."""
+
+    def __init__(self, source, resolution):
+        super().__init__(source, resolution, random_crop=False, flip=False)
+
+    def __getitem__(self, i):
+        image = super().__getitem__(i)
+        return None if image is None else (i, image)
+
+
+@torch.no_grad()
+def teacher_features(embedder, source, resolution, batch_size, num_workers=0):
+    """(rows read, pooled features N x 2 x F of each painting and its mirror image)."""
+    loader = torch.utils.data.DataLoader(CentreCrops(source, resolution), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=collate_skip_none)
+    rows, features = [], []
+    for batch in tqdm(loader, desc="embed", unit="batch"):
+        if batch is None:
+            continue
+        images = batch[1]
+        both = embedder.features(torch.cat([images, images.flip(-1)]))  # 2B x F
+        rows += batch[0].tolist()
+        features.append(torch.stack(both.chunk(2), dim=1))  # B x 2 x F
+    return rows, torch.cat(features)
+
+
+def build_embeddings(data, out, resolution=128, dim=EMBED_DIM, batch_size=64, num_workers=0, split="train",
+                     image_column="image", caption_template="a {style} painting", device="cpu"):
+    """Write OUT/embedder and OUT/cache (module docstring). Returns the fraction of the feature variance kept."""
+    source = ImageSource(data, split, image_column)
+    embedder = ImageEmbedder(dim).to(device)
+    rows, features = teacher_features(embedder, source, resolution, batch_size, num_workers)
+    kept = embedder.fit(features[:PCA_IMAGES].flatten(0, 1))
+    embeddings = embedder.project(features.flatten(0, 1)).reshape(len(rows), 2, dim)
+    caption_of = caption_function(source.columns, caption_template=caption_template) if caption_template else None
+    captions = [caption_of(source.metadata(row)) for row in rows] if caption_of else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_embedder(embedder, out / "embedder")
+    save_model(out / "cache", {"embeddings": embeddings.half().contiguous()},
+               {"model": "noise2art-embedding-cache", "dim": dim, "rows": len(rows), "captions": captions,
+                "data": str(data), "resolution": resolution, "variance_kept": kept})
+    return kept
+
+
+def load_embedding_cache(path):
+    """(embeddings N x 2 x D float32, captions list or None) of a cache written by build_embeddings."""
+    state, config = load_model(path)
+    if config.get("model") != "noise2art-embedding-cache":
+        raise UserError(f"{path} is not an embedding cache written by image_embedding.py")
+    return state["embeddings"].float(), config.get("captions")
+
+
+def main(argv=None):
+    parser = ArgumentParser(__file__, description="Embed a data set's paintings (EfficientNet-Lite2 + whitened PCA) "
+                                                  "for an embedding-conditioned UNet and its prior.")
+    parser.add_argument("--data", required=True, help="ImageFolder, image folder or Hugging Face dataset path")
+    parser.add_argument("--out", required=True, help="output folder: embedder.* and cache.*")
+    parser.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
+    parser.add_argument("--image_column", default="image", help="image column (Hugging Face datasets)")
+    parser.add_argument("--resolution", type=positive_int, default=128,
+                        help="centre crop size, as the latent cache's (then resized for the teacher)")
+    parser.add_argument("--dim", type=positive_int, default=EMBED_DIM, help="principal components kept")
+    parser.add_argument("--caption_template", default="a {style} painting",
+                        help="captions for a caption-conditioned prior, from metadata columns ('' for none)")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="paintings per teacher batch")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="image-decoding processes")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    args = parser.parse_args(argv)
+    check_output_folder(args.out, "--out")
+    kept = build_embeddings(args.data, args.out, args.resolution, args.dim, args.batch_size, args.num_workers,
+                            args.split, args.image_column, args.caption_template or None, args.device)
+    print(f"wrote {args.out}/embedder and {args.out}/cache; the {args.dim} components keep {kept:.1%} of the "
+          "teacher's feature variance")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,164 @@
+"""The image-embedding path on tiny models: image_embedding.py embeds a folder (whitened PCA of Lite2 features),
+trainer.py --image_embeddings conditions a UNet on them (starting, from --init_from, exactly where the plain model
+was), and diffusion.py --like draws variations and blends; bad input is one clear line."""
+import json
+import shlex
+
+import pytest
+import torch
+from PIL import Image
+
+import diffusion
+import image_embedding
+import trainer
+from common import UserError
+from conftest import make_painting
+from diffusion import load_diffusion_model
+from vqgan import CONFIGS, VQModel, save_vqgan
+
+FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",
+        "--lr", "1e-3", "--warmup_steps", "0", "--sample_every", "0", "--log_every", "1", "--save_every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """(image folder of 12 paintings, its embedding folder at 4 dimensions, a tiny VQGAN)."""
+    root = tmp_path_factory.mktemp("embedded")
+    folder = root / "images"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(12):
+            make_painting(i).save(folder / f"{i:08d}.png")
+            f.write(json.dumps({"file_name": f"{i:08d}.png", "style": ["Baroque", "Cubism"][i % 2]}) + "\n")
+    image_embedding.main(["--data", str(folder), "--out", str(root / "embeddings"), "--resolution", "32", "--dim",
+                          "4", "--batch_size", "6"])
+    torch.manual_seed(0)
+    save_vqgan(VQModel(CONFIGS["vq-f4-tiny"]), root / "vqgan")
+    return folder, root / "embeddings", root / "vqgan"
+
+
+def train(data, vqgan, out, *flags):
+    return trainer.main(["--dataset_path", str(data), "--vqgan_ckpt", str(vqgan), "--output_dir", str(out), *FAST,
+                         *map(str, flags)])
+
+
+def test_embeddings_are_whitened_per_painting_and_mirror(embedded):
+    folder, embeddings, _ = embedded
+    embeds, captions = image_embedding.load_embedding_cache(embeddings / "cache")
+    assert embeds.shape == (12, 2, 4) and captions[:2] == ["a Baroque painting", "a Cubism painting"]
+    flat = embeds.flatten(0, 1)  # the PCA was fitted on these 24 vectors: zero mean, unit variance, uncorrelated
+    assert torch.allclose(flat.mean(0), torch.zeros(4), atol=2e-3)
+    assert torch.allclose(torch.cov(flat.T), torch.eye(4), atol=2e-2)
+    embedder = image_embedding.load_embedder(embeddings / "embedder")
+    image = diffusion.load_image(folder / "00000003.png", 32)
+    again = embedder(torch.cat([image, image.flip(-1)]))  # the cache is what the embedder gives the same crops
+    assert torch.allclose(again, embeds[3], atol=2e-2)
+    assert (embeds[3, 0] - embeds[3, 1]).norm() < (embeds[3, 0] - embeds[4, 0]).norm()  # a mirror stays close
+
+
+def test_a_model_grown_an_embedding_starts_where_it_was_and_learns_to_use_it(tmp_path, embedded):
+    folder, embeddings, vqgan = embedded
+    cache = ["--latent_cache", tmp_path / "latents"]
+    assert train(folder, vqgan, tmp_path / "plain", "--max_steps", 2, *cache) == 0
+    init = ["--init_from", tmp_path / "plain" / "unet", "--image_embeddings", embeddings, *cache]
+    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"])
+    grown = trainer.make_unet(args, 4, 8, None, image_embed_dim=4).eval()
+    new, _ = trainer.init_from_checkpoint(grown, tmp_path / "plain" / "unet")
+    assert sorted(new) == ["image_embed_proj.bias", "image_embed_proj.weight", "null_image_embed"]
+    plain = load_diffusion_model(tmp_path / "plain" / "unet").unet
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.allclose(grown(x, t, image_embed=torch.randn(2, 4)), plain(x, t), atol=1e-6)  # layouts differ
+
+    assert train(folder, vqgan, tmp_path / "grown", "--max_steps", 6, "--lr", "1e-2", *init) == 0
+    pipeline = load_diffusion_model(tmp_path / "grown" / "unet", use_ema=False)  # six steps barely move the EMA
+    assert pipeline.unet.image_embed_dim == 4 and pipeline.config["image_embedder"].endswith("embedder")
+    with torch.no_grad():
+        a, b = (pipeline.unet(x, t, image_embed=e) for e in (torch.zeros(2, 4), 3 * torch.ones(2, 4)))
+    assert (a - b).abs().mean() > 0.01 * a.abs().mean()  # trained: the embedding now moves the prediction
+    with pytest.raises(UserError, match="holds 12 images, the latent cache 6"):
+        train(folder, vqgan, tmp_path / "fewer", "--max_steps", 1, "--max_images", 6,
+              "--latent_cache", tmp_path / "latents6", "--image_embeddings", embeddings)
+
+
+def test_embedding_guidance_pushes_away_from_the_null_embedding():
+    """With image embeddings, the unconditional branch gets the null embedding: out = uncond + s (cond - uncond)."""
+    torch.manual_seed(0)
+    unet = diffusion.UNet(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                          num_heads=2, sample_size=8, image_embed_dim=4).eval()
+    with torch.no_grad():  # the zero-initialised layers (output convolutions, the projection) would hide the embedding
+        for parameter in unet.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    x, t, embed = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 4)
+    null = unet.null_image_embed.detach().expand_as(embed)
+    with torch.no_grad():
+        cond, uncond = unet(x, t, image_embed=embed), unet(x, t, image_embed=null)
+        guided = diffusion.guided_model_fn(unet, guidance_scale=2.5, image_embed=embed, uncond_image_embed=null)(x, t)
+    assert not torch.allclose(cond, uncond)
+    assert torch.allclose(guided, uncond + 2.5 * (cond - uncond), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def like_model(tmp_path_factory, embedded):
+    folder, embeddings, vqgan = embedded
+    out = tmp_path_factory.mktemp("like")
+    assert train(folder, vqgan, out / "run", "--max_steps", 2, "--image_embeddings", embeddings) == 0
+    tensors, config = diffusion.read_diffusion_model(out / "run" / "unet")
+    torch.manual_seed(0)  # two steps leave the zero-initialised projection near zero: give the embedding a say
+    tensors = {k: v + 0.3 * torch.randn_like(v) if "image_embed_proj" in k or "conv_out" in k else v
+               for k, v in tensors.items() if k.startswith("ema.")}
+    diffusion.save_diffusion_model(out / "like", {}, {k[4:]: v for k, v in tensors.items()}, config, vqgan=vqgan,
+                                   image_embedder=embeddings / "embedder")
+    return out / "like"
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return torch.tensor(list(img.convert("RGB").getdata()), dtype=torch.float32)
+
+
+def test_like_draws_variations_and_a_blend_recorded_in_the_png(tmp_path, embedded, like_model):
+    folder, _, _ = embedded
+    a, b = folder / "00000001.png", folder / "00000002.png"
+    run = ["--unet_ckpt_path", str(like_model), "--num_images", "2", "--steps", "3", "--precision", "fp32"]
+    assert diffusion.main([*run, "--like", str(a), "--outdir", str(tmp_path / "a")]) == 0
+    assert diffusion.main([*run, "--like", str(b), "--outdir", str(tmp_path / "b")]) == 0
+    assert diffusion.main([*run, "--like", str(a), "--like", str(b), "--mix", "0", "--outdir",
+                           str(tmp_path / "mix0")]) == 0
+    assert diffusion.main([*run, "--like", str(a), "--like", str(b), "--mix", "0.3", "--outdir",
+                           str(tmp_path / "mix")]) == 0
+    with Image.open(tmp_path / "mix" / "00001.png") as img:
+        params, command = json.loads(img.text["parameters"]), img.text["command"]
+    assert params["like"] == [str(a), str(b)] and params["mix"] == 0.3 and "--mix 0.3" in command
+    assert f"--like {a} --like {b}" in command and "--seed 1 " in command
+    # a blend at 0 is the first painting's variation; the two paintings' variations differ
+    assert torch.allclose(pixels(tmp_path / "mix0" / "00000.png"), pixels(tmp_path / "a" / "00000.png"), atol=1)
+    assert not torch.equal(pixels(tmp_path / "a" / "00000.png"), pixels(tmp_path / "b" / "00000.png"))
+    redo = shlex.split(command)[2:]  # the recorded command, less "python diffusion.py", redraws the picture alone
+    assert diffusion.main([*redo, "--outdir", str(tmp_path / "redo")]) == 0
+    redone, drawn = pixels(tmp_path / "redo" / "00000.png"), pixels(tmp_path / "mix" / "00001.png")
+    assert (redone - drawn).abs().max() <= 1  # alone or in a batch of 2: convolution rounding only
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--like", "{text}"], "cannot read --like image"),
+    (["--like", "{a}", "--like", "{a}", "--mix", "1.5"], r"--mix must be in \[0, 1\], got 1.5"),
+    (["--like", "{a}", "--mix", "0.5"], "--mix needs two --like paintings"),
+    (["--like", "{a}", "--like", "{a}", "--like", "{a}"], "--like takes one painting"),
+])
+def test_like_bad_input_is_one_clear_error(tmp_path, embedded, like_model, flags, message):
+    folder, _, _ = embedded
+    (tmp_path / "notes.txt").write_text("not an image")
+    flags = [f.format(text=tmp_path / "notes.txt", a=folder / "00000001.png") for f in flags]
+    with pytest.raises(UserError, match=message) as err:
+        diffusion.main(["--unet_ckpt_path", str(like_model), "--num_images", "1", "--steps", "2", *flags,
+                        "--outdir", str(tmp_path / "out")])
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_like_on_a_model_without_embeddings_is_refused(tmp_path, embedded):
+    folder, _, vqgan = embedded
+    assert train(folder, vqgan, tmp_path / "plain", "--max_steps", 1) == 0
+    with pytest.raises(UserError, match="this model takes no image embedding"):
+        diffusion.main(["--unet_ckpt_path", str(tmp_path / "plain" / "unet"), "--like", str(folder / "00000001.png"),
+                        "--num_images", "1", "--steps", "2", "--outdir", str(tmp_path / "out")])
