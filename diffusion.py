@@ -656,9 +656,9 @@ def referenced_file(path, config, key):
     return Path(model_paths(path)[1]).resolve().parent / config[key]
 
 
-def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
+def load_diffusion_model(path, device="cpu", use_ema=True, vqgan_path=None, **pipeline_options):
     """A Pipeline from a checkpoint written by save_diffusion_model, in eval mode, fp32. use_ema picks the EMA
-    weights where the checkpoint has them."""
+    weights where the checkpoint has them; vqgan_path replaces the VQGAN the checkpoint names or embeds."""
     tensors, config = read_diffusion_model(path)
     try:
         unet = UNet(**config["unet"])
@@ -667,7 +667,7 @@ def load_diffusion_model(path, device="cpu", use_ema=True, **pipeline_options):
         raise UserError(f"diffusion checkpoint {path} has a malformed config: {err}") from None
     weights, config["weights"] = unet_weights(tensors, path, use_ema)
     load_weights(unet, weights, f"UNet weights '{config['weights']}.*' of {path}")
-    vqgan_path = referenced_vqgan(path, config)
+    vqgan_path = vqgan_path or referenced_vqgan(path, config)
     if vqgan_path is None:
         if "vqgan_config" not in config:
             raise UserError(f"diffusion checkpoint {path} names no VQGAN and embeds none")
@@ -773,6 +773,9 @@ def parse_args(argv):
     parser.add_argument("--unet_ckpt_path", default=None,
                         help="diffusion checkpoint (NAME, NAME.json or NAME.safetensors); default: the bundled "
                              "models/unet-uncond.json, or models/unet-cond.json with --prompt")
+    parser.add_argument("--vqgan", default=None,
+                        help="decode with this VQGAN (NAME, NAME.json or NAME.safetensors) instead of the "
+                             "checkpoint's: one of the same latent space, such as a decoder fine-tune")
     parser.add_argument("--num_images", type=positive_int, default=16, help="how many images to generate")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images denoised together")
     add_sampling_arguments(parser, UNPROMPTED_STEPS)
@@ -839,6 +842,9 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
                   sampler=args.sampler, steps=options["steps"], spacing=args.spacing,
                   lower_order_final=args.lower_order_final, eta=args.eta, bf16=pipeline.bf16)
     command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
+    if args.vqgan is not None:
+        params["vqgan"] = str(args.vqgan)
+        command += ["--vqgan", str(args.vqgan)]
     command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", args.sampler,
                 "--steps", str(options["steps"]), "--spacing", args.spacing, "--eta", str(args.eta),
                 "--device", args.device, "--precision", args.precision]
@@ -905,8 +911,9 @@ def main(argv=None):
         return 0
     outdir = check_output_folder(args.outdir, "--outdir")
     device = pick_device(args.device)
-    pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, bf16=use_bf16(args.precision, device),
-                                    channels_last=args.channels_last, compile=args.compile)
+    pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, vqgan_path=args.vqgan,
+                                    bf16=use_bf16(args.precision, device), channels_last=args.channels_last,
+                                    compile=args.compile)
     paths, grid_path = sample_to_folder(args, checkpoint, pipeline, outdir)
     print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
     return 0

@@ -329,8 +329,7 @@ def packed_cache(args, vqgan, resolution):
 
 
 def read_image_embeds(folder, num_latents):
-    """The image embeddings N x 2 x E (each image and its mirror) of an image_embedding.py folder, checked to
-    cover the latent cache's rows."""
+    """The image embeddings N x E of an image_embedding.py folder, checked to cover the latent cache's rows."""
     embeds, _ = load_embedding_cache(Path(folder) / "cache")
     if len(embeds) != num_latents:
         raise UserError(f"--image_embeddings {folder} holds {len(embeds)} images, the latent cache {num_latents}: "
@@ -484,11 +483,11 @@ def cache_on(cache, device):
 def cache_batch(cache, rows, device):
     """(scaled latents B x C x h x w, context B x L x D or None, mask B x L or None, REPA targets B x K x g x g or
     None, image embeddings B x E or None) for cache rows; each sample is the image or its mirror image at random,
-    and its REPA targets and embedding are those of the same image and flip."""
+    its REPA targets those of the same image and flip, its embedding the painting's (a mirror shares it)."""
     flips = torch.randint(0, 2, (len(rows),))
     latents = cache["latents"][rows, flips].to(device).float() * cache["latent_scale"]
     targets = cache["repa"][rows, flips].to(device).float() if "repa" in cache else None
-    embeds = cache["image_embeds"][rows, flips].to(device).float() if "image_embeds" in cache else None
+    embeds = cache["image_embeds"][rows].to(device).float() if "image_embeds" in cache else None
     if "caption_ids" not in cache:
         return latents, None, None, targets, embeds
     ids = cache["caption_ids"][rows]

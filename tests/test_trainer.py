@@ -241,15 +241,26 @@ def test_wikiart_mini_captions_from_class_labels(tmp_path, wikiart_mini, vqgan):
     assert cache["captions"] and {c[2:-len(" painting")] for c in cache["captions"]} <= styles
 
 
-def test_torchrun_two_cpu_processes_train_and_write_one_checkpoint(tmp_path, image_folder, vqgan):
-    out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainer.py",
-               "--dataset_path", str(image_folder), "--vqgan_ckpt", str(vqgan), "--output_dir", str(out), *FAST,
-               "--max_steps", "2"]
+def test_torchrun_two_cpu_processes_average_their_gradients_and_write_one_checkpoint(tmp_path, image_folder, vqgan):
+    """trainer.py's command under torchrun (through tests/ddp_gradient_probe.py, which records each process's
+    gradients): both processes step with the mean of the gradients their own micro-batches give (accumulated over 2
+    of them, clipping off), which differ; one checkpoint and log."""
+    out, record = tmp_path / "ddp", tmp_path / "gradients"
+    record.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "tests/ddp_gradient_probe.py", "--dataset_path", str(image_folder), "--vqgan_ckpt", str(vqgan),
+               "--output_dir", str(out), *FAST, "--max_steps", "2", "--grad_accum", "2", "--grad_clip", "0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "GRADIENT_RECORD": str(record)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "x 2 processes = 8" in result.stdout
+    assert "x 2 accumulation x 2 processes = 16" in result.stdout
+    for step in (1, 2):  # at step 1 only the zero-initialised output layers get a gradient; at step 2 every layer
+        ranks = [torch.load(record / f"rank{rank}_step{step}.pt") for rank in (0, 1)]
+        for stepped_0, stepped_1, alone_0, alone_1 in zip(*(r[key] for key in ("stepped", "alone") for r in ranks)):
+            mean, scale = (alone_0 + alone_1) / 2, alone_0.abs().max() + alone_1.abs().max() + 1e-12
+            assert torch.equal(stepped_0, stepped_1) and (stepped_0 - mean).abs().max() < 1e-5 * scale
+        spread = [(a - b).norm() / (a + b).norm() for a, b in zip(ranks[0]["alone"], ranks[1]["alone"]) if a.any()]
+        assert min(spread) > 0.01  # the two processes' own gradients differ: their mean is a real average
     assert checkpoints(out) == ["step_0000002"] and [e["step"] for e in log_entries(out)] == [1, 2]
     state = load_state_dir(out / "checkpoints" / "step_0000002")
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -730,12 +741,12 @@ def test_cache_batch_takes_the_repa_targets_and_embeddings_of_the_same_image_and
     code = torch.arange(12, dtype=torch.float16).reshape(6, 2)  # image i, flip f -> 2 i + f
     cache = {"latents": code[:, :, None, None, None].expand(6, 2, 4, 2, 2).clone(), "latent_scale": 1.0,
              "repa": code[:, :, None, None, None].expand(6, 2, 3, 2, 2).clone(),
-             "image_embeds": code[:, :, None].expand(6, 2, 5).clone()}
+             "image_embeds": torch.arange(6.0)[:, None].expand(6, 5).clone()}
     torch.manual_seed(0)
     latents, context, mask, targets, embeds = trainer.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
     assert context is None and mask is None and targets.shape == (5, 3, 2, 2) and embeds.shape == (5, 5)
     assert torch.equal(latents[:, 0, 0, 0], targets[:, 0, 0, 0])  # the same image and the same flip
-    assert torch.equal(latents[:, 0, 0, 0], embeds[:, 0])
+    assert embeds[:, 0].tolist() == [5, 0, 3, 3, 1]  # the painting's embedding, whichever flip
     codes = latents[:, 0, 0, 0].long()
     assert (codes // 2).tolist() == [5, 0, 3, 3, 1] and len(set((codes % 2).tolist())) == 2  # both flips drawn
     del cache["repa"], cache["image_embeds"]
