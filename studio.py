@@ -3,8 +3,10 @@
     python studio.py                                # http://127.0.0.1:7860, bundled models, offline
     python studio.py --port 7861 --outdir my_paintings
     python studio.py --unet runs/cond/unet.json     # another diffusion checkpoint
+    python studio.py --unet runs/like/unet.json     # one trained with --image_embeddings: a Variations tab too
 
-Tabs Generate, Img2img and Interpolate; each is also an API endpoint (/generate, /img2img, /interpolate) that
+Tabs Generate, Img2img and Interpolate, and Variations where the model takes image embeddings (trainer.py
+--image_embeddings); each is also an API endpoint (/generate, /img2img, /interpolate, /variations) that
 gradio_client can call. A callback is thin: it turns its widgets into a diffusion.py command line, parses that with
 diffusion.py's own parser (the page refuses what `diffusion.py -h` refuses, with the same message) and runs
 diffusion.sample_to_folder on the models loaded at start. So every image lands in --outdir with the PNG text chunks
@@ -38,6 +40,7 @@ ANIMATION_FRAME_MS = 150
 # Two cores: one generation already keeps both busy (torch's intra-op threads), so a second one at once would
 # only halve the speed of each and double the memory; the queue runs them one after another instead.
 CONCURRENCY = 1
+QUEUE = dict(concurrency_limit=CONCURRENCY, concurrency_id="sampler")  # every tab's button: one queue slot for all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,20 +49,31 @@ CONCURRENCY = 1
 
 class Models:
     """The pipelines the studio samples from, loaded once. Bundled: models/unet-uncond for an empty prompt and
-    models/unet-cond for a prompt (as diffusion.py picks them); with --unet, that one checkpoint for both."""
+    models/unet-cond for a prompt (as diffusion.py picks them); with --unet, that one checkpoint for both. vqgan:
+    a VQGAN to decode with instead of the checkpoints' own (diffusion.py --vqgan)."""
 
-    def __init__(self, unet=None, device="cpu", precision="auto"):
-        self.unet, self.device_name, self.precision = unet, device, precision
+    def __init__(self, unet=None, vqgan=None, device="auto", precision="auto"):
+        self.unet, self.vqgan, self.device_name, self.precision = unet, vqgan, device, precision
         self.device = pick_device(device)
         paths = [unet] if unet else [diffusion.default_checkpoint(False), diffusion.default_checkpoint(True)]
         self.pipelines = {str(p): self.load(p) for p in paths}
 
     def load(self, checkpoint):
-        pipeline = diffusion.load_diffusion_model(checkpoint, self.device,
+        pipeline = diffusion.load_diffusion_model(checkpoint, self.device, vqgan_path=self.vqgan,
                                                   bf16=diffusion.use_bf16(self.precision, self.device))
         if pipeline.conditional:
             pipeline.text_encoder  # load the encoder now rather than on the first prompt
         return pipeline
+
+    def flags(self):
+        """The diffusion.py flags that load these models as the studio did."""
+        flags = ["--device", self.device_name, "--precision", self.precision]
+        flags += ["--unet_ckpt_path", str(self.unet)] if self.unet else []
+        return flags + (["--vqgan", str(self.vqgan)] if self.vqgan else [])
+
+    def take_image_embeddings(self):
+        """Whether the model draws variations of a painting (trained with trainer.py --image_embeddings)."""
+        return any(p.unet.image_embed_dim is not None for p in self.pipelines.values())
 
     def checkpoint(self, prompt):
         return self.unet or diffusion.default_checkpoint(conditional=bool(prompt))
@@ -86,15 +100,14 @@ class Models:
 
 
 def sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler):
-    """The diffusion.py flags that every tab shares. steps 0 = the sampler's default; guidance applies to a
-    prompt only, as on the command line."""
+    """The diffusion.py flags that every tab shares. steps 0 = the sampler's default; the guidance scale applies
+    where the command line applies it (a prompt, a painting to vary)."""
     prompt = check_prompt(prompt, "prompt")
     negative_prompt = check_prompt(negative_prompt, "negative prompt")
-    flags = ["--seed", str(check_seed(seed)), "--sampler", str(sampler), "--device", models.device_name,
-             "--precision", models.precision]
-    flags += ["--unet_ckpt_path", str(models.unet)] if models.unet else []
+    flags = [*models.flags(), "--seed", str(check_seed(seed)), "--sampler", str(sampler), "--guidance_scale",
+             str(guidance_scale)]
     flags += ["--steps", str(int(steps))] if steps else []
-    flags += ["--prompt", prompt, "--guidance_scale", str(guidance_scale)] if prompt else []
+    flags += ["--prompt", prompt] if prompt else []
     return flags + (["--negative_prompt", negative_prompt] if negative_prompt else [])
 
 
@@ -157,9 +170,9 @@ def gallery(paths):
     return [(str(p), p.name) for p in paths]
 
 
-def upload_path(outdir):
+def upload_path(outdir, kind="upload"):
     """Where an upload is kept: beside the images it starts, named after the first of them."""
-    return Path(outdir) / f"upload-{diffusion.next_image_index(outdir):05d}.png"
+    return Path(outdir) / f"{kind}-{diffusion.next_image_index(outdir):05d}.png"
 
 
 def keep_upload(upload, path):
@@ -198,8 +211,8 @@ def save_animation(paths, path):
 
 
 def make_callbacks(models, outdir):
-    """generate, img2img, interpolate: widget values -> gallery (and for interpolate a strip and an animation).
-    Counts arrive within their sliders' range (Gradio refuses others with a message)."""
+    """generate, img2img, interpolate, variations: widget values -> gallery (and for interpolate a strip and an
+    animation). Counts arrive within their sliders' range (Gradio refuses others with a message)."""
 
     def generate(prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
                  progress=gr.Progress(track_tqdm=True)):
@@ -225,7 +238,19 @@ def make_callbacks(models, outdir):
         animation = save_animation(paths, Path(outdir) / f"interpolation-{paths[0].stem}.webp")
         return gallery(paths), str(strip), str(animation)
 
-    return {"generate": generate, "img2img": img2img, "interpolate": interpolate}
+    def variations(image, image_b, mix, prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
+                   progress=gr.Progress(track_tqdm=True)):
+        """Paintings like `image`, or like a blend of it and `image_b` (mix 0: the first, 1: the second)."""
+        flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
+        uploads = [image] if image_b is None else [image, image_b]
+        likes = [upload_path(outdir, kind) for kind in ("like", "like-b")[:len(uploads)]]
+        flags += [arg for path in likes for arg in ("--like", str(path))] + (["--mix", str(mix)] if image_b else [])
+        args = parse_command([*flags, "--num_images", str(int(count))], outdir)
+        for upload, path in zip(uploads, likes):
+            keep_upload(upload, path)
+        return gallery(sample(models, args, outdir)[0])
+
+    return {"generate": generate, "img2img": img2img, "interpolate": interpolate, "variations": variations}
 
 
 def random_seed():
@@ -273,47 +298,112 @@ def prompt_widgets(template, label="prompt (empty: the unconditional model)"):
     return prompt, negative
 
 
+def painting_upload(label):
+    return friendly_preprocess(gr.Image(type="filepath", label=label),
+                               "cannot read the upload as an image (JPEG, PNG or WebP)")
+
+
+def paintings_gallery(label="paintings", columns=4, **options):
+    return gr.Gallery(label=label, columns=columns, buttons=["download"], **options)
+
+
+def generate_tab(callback, template, max_steps, max_images):
+    prompt, negative = prompt_widgets(template)
+    count = gr.Slider(1, max_images, value=4, step=1, label="count")
+    seed = seed_widget()
+    steps, guidance, sampler = sampler_widgets(max_steps)
+    button = gr.Button("Generate", variant="primary")
+    output = paintings_gallery(elem_id="generate-gallery")
+    button.click(callback, [prompt, negative, seed, count, steps, guidance, sampler], output, api_name="generate",
+                 **QUEUE)
+    return output
+
+
+def img2img_tab(callback, template, max_steps, max_images):
+    image = painting_upload("painting (JPEG, PNG or WebP, any size)")
+    strength = gr.Slider(0, 1, value=0.75, step=0.01, label="strength (1 = start from pure noise)")
+    prompt, negative = prompt_widgets(template, "prompt (optional)")
+    count = gr.Slider(1, max_images, value=4, step=1, label="count")
+    seed = seed_widget()
+    steps, guidance, sampler = sampler_widgets(max_steps)
+    button = gr.Button("Img2img", variant="primary")
+    output = paintings_gallery()
+    button.click(callback, [image, strength, prompt, negative, seed, count, steps, guidance, sampler], output,
+                 api_name="img2img", **QUEUE)
+    return output
+
+
+def interpolate_tab(callback, template, max_steps, max_images):
+    seed, seed_to = seed_widget("from seed"), seed_widget("to seed", value=1)
+    frames = gr.Slider(2, max_images, value=8, step=1, label="frames")
+    prompt, negative = prompt_widgets(template, "prompt (optional, the same for every frame)")
+    steps, guidance, sampler = sampler_widgets(max_steps)
+    button = gr.Button("Interpolate", variant="primary")
+    output = paintings_gallery("frames", columns=8)
+    with gr.Row():
+        strip = gr.Image(label="strip", type="filepath")
+        animation = gr.Image(label="animation (WebP)", type="filepath")
+    button.click(callback, [seed, seed_to, frames, prompt, negative, steps, guidance, sampler],
+                 [output, strip, animation], api_name="interpolate", **QUEUE)
+    return output
+
+
+def variations_tab(callback, template, max_steps, max_images):
+    """Returns (the first painting's input, the gallery), for the other tabs' "More like this"."""
+    with gr.Row():
+        image = painting_upload("painting to vary (or pick one in a gallery: More like this)")
+        image_b = painting_upload("optional second painting, to blend")
+    mix = gr.Slider(0, 1, value=0.5, step=0.05, label="mix (with two paintings: 0 = the first, 1 = the second)")
+    prompt, negative = prompt_widgets(template, "prompt (optional)")
+    count = gr.Slider(1, max_images, value=4, step=1, label="count")
+    seed = seed_widget()
+    steps, guidance, sampler = sampler_widgets(max_steps)
+    button = gr.Button("Variations", variant="primary")
+    output = paintings_gallery(elem_id="variations-gallery")
+    button.click(callback, [image, image_b, mix, prompt, negative, seed, count, steps, guidance, sampler], output,
+                 api_name="variations", **QUEUE)
+    return image, output
+
+
+def selected_painting(selection: gr.SelectData):
+    return selection.value["image"]["path"]
+
+
+def to_variations(path):
+    if path is None:
+        raise gr.Error("select a painting in the gallery first")
+    return path, gr.Tabs(selected="variations")
+
+
+def more_like_this(gallery, button, like_image, tabs):
+    """`button` sends the painting selected in `gallery` to the Variations tab."""
+    selected = gr.State(None)
+    gallery.select(selected_painting, None, selected, api_visibility="private")
+    button.click(to_variations, selected, [like_image, tabs], api_visibility="private")
+
+
 def build_app(models, outdir, max_images=16):
-    """The Blocks page: tabs in the order a person works, each button an API endpoint of the tab's name."""
+    """The Blocks page: tabs in the order a person works, each button an API endpoint of the tab's name. The
+    Variations tab (/variations) is there where the model takes image embeddings."""
     callbacks = make_callbacks(models, outdir)
-    template, max_steps = models.caption_template(), models.num_train_timesteps()
-    events = dict(concurrency_limit=CONCURRENCY, concurrency_id="sampler")  # all tabs share one queue slot
+    widgets = (models.caption_template(), models.num_train_timesteps(), max_images)
+    variations = models.take_image_embeddings()
     with gr.Blocks(title="Noise2Art Studio", analytics_enabled=False) as app:
         gr.Markdown(f"# Noise2Art Studio\nEvery painting is also saved in `{outdir}`, with the command that "
                     f"regenerates it in its PNG text.")
-        with gr.Tab("Generate"):
-            prompt, negative = prompt_widgets(template)
-            count = gr.Slider(1, max_images, value=4, step=1, label="count")
-            seed = seed_widget()
-            steps, guidance, sampler = sampler_widgets(max_steps)
-            button = gr.Button("Generate", variant="primary")
-            output = gr.Gallery(label="paintings", columns=4, elem_id="generate-gallery", buttons=["download"])
-            button.click(callbacks["generate"], [prompt, negative, seed, count, steps, guidance, sampler], output,
-                         api_name="generate", **events)
-        with gr.Tab("Img2img"):
-            image = friendly_preprocess(gr.Image(type="filepath", label="painting (JPEG, PNG or WebP, any size)"),
-                                        "cannot read the upload as an image (JPEG, PNG or WebP)")
-            strength = gr.Slider(0, 1, value=0.75, step=0.01, label="strength (1 = start from pure noise)")
-            prompt, negative = prompt_widgets(template, "prompt (optional)")
-            count = gr.Slider(1, max_images, value=4, step=1, label="count")
-            seed = seed_widget()
-            steps, guidance, sampler = sampler_widgets(max_steps)
-            button = gr.Button("Img2img", variant="primary")
-            output = gr.Gallery(label="paintings", columns=4, buttons=["download"])
-            button.click(callbacks["img2img"], [image, strength, prompt, negative, seed, count, steps, guidance,
-                                                sampler], output, api_name="img2img", **events)
-        with gr.Tab("Interpolate"):
-            seed, seed_to = seed_widget("from seed"), seed_widget("to seed", value=1)
-            frames = gr.Slider(2, max_images, value=8, step=1, label="frames")
-            prompt, negative = prompt_widgets(template, "prompt (optional, the same for every frame)")
-            steps, guidance, sampler = sampler_widgets(max_steps)
-            button = gr.Button("Interpolate", variant="primary")
-            output = gr.Gallery(label="frames", columns=8, buttons=["download"])
-            with gr.Row():
-                strip = gr.Image(label="strip", type="filepath")
-                animation = gr.Image(label="animation (WebP)", type="filepath")
-            button.click(callbacks["interpolate"], [seed, seed_to, frames, prompt, negative, steps, guidance, sampler],
-                         [output, strip, animation], api_name="interpolate", **events)
+        with gr.Tabs() as tabs:
+            senders = []  # (a gallery, its More like this button)
+            for name, tab in [("Generate", generate_tab), ("Img2img", img2img_tab), ("Interpolate", interpolate_tab)]:
+                with gr.Tab(name, id=name.lower()):
+                    gallery = tab(callbacks[name.lower()], *widgets)
+                    if variations:
+                        senders.append((gallery, gr.Button("More like this", size="sm")))
+            if variations:
+                with gr.Tab("Variations", id="variations"):
+                    like_image, gallery = variations_tab(callbacks["variations"], *widgets)
+                    senders.append((gallery, gr.Button("More like this", size="sm")))
+                for gallery, button in senders:
+                    more_like_this(gallery, button, like_image, tabs)
     return app.queue(default_concurrency_limit=CONCURRENCY)
 
 
@@ -353,6 +443,8 @@ def parse_args(argv):
     parser.add_argument("--unet", default=None,
                         help="diffusion checkpoint for every tab (default: the bundled models/unet-uncond for an empty "
                              "prompt, models/unet-cond for a prompt)")
+    parser.add_argument("--vqgan", default=None,
+                        help="decode with this VQGAN instead of the checkpoints' own (as diffusion.py --vqgan)")
     parser.add_argument("--max_images", type=positive_int, default=16, help="most images one click makes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -365,7 +457,7 @@ def main(argv=None):
     outdir = check_output_folder(args.outdir, "--outdir")
     outdir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    models = Models(args.unet, args.device, args.precision)
+    models = Models(args.unet, args.vqgan, args.device, args.precision)
     app = build_app(models, outdir, args.max_images)
     print(f"Noise2Art Studio: http://{args.host}:{args.port} (saving to {outdir})", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, mcp_server=False,

@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -18,16 +20,24 @@ gradio_client = pytest.importorskip("gradio_client")
 import diffusion  # noqa: E402
 import studio  # noqa: E402
 from test_diffusion import write_checkpoint  # noqa: E402
+import test_image_embedding  # noqa: E402
+from vqgan import CONFIGS, VQModel, save_vqgan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
-# The endpoints' arguments in order, as the README lists them.
+# The endpoints' arguments in order, as the README lists them, with the widget each one is.
 ENDPOINTS = {
-    "/generate": ["prompt", "negative_prompt", "seed", "count", "steps", "guidance_scale", "sampler"],
-    "/img2img": ["image", "strength", "prompt", "negative_prompt", "seed", "count", "steps", "guidance_scale",
-                 "sampler"],
-    "/interpolate": ["seed", "seed_to", "frames", "prompt", "negative_prompt", "steps", "guidance_scale", "sampler"],
+    "/generate": ["prompt Textbox", "negative_prompt Textbox", "seed Number", "count Slider", "steps Slider",
+                  "guidance_scale Number", "sampler Dropdown"],
+    "/img2img": ["image Image", "strength Slider", "prompt Textbox", "negative_prompt Textbox", "seed Number",
+                 "count Slider", "steps Slider", "guidance_scale Number", "sampler Dropdown"],
+    "/interpolate": ["seed Number", "seed_to Number", "frames Slider", "prompt Textbox", "negative_prompt Textbox",
+                     "steps Slider", "guidance_scale Number", "sampler Dropdown"],
 }
+# fixtures: a tiny model trained with --image_embeddings, and the paintings it was trained on
+embedded, like_model = test_image_embedding.embedded, test_image_embedding.like_model
+VARIATIONS = ["image Image", "image_b Image", "mix Slider", "prompt Textbox", "negative_prompt Textbox", "seed Number",
+              "count Slider", "steps Slider", "guidance_scale Number", "sampler Dropdown"]
 
 
 def start_studio(folder, *flags, timeout=120):
@@ -60,12 +70,25 @@ def stop(process):
 
 @pytest.fixture(scope="module")
 def tiny_studio(tmp_path_factory):
-    """A studio on a tiny conditional model (32 x 32 paintings), in fp32 on every CPU: (url, outdir, workdir,
-    checkpoint)."""
-    checkpoint = write_checkpoint(tmp_path_factory.mktemp("ckpt"), context_dim=384, prediction_type="epsilon")
+    """A studio on a tiny conditional model (32 x 32 paintings) decoding with another VQGAN than its own (--vqgan),
+    in fp32 on every CPU: (url, outdir, workdir, checkpoint)."""
+    models = tmp_path_factory.mktemp("ckpt")
+    checkpoint = write_checkpoint(models, context_dim=384, prediction_type="epsilon")
+    torch.manual_seed(1)
+    save_vqgan(VQModel(CONFIGS["vq-f4-tiny"]).eval(), models / "other-vqgan")
     folder = tmp_path_factory.mktemp("studio")
-    process, url, outdir = start_studio(folder, "--unet", checkpoint, "--max_images", 16, "--precision", "fp32")
+    process, url, outdir = start_studio(folder, "--unet", checkpoint, "--vqgan", models / "other-vqgan",
+                                        "--max_images", 16, "--precision", "fp32")
     yield url, outdir, outdir.parent, checkpoint
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def like_studio(tmp_path_factory, like_model):
+    """A studio on a tiny model trained with --image_embeddings (so with a Variations tab): (url, outdir)."""
+    process, url, outdir = start_studio(tmp_path_factory.mktemp("like-studio"), "--unet", like_model,
+                                        "--precision", "fp32")
+    yield url, outdir
     stop(process)
 
 
@@ -107,8 +130,10 @@ def images_of(gallery):
 
 def test_every_endpoint_has_its_name_and_its_arguments_in_order(client):
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {name: [p["parameter_name"] for p in named[name]["parameters"]] for name in ENDPOINTS} == ENDPOINTS
-    assert set(named) == set(ENDPOINTS)  # the page's helpers (style preset, Random) are not part of the API
+    assert {name: [f"{p['parameter_name']} {p['component']}" for p in named[name]["parameters"]]
+            for name in ENDPOINTS} == ENDPOINTS
+    assert set(named) == set(ENDPOINTS)  # the page's helpers (style preset, Random) are not part of the API;
+    # /variations only where the model takes image embeddings (test_variations_...)
 
 
 def test_generate_saves_each_painting_with_the_command_that_regenerates_it(client, tiny_studio, tmp_path):
@@ -124,7 +149,7 @@ def test_generate_saves_each_painting_with_the_command_that_regenerates_it(clien
         assert (params["seed"], params["steps"], params["sampler"]) == (5 + offset, 3, "ddim")
         assert (params["prompt"], params["negative_prompt"], params["guidance_scale"]) == ("a Baroque painting",
                                                                                            "dark", 2.5)
-        assert f"--unet_ckpt_path {checkpoint}" in text["command"]
+        assert f"--unet_ckpt_path {checkpoint} --vqgan {checkpoint.parent / 'other-vqgan'}" in text["command"]
         (again,) = regenerate(text["command"], tmp_path / f"again{offset}")
         assert same_painting(again, path)
 
@@ -244,10 +269,15 @@ def bundled_studio(tmp_path):
     stop(process)
 
 
-@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-def test_browser_types_a_prompt_generates_and_downloads_a_png_with_its_command(bundled_studio, tmp_path):
+needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install "
+                                                                  f"chromium)")
+
+
+@contextmanager
+def chromium_page(url):
+    """A page of headless Debian Chromium (run as root: no sandbox; no background calls out) at `url`; yields
+    (page, playwright's expect)."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    url, outdir = bundled_studio
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM),
@@ -256,20 +286,31 @@ def test_browser_types_a_prompt_generates_and_downloads_a_png_with_its_command(b
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000}, accept_downloads=True)
             page.goto(url)
-            page.get_by_label("prompt (empty: the unconditional model)").first.fill("a Baroque painting")
-            steps = page.get_by_label("steps (0 = the sampler's default)").first
-            steps.fill("4")
-            page.get_by_role("button", name="Generate", exact=True).click()
-            thumbnails = page.locator("#generate-gallery img")
-            sync_api.expect(thumbnails).to_have_count(4, timeout=120_000)
-            page.screenshot(path=str(tmp_path / "studio.png"))
-            thumbnails.first.click()
-            with page.expect_download() as download:
-                page.locator("#generate-gallery").get_by_role("button", name="Download").first.click()
-            downloaded = tmp_path / "download.png"
-            download.value.save_as(downloaded)
+            yield page, sync_api.expect
         finally:
             browser.close()
+
+
+def click_generate_and_wait(page, expect, count=4):
+    page.get_by_role("button", name="Generate", exact=True).click()
+    thumbnails = page.locator("#generate-gallery img")
+    expect(thumbnails).to_have_count(count, timeout=120_000)
+    return thumbnails
+
+
+@needs_chromium
+def test_browser_types_a_prompt_generates_and_downloads_a_png_with_its_command(bundled_studio, tmp_path):
+    url, outdir = bundled_studio
+    with chromium_page(url) as (page, expect):
+        page.get_by_label("prompt (empty: the unconditional model)").first.fill("a Baroque painting")
+        page.get_by_label("steps (0 = the sampler's default)").first.fill("4")
+        thumbnails = click_generate_and_wait(page, expect)
+        page.screenshot(path=str(tmp_path / "studio.png"))
+        thumbnails.first.click()
+        with page.expect_download() as download:
+            page.locator("#generate-gallery").get_by_role("button", name="Download").first.click()
+        downloaded = tmp_path / "download.png"
+        download.value.save_as(downloaded)
     text = png_text(downloaded)
     params = json.loads(text["parameters"])
     assert params["prompt"] == "a Baroque painting" and params["steps"] == 4
@@ -278,6 +319,39 @@ def test_browser_types_a_prompt_generates_and_downloads_a_png_with_its_command(b
     assert downloaded.read_bytes() == (outdir / f"{params['seed']:05d}.png").read_bytes()
     if os.environ.get("STUDIO_SCREENSHOT"):  # docs/studio.png is made this way, in 256 colours to stay small
         Image.open(tmp_path / "studio.png").convert("RGB").quantize(256).save(os.environ["STUDIO_SCREENSHOT"])
+
+
+@needs_chromium
+def test_browser_more_like_this_sends_a_painting_to_variations(like_studio):
+    url, outdir = like_studio
+    first = diffusion.next_image_index(outdir)
+    with chromium_page(url) as (page, expect):
+        page.get_by_label("steps (0 = the sampler's default)").first.fill("2")
+        click_generate_and_wait(page, expect).nth(1).click()  # paintings first .. first + 3; select the second
+        page.get_by_role("button", name="More like this").first.click()
+        page.get_by_role("button", name="Variations", exact=True).click()  # found only on the Variations tab
+        expect(page.locator("#variations-gallery img")).to_have_count(4, timeout=120_000)
+    assert same_painting(outdir / f"like-{first + 4:05d}.png", outdir / f"{first + 1:05d}.png")
+    assert len(json.loads(png_text(outdir / f"{first + 4:05d}.png")["parameters"])["like"]) == 1
+
+
+def test_variations_of_one_painting_and_a_blend_regenerate_from_their_pngs(like_studio, embedded, tmp_path,
+                                                                          monkeypatch):
+    url, outdir = like_studio
+    client = gradio_client.Client(url, download_files=str(tmp_path / "downloads"), verbose=False)
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert [f"{p['parameter_name']} {p['component']}" for p in named["/variations"]["parameters"]] == VARIATIONS
+    a, b = (gradio_client.handle_file(str(embedded[0] / f"{i:08d}.png")) for i in (1, 2))
+    one = images_of(client.predict(a, None, 0.5, "", "", 7, 1, 3, 3.0, "ddim", api_name="/variations"))
+    blend = images_of(client.predict(a, b, 0.3, "", "", 7, 1, 3, 3.0, "ddim", api_name="/variations"))
+    assert not np.array_equal(pixels(one[0]), pixels(blend[0]))  # the tiny model's embedding has a small say
+    monkeypatch.chdir(outdir.parent)  # the commands name the kept paintings relative to where the studio runs
+    for (path,), likes, mix in ((one, 1, None), (blend, 2, 0.3)):
+        params = json.loads(png_text(path)["parameters"])
+        assert len(params["like"]) == likes and params["mix"] == mix
+        assert all(Path(like).parent == Path(outdir.name) and Path(like).is_file() for like in params["like"])
+        (again,) = regenerate(png_text(path)["command"], tmp_path / f"again{likes}")
+        assert same_painting(again, path)
 
 
 def test_bench_studio_section_reports_start_up_and_click_times(tiny_studio, tmp_path):
