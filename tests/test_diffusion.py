@@ -708,9 +708,9 @@ def test_interpolate_runs_from_seed_to_seed_plus_one(tmp_path, checkpoint):
 
 def text_only_eps(unet):
     """An eps model that ignores x and t: each channel's prediction is the mean of the text's real tokens' first 4
-    features (no context: the null token, as `unet` would use)."""
+    features (no context: the null token, as `unet` would use); it takes no image embedding."""
 
-    def forward(x, t, context=None, context_mask=None):
+    def forward(x, t, context=None, context_mask=None, image_embed=None):
         if context is None:
             context, context_mask = unet.null_context.expand(len(x), 1, -1), None
         return mean_token(context, context_mask)[:, :4, None, None].expand_as(x)
