@@ -215,7 +215,7 @@ def bench_train(args, device):
             pixels = collate_skip_none([images[row] for row in next(batches)]).to(device)
             with torch.no_grad(), autocast(device, args.bf16):
                 latents = vqgan.encode(pixels).float() * cache["latent_scale"]
-            trainer.train_step(run, [(latents, None, None, None)], *step_args)
+            trainer.train_step(run, [(latents, None, None, None, None)], *step_args)
 
         with_cache_s = timed(step_with_cache, args.repeats)
         without_cache_s = timed(step_without_cache, args.repeats)

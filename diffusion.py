@@ -383,13 +383,18 @@ def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, 
     def model_fn(x, t):
         scale = scale_at(t)
         if not guided or scale == 1:
-            return unet(x, t, context, context_mask, image_embed=image_embed)
+            return unet(x, t, context, context_mask, **_embed(image_embed))
         out = unet(torch.cat([x, x]), torch.cat([t, t]), _both(context, uncond_context),
-                   _both(context_mask, uncond_mask), image_embed=_both(image_embed, uncond_image_embed))
+                   _both(context_mask, uncond_mask), **_embed(_both(image_embed, uncond_image_embed)))
         cond, uncond = out.chunk(2)
         return uncond + scale * (cond - uncond)
 
     return model_fn
+
+
+def _embed(image_embed):
+    """The image_embed keyword for models that take one; a text-only model (or any callable) is called as before."""
+    return {} if image_embed is None else {"image_embed": image_embed}
 
 
 def _both(cond, uncond):
@@ -443,7 +448,7 @@ class Pipeline:
     "max_text_length" default to the UNet's, the VQGAN's and the default encoder)."""
 
     def __init__(self, unet, schedule, vqgan, config, text_encoder=None, bf16=False, channels_last=True,
-                 compile=False, image_embedder=None):
+                 compile=False, image_embedder=None, prior=None):
         check_prediction_type(config["prediction_type"])
         self.unet, self.schedule, self.vqgan, self.config = unet, schedule, vqgan, config
         self.prediction_type = config["prediction_type"]
@@ -462,6 +467,7 @@ class Pipeline:
         self.unet_forward = torch.compile(unet) if compile else unet
         self._text_encoder = text_encoder
         self._image_embedder = image_embedder  # an ImageEmbedder, or its path (loaded on first use)
+        self._prior = prior  # a prior.py EmbeddingPrior, or its path (loaded on first use), or None
 
     @property
     def text_encoder(self):
@@ -484,6 +490,18 @@ class Pipeline:
 
             self._image_embedder = load_embedder(self._image_embedder, self.device)
         return self._image_embedder
+
+    @torch.no_grad()
+    def prior_embeddings(self, num_images, seed):
+        """num_images x E embeddings from the model's prior, row i from seed + i (so an image is redone alone), or
+        None where the model takes no embedding or has no prior (its unconditional mode, the null embedding)."""
+        if self.unet.image_embed_dim is None or self._prior is None:
+            return None
+        from prior import load_prior, sample_embeddings
+
+        if not isinstance(self._prior, torch.nn.Module):
+            self._prior = load_prior(self._prior, self.device)
+        return sample_embeddings(self._prior, num_images, seed)
 
     def image_embed_branches(self, image_embeds, num_images):
         """guided_model_fn's image_embed and uncond_image_embed: the given embeddings against the null one."""
@@ -548,8 +566,8 @@ class Pipeline:
         init_images (B x 3 x H x W) + strength in (0, 1]: SDEdit img2img (Meng et al. 2022), noised to the noise
         level of timestep round(strength * (T - 1)), the same for every sampler and spacing, and denoised from there
         in max(1, round(strength * steps)) steps of the sampler's spacing. `noise` replaces the start noise.
-        image_embeds (num_images x E): what an embedding-conditioned model draws (embed_images, or a prior's
-        samples), guided against its null embedding; None: its unconditional mode."""
+        image_embeds (num_images x E): what an embedding-conditioned model draws (embed_images), guided against its
+        null embedding; None: its prior's samples (prior_embeddings), or without a prior its unconditional mode."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} (choose {', '.join(SAMPLERS)})")
         if eta and sampler != "ddim":
@@ -573,6 +591,8 @@ class Pipeline:
             latents = self.schedule.q_sample(self.encode(init_images), timesteps[:1].expand(num_images), noise)
         if self.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
+        if image_embeds is None and prompt is None:
+            image_embeds = self.prior_embeddings(num_images, seed)
         model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt, negative_prompt),
                                    guidance_scale=guidance_scales(self.schedule, guidance_scale, guidance_interval,
                                                                   guidance_high),
@@ -595,13 +615,15 @@ class Pipeline:
 # Checkpoints: NAME.safetensors ("model.*", "ema.*", optionally "vqgan.*") + NAME.json (see DEVELOPERS.md)
 
 
-def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype=None, image_embedder=None):
+def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype=None, image_embedder=None,
+                         prior=None):
     """Write a self-describing diffusion checkpoint. `config` is the JSON of DEVELOPERS.md ("unet", "schedule",
     "prediction_type", "latent_shape", "latent_scale", "text_encoder", "max_text_length", "training").
     `vqgan`: a path to a VQGAN checkpoint (stored relative to the checkpoint's folder), or a VQModel whose
     weights are embedded under "vqgan.*"; None keeps config["vqgan"] as it is. `image_embedder`: the path of the
-    image_embedding.py embedder an embedding-conditioned UNet reads (stored relative like the VQGAN's). `dtype`
-    (e.g. torch.float16) is for storage only: loading gives fp32."""
+    image_embedding.py embedder an embedding-conditioned UNet reads, `prior` that of the prior.py model its
+    samples draw their embeddings from (both stored relative like the VQGAN's). `dtype` (e.g. torch.float16) is
+    for storage only: loading gives fp32."""
     config = {**config, "model": "noise2art-unet"}
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     tensors.update({f"ema.{k}": v for k, v in (ema_state or {}).items()})
@@ -610,8 +632,9 @@ def save_diffusion_model(path, model_state, ema_state, config, vqgan=None, dtype
         config.update(vqgan=None, vqgan_config=vqgan.config)
     elif vqgan is not None:
         config["vqgan"] = relative_reference(vqgan, path)
-    if image_embedder is not None:
-        config["image_embedder"] = relative_reference(image_embedder, path)
+    for key, target in (("image_embedder", image_embedder), ("prior", prior)):
+        if target is not None:
+            config[key] = relative_reference(target, path)
     return save_model(path, tensors, config, dtype=dtype)
 
 
@@ -677,19 +700,22 @@ def load_diffusion_model(path, device="cpu", use_ema=True, vqgan_path=None, **pi
         vqgan = load_vqgan(vqgan_path)
     unet = unet.to(device).eval().requires_grad_(False)
     vqgan = vqgan.to(device).eval().requires_grad_(False)
+    pipeline_options.setdefault("prior", referenced_file(path, config, "prior"))
     return Pipeline(unet, schedule, vqgan, config, image_embedder=referenced_file(path, config, "image_embedder"),
                     **pipeline_options)
 
 
-def export_diffusion_model(src, dst, dtype=torch.float16):
+def export_diffusion_model(src, dst, dtype=torch.float16, prior=None):
     """A sampling-only copy of checkpoint `src` at `dst`: the EMA weights (the raw ones where there is no EMA)
-    stored in `dtype`, the VQGAN embedded as before or referenced relative to `dst`."""
+    stored in `dtype`, the VQGAN embedded as before or referenced relative to `dst`, like the image embedder and
+    the prior (`prior`: another prior.py model's path instead of src's)."""
     pipeline = load_diffusion_model(src)
     config = {k: v for k, v in pipeline.config.items()
-              if k not in ("weights", "vqgan", "vqgan_config", "image_embedder")}
+              if k not in ("weights", "vqgan", "vqgan_config", "image_embedder", "prior")}
     vqgan = referenced_vqgan(src, pipeline.config) or pipeline.vqgan
     return save_diffusion_model(dst, {}, pipeline.unet.state_dict(), config, vqgan=vqgan, dtype=dtype,
-                                image_embedder=referenced_file(src, pipeline.config, "image_embedder"))
+                                image_embedder=referenced_file(src, pipeline.config, "image_embedder"),
+                                prior=prior or referenced_file(src, pipeline.config, "prior"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -798,6 +824,10 @@ def parse_args(argv):
     parser.add_argument("--mix", type=float, default=None,
                         help="with two --like: how far from the first painting's embedding to the second's, in "
                              "[0, 1] (spherical interpolation; default 0.5)")
+    parser.add_argument("--prior", default=None,
+                        help="for a model trained with --image_embeddings: the prior.py model its samples draw their "
+                             "embeddings from (default: the one its config names), or 'none' for its unconditional "
+                             "mode; with --export, the prior the copy names")
     parser.add_argument("--interpolate", action="store_true",
                         help="slerp the start noise from --seed to --seed + 1 over --num_images frames")
     parser.add_argument("--interpolate_to", type=int, default=None, metavar="SEED",
@@ -864,6 +894,9 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
     if args.init_image is not None:
         params.update(init_image=str(args.init_image), strength=args.strength)
         command += ["--init_image", str(args.init_image), "--strength", str(args.strength)]
+    if args.prior is not None:
+        params.update(prior=args.prior)
+        command += ["--prior", str(args.prior)]
     if args.like is not None:
         params.update(like=args.like, mix=like_mix(args), guidance_scale=args.guidance_scale)
         command += [arg for path in args.like for arg in ("--like", str(path))]
@@ -906,14 +939,15 @@ def main(argv=None):
     sampling_options(args)  # refuses bad sampling flags before the model loads
     checkpoint = args.unet_ckpt_path or default_checkpoint(conditional=args.prompt is not None)
     if args.export:
-        weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype])
+        weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype], args.prior)
         print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
         return 0
     outdir = check_output_folder(args.outdir, "--outdir")
     device = pick_device(args.device)
+    prior = {} if args.prior is None else {"prior": None if args.prior == "none" else args.prior}
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, vqgan_path=args.vqgan,
                                     bf16=use_bf16(args.precision, device), channels_last=args.channels_last,
-                                    compile=args.compile)
+                                    compile=args.compile, **prior)
     paths, grid_path = sample_to_folder(args, checkpoint, pipeline, outdir)
     print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
     return 0

@@ -374,9 +374,9 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path, image_folder, vqgan,
 
 def test_resume_allows_lr_and_intervals_and_checkpoints_without_an_identity(tmp_path, image_folder, vqgan):
     out = tmp_path / "run"
-    assert train(image_folder, vqgan, out, "--max_steps", 1, "--beta_start", "0.0001") == 0  # the default, given
+    assert train(image_folder, vqgan, out, "--max_steps", 1, "--beta_start", "0.0015") == 0  # the default, given
     assert train(image_folder, vqgan, out, "--max_steps", 2, "--resume", "auto", "--lr", "5e-4", "--log_every", 2,
-                 "--save_every", 2, "--keep_last", 4, "--ema_decay", "0.99") == 0
+                 "--save_every", 2, "--keep_last", 4, "--ema_decay", "0.99", "--lr_schedule", "constant") == 0
     state = load_state_dir(out / "checkpoints" / "step_0000002")
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [5e-4, 5e-4]  # the new --lr took effect
     del state["identity"]  # as saved before checkpoints recorded their run's identity
@@ -556,12 +556,13 @@ def test_pooled_text_embed_grows_from_a_conditional_model_and_older_runs_still_r
     cond_flags = ["--conditional", "--caption_template", "a {style} painting", "--max_text_length", 8,
                   "--latent_cache", tmp_path / "cache"]
     cond = tmp_path / "cond"
-    assert train(image_folder, vqgan, cond, "--max_steps", 1, *cond_flags) == 0
+    assert train(image_folder, vqgan, cond, "--max_steps", 1, *cond_flags, "--no-pooled_text_embed") == 0
     newest = cond / "checkpoints" / "step_0000001"
     state = load_state_dir(newest)
     del state["config"]["unet"]["pooled_text_embed"]  # as saved before the option existed
     save_state_dir(newest, state)
-    assert train(image_folder, vqgan, cond, "--max_steps", 2, *cond_flags, "--resume", "auto") == 0
+    assert train(image_folder, vqgan, cond, "--max_steps", 2, *cond_flags, "--resume", "auto",
+                 "--no-pooled_text_embed") == 0
     with pytest.raises(UserError, match=r"different UNet \(pooled_text_embed True here, False there\)"):
         train(image_folder, vqgan, cond, "--max_steps", 3, *cond_flags, "--resume", "auto", "--pooled_text_embed")
     capsys.readouterr()
