@@ -35,7 +35,7 @@ from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
 from vqgan import load_vqgan, reconstruction_grid
 
-FEATURE_SIZES = {"effnet-lite0": EFFNET_IMAGE_SIZE, "inception": 299}  # network -> input size
+FEATURE_SIZES = {"effnet-lite0": EFFNET_IMAGE_SIZE, "inception": 299, "thumbnail16": 16}  # features -> input size
 FID_INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 RESIZE_POLICY = ("every image (real, generated or reconstructed) is first brought to R x R with --resolution R "
                  "(shorter side resized to R, bicubic, then centre crop; kept as 8-bit RGB, like a saved PNG), then "
@@ -121,7 +121,11 @@ def find_inception_weights(path=None):
 
 def load_feature_network(name, device="cpu", inception_weights=None):
     """A frozen network: images B x 3 x S x S in [-1, 1] (S = FEATURE_SIZES[name]) -> B x d features
-    (1280 effnet-lite0, 2048 inception). Channels-last: 1.5-2x faster on CPU."""
+    (1280 effnet-lite0, 2048 inception, 768 thumbnail16). Channels-last: 1.5-2x faster on CPU. thumbnail16 is no
+    network: the pixels of a 16 x 16 colour thumbnail, a judge of composition and palette that shares nothing with
+    ImageNet classifiers (so a gain won through EfficientNet-Lite2 features cannot flatter it)."""
+    if name == "thumbnail16":
+        return lambda images: images.flatten(1)
     if name == "effnet-lite0":
         model = EfficientNetLiteFeatures(JUDGE)
         network = model.pooled
@@ -492,8 +496,9 @@ def parse_args(argv):
                            "reconstructs, default its training resolution)")
     metric = parser.add_argument_group("metrics")
     metric.add_argument("--features", default="effnet-lite0", choices=list(FEATURE_SIZES),
-                        help="feature network: effnet-lite0 (offline, 1280-d, 224 px) or inception (the standard FID "
-                             "Inception-v3, 2048-d, 299 px; needs its weights)")
+                        help="feature network: effnet-lite0 (offline, 1280-d, 224 px), inception (the standard FID "
+                             "Inception-v3, 2048-d, 299 px; needs its weights) or thumbnail16 (the 768 pixel values "
+                             "of a 16 x 16 colour thumbnail: composition and palette, no ImageNet network)")
     metric.add_argument("--inception_weights", default=None,
                         help=f"path to {FID_INCEPTION_WEIGHTS} (default: the torch hub cache, "
                              "~/.cache/torch/hub/checkpoints/)")

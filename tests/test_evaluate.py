@@ -165,6 +165,27 @@ def test_cli_scores_two_folders_names_the_network_and_writes_json(tmp_path, caps
     assert f"{results['FD_effnet-lite0']:.4f}" in out
 
 
+def test_thumbnail_features_are_the_pixels_of_16px_thumbnails(tmp_path, capsys, image_folder):
+    """The judge that shares nothing with ImageNet networks: FD of 768-d thumbnail pixels, exactly as computed here."""
+    import numpy as np
+
+    from common import ImageSource, image_to_tensor
+    from metrics import frechet_distance, mean_and_covariance
+
+    fake = write_images(tmp_path / "fake", range(100, 112), degrade)
+    run(["--real", image_folder, "--fake", fake, "--features", "thumbnail16", "--cache_dir", tmp_path / "cache",
+         "--out", tmp_path / "r.json"], capsys)
+    results = json.loads((tmp_path / "r.json").read_text())
+
+    def thumbnails(folder):
+        source = ImageSource(str(folder))
+        return np.stack([image_to_tensor(source.image(i), 16).flatten().numpy() for i in range(len(source))])
+
+    expected = frechet_distance(*mean_and_covariance(thumbnails(image_folder)),
+                                *mean_and_covariance(thumbnails(fake)))
+    assert results["features"] == "thumbnail16" and results["FD_thumbnail16"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypatch, cheap_features,
                                                      inception_weights):
     real, fake = write_images(tmp_path / "real", range(10)), write_images(tmp_path / "fake", range(20, 30))
