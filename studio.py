@@ -299,7 +299,9 @@ def prompt_widgets(template, label="prompt (empty: the unconditional model)"):
 
 
 def painting_upload(label):
-    return friendly_preprocess(gr.Image(type="filepath", label=label),
+    """An upload passed on as a file path, any mode (image_mode=None: Gradio would otherwise decode and convert a
+    non-RGB image, however large, before keep_upload could refuse it)."""
+    return friendly_preprocess(gr.Image(type="filepath", image_mode=None, label=label),
                                "cannot read the upload as an image (JPEG, PNG or WebP)")
 
 
