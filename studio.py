@@ -454,9 +454,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def check_port(host, port):
+    """Before the models load: the address must be free to serve on."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot serve on {host}:{port} ({err.strerror}): pick another --port or --host") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     outdir = check_output_folder(args.outdir, "--outdir")
+    check_port(args.host, args.port)
     outdir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     models = Models(args.unet, args.vqgan, args.device, args.precision)

@@ -250,6 +250,15 @@ def test_three_requests_at_once_all_finish_with_their_own_files(client, tiny_stu
         assert [json.loads(png_text(p)["parameters"])["seed"] for p in paths] == [seed, seed + 1]
 
 
+def test_a_port_in_use_is_one_line_before_the_models_load(tiny_studio, tmp_path):
+    port = tiny_studio[0].rstrip("/").rsplit(":", 1)[1]
+    done = subprocess.run([sys.executable, str(ROOT / "studio.py"), "--port", port, "--outdir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.strip() == (f"error: cannot serve on 127.0.0.1:{port} (Address already in use): pick another "
+                                   f"--port or --host")
+
+
 def test_nothing_is_written_outside_the_outdir(client, tiny_studio):
     _, outdir, workdir, _ = tiny_studio
     client.predict("a Baroque painting", "", 0, 1, 1, 3.0, "ddim", api_name="/generate")
