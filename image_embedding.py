@@ -149,11 +149,22 @@ def build_embeddings(data, out, resolution=128, dim=EMBED_DIM, batch_size=64, nu
 
 
 def load_embedding_cache(path):
-    """(embeddings N x D float32, captions list or None) of a cache written by build_embeddings."""
-    state, config = load_model(path)
+    """(embeddings N x D float32, captions: N strings or None) of a cache written by build_embeddings; anything else
+    is a UserError naming what is wrong."""
+    tensors, config = load_model(path, "embedding cache")
     if config.get("model") != "noise2art-embedding-cache":
         raise UserError(f"{path} is not an embedding cache written by image_embedding.py")
-    return state["embeddings"].float(), config.get("captions")
+    embeddings, dim, captions = tensors.get("embeddings"), config.get("dim"), config.get("captions")
+    if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != dim or len(embeddings) < 2:
+        shape = None if embeddings is None else tuple(embeddings.shape)
+        raise UserError(f"embedding cache {path}: expected N x {dim} embeddings (N >= 2, dim as its JSON says), got "
+                        f"{shape}")
+    if not torch.isfinite(embeddings).all():
+        raise UserError(f"embedding cache {path} holds NaN or infinite embeddings")
+    if captions is not None and (not isinstance(captions, list) or len(captions) != len(embeddings)
+                                 or not all(isinstance(c, str) for c in captions)):
+        raise UserError(f"embedding cache {path}: 'captions' must be null or a list of {len(embeddings)} strings")
+    return embeddings.float(), captions
 
 
 def main(argv=None):

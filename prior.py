@@ -1,8 +1,8 @@
 """The embedding prior: a small diffusion model over image embeddings (Li, Katabi & He 2023, RCG's "RDM"; Ramesh et
 al. 2022, unCLIP's prior), so that a UNet conditioned on an image embedding can sample without being given an image.
 
-It reads an embedding cache (image_embedding.py): NAME.safetensors with "embeddings", N x 2 x D (each painting and
-its mirror image), and NAME.json with {"dim": D, "captions": N strings or null}. The prior is a residual MLP
+It reads an embedding cache (image_embedding.py): NAME.safetensors with "embeddings", N x D (one per painting), and
+NAME.json with {"dim": D, "captions": N strings or null}. The prior is a residual MLP
 denoiser (v prediction), optionally conditioned on a caption's mean token embedding (with a learned null vector for
 classifier-free guidance), that samples with diffusion.py's samplers. The non-parametric prior it is measured
 against draws a random training embedding and adds Gaussian noise (--evaluate prints both, with a Gaussian baseline:
@@ -35,6 +35,7 @@ from diffusion import (
     DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,
     sampling_timesteps,
 )
+from image_embedding import load_embedding_cache
 from metrics import frechet_distance, kid, mean_and_covariance
 from unet import mean_token, timestep_embedding, zero_module
 
@@ -43,7 +44,8 @@ MODEL_NAME = "noise2art-embedding-prior"
 # (x_t - sqrt(1 - a) eps) / sqrt(a): its error grows as 1 / sqrt(alpha_bar) at the noisy end, 640x at the cosine
 # schedule's last step, where a deterministic sampler starts. v gives x0 = sqrt(a) x_t - sqrt(1 - a) v, bounded
 # everywhere (RCG's RDM predicts x0 for the same reason). Measured on a synthetic whitened cache (8 Gaussian clusters,
-# D = 64, 9,000 paintings and mirrors for training, 1,000 held out; width 256, depth 4, 2,000 steps), 2,000 ddim-50
+# D = 64, 9,000 paintings and their mirror images for training, 1,000 held out; width 256, depth 4, 2,000 steps),
+# 2,000 ddim-50
 # samples against the held-out: eps/cosine FD 1.4e8 (diverges); eps/linear FD 57.9; v/cosine FD 0.47, KID 0.0079;
 # v/linear FD 0.38, KID 0.0022 (the training rows themselves: 0.51, 0.0101). With ancestral ddpm-250 sampling eps/linear
 # also works (FD 0.57), at 5x the steps.
@@ -63,33 +65,8 @@ DEFAULT_NOISE_STDS = (0.1, 0.3)
 # Embedding caches
 
 
-def read_embedding_cache(path):
-    """(embeddings N x 2 x D float32, captions: N strings or None) of an embedding cache; anything else is a UserError
-    naming what is wrong."""
-    tensors, config = load_model(path, "embedding cache")
-    if config.get("model", "noise2art-embedding-cache") != "noise2art-embedding-cache":
-        raise UserError(f"{path} is not an embedding cache (model: {config['model']!r})")
-    if "embeddings" not in tensors:
-        raise UserError(f"embedding cache {path} holds no 'embeddings' tensor (it has: {', '.join(tensors) or 'none'})")
-    embeddings, dim = tensors["embeddings"], config.get("dim")
-    if embeddings.ndim != 3 or embeddings.shape[1] != 2 or embeddings.shape[2] != dim or len(embeddings) < 2:
-        raise UserError(f"embedding cache {path}: expected N x 2 x {dim} embeddings (N >= 2 paintings and their "
-                        f"mirror images, dim {dim} as its JSON says), got {tuple(embeddings.shape)}")
-    if not torch.isfinite(embeddings).all():
-        raise UserError(f"embedding cache {path} holds NaN or infinite embeddings")
-    return embeddings.float(), check_captions(config.get("captions"), len(embeddings), path)
-
-
-def check_captions(captions, num_paintings, path):
-    if captions is not None and (not isinstance(captions, list) or len(captions) != num_paintings
-                                 or not all(isinstance(c, str) for c in captions)):
-        raise UserError(f"embedding cache {path}: 'captions' must be null or a list of {num_paintings} strings")
-    return captions
-
-
 def split_paintings(num_paintings, holdout, seed):
-    """(training painting ids, held-out painting ids), sorted: `holdout` paintings drawn by torch.Generator(seed).
-    A painting's mirror image goes with it, so no held-out painting is seen in training as its mirror."""
+    """(training painting ids, held-out painting ids), sorted: `holdout` paintings drawn by torch.Generator(seed)."""
     if holdout >= num_paintings:
         raise UserError(f"--holdout {holdout} leaves no training paintings (the cache holds {num_paintings})")
     order = torch.randperm(num_paintings, generator=torch.Generator().manual_seed(seed))
@@ -97,9 +74,8 @@ def split_paintings(num_paintings, holdout, seed):
 
 
 def rows_of(embeddings, captions, paintings):
-    """(vectors 2P x D: each painting then its mirror, their captions or None) of the paintings `paintings`."""
-    vectors = embeddings[paintings].flatten(0, 1)
-    return vectors, None if captions is None else [captions[i] for i in paintings.tolist() for _ in range(2)]
+    """(vectors P x D, their captions or None) of the paintings `paintings`."""
+    return embeddings[paintings], None if captions is None else [captions[i] for i in paintings.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,12 +158,6 @@ class EmbeddingPrior(nn.Module):
             h = block(h, emb)
         return self.out(h)  # B x dim
 
-    def guidance_call(self, x, t, context, context_mask, image_embed=None):
-        """forward as diffusion.guided_model_fn calls a UNet (which may also pass an image embedding: none here)."""
-        assert image_embed is None, "an embedding prior is not conditioned on an image embedding"
-        return self(x, t, context, context_mask)
-
-
 def save_prior(path, prior, extra=None):
     """OUT.safetensors (`prior`'s weights, its data statistics included) + OUT.json (its config and `extra`)."""
     config = {**(extra or {}), "model": MODEL_NAME, "prior": prior.config, "conditional": prior.conditional}
@@ -261,7 +231,7 @@ def sample_embeddings(prior, num, seed=0, steps=DEFAULT_STEPS, sampler=DEFAULT_S
     device = prior.data_mean.device
     context, mask = caption_context(prior, captions, num, text_encoder)
     uncond_mask = None if mask is None else torch.zeros_like(mask)  # every token masked out: the null vector
-    model_fn = guided_model_fn(prior.guidance_call, context, mask, context, uncond_mask, guidance_scale)
+    model_fn = guided_model_fn(prior, context, mask, context, uncond_mask, guidance_scale)
     denoiser = make_denoiser(model_fn, prior.schedule, prior.config["prediction_type"])
     karras = DEFAULT_KARRAS[sampler] and prior.schedule.alphas_cumprod[-1] > 0
     timesteps = sampling_timesteps(prior.schedule, steps, karras)
@@ -446,9 +416,8 @@ def candidate_samples(prior, train_vectors, num_samples, seed, noise_stds, steps
                       train_captions=None, captions=None, text_encoder=None):
     """name -> num_samples x D embeddings of each prior --evaluate compares; `captions` (one per sample) adds the
     caption-conditioned versions."""
-    paintings = train_vectors[0::2]  # rows_of's layout: each painting, then its mirror
-    chosen = torch.randperm(len(paintings), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    candidates = {"training paintings themselves (real data)": paintings[chosen],
+    chosen = torch.randperm(len(train_vectors), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    candidates = {"training paintings themselves (real data)": train_vectors[chosen],
                   "Gaussian with the training mean and covariance": gaussian_sample(train_vectors, num_samples, seed),
                   "learned prior": sample_embeddings(prior, num_samples, seed, steps, sampler).cpu()}
     for std in noise_stds:
@@ -489,22 +458,21 @@ def evaluate_priors(prior, train_vectors, reference, num_samples, seed=0, noise_
 
 def evaluation_sets(path, config, embeddings, captions, reference_path=None):
     """(training vectors, their captions, reference vectors, their captions, description) for --evaluate: the
-    training rows of the prior (both views), and the held-out paintings of its training or a --reference cache's, one
-    view each (a mirror image would sit in its painting's nearest-neighbour ball and bias KID's within-set term)."""
+    training rows of the prior, and the held-out paintings of its training or a --reference cache's."""
     recorded = config.get("embeddings", {})
     train_ids, held_ids = split_paintings(len(embeddings), recorded.get("holdout", 0), recorded.get("holdout_seed", 0))
     train_vectors, train_captions = rows_of(embeddings, captions, train_ids)
     if reference_path is not None:
-        reference, reference_captions = read_embedding_cache(reference_path)
-        if reference.shape[2] != embeddings.shape[2]:
-            raise UserError(f"--reference {reference_path} holds {reference.shape[2]}-dim embeddings, --embeddings "
-                            f"{embeddings.shape[2]}-dim")
-        return train_vectors, train_captions, reference[:, 0], reference_captions, f"the paintings of {reference_path}"
+        reference, reference_captions = load_embedding_cache(reference_path)
+        if reference.shape[1] != embeddings.shape[1]:
+            raise UserError(f"--reference {reference_path} holds {reference.shape[1]}-dim embeddings, --embeddings "
+                            f"{embeddings.shape[1]}-dim")
+        return train_vectors, train_captions, reference, reference_captions, f"the paintings of {reference_path}"
     if not len(held_ids):
         raise UserError(f"{path} was trained on every painting of its cache: pass --reference CACHE (embeddings of "
                         "other paintings, e.g. the test split's), or train with --holdout N")
     held_captions = None if captions is None else [captions[i] for i in held_ids.tolist()]
-    return train_vectors, train_captions, embeddings[held_ids, 0], held_captions, "the paintings held out of training"
+    return train_vectors, train_captions, embeddings[held_ids], held_captions, "the paintings held out of training"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,7 +518,7 @@ def parse_args(argv):
                    "the exported weights are the EMA's")
     g.add_argument("--cond_drop", type=non_negative_float, default=0.1, help="--conditional: probability of training "
                    "a row without its caption (classifier-free guidance)")
-    g.add_argument("--holdout", type=non_negative_int, default=0, help="paintings (with their mirrors) left out of "
+    g.add_argument("--holdout", type=non_negative_int, default=0, help="paintings left out of "
                    "training, for --evaluate without --reference")
     g.add_argument("--log_every", type=non_negative_int, default=500, help="steps between loss lines (0 = never)")
     g.add_argument("--checkpoint_every", type=non_negative_int, default=1000, help="steps between training states "
@@ -588,13 +556,13 @@ def checkpoint_folder(out):
 
 def train_main(args):
     check_output_file(model_paths(args.out)[0], "--out")
-    embeddings, captions = read_embedding_cache(args.embeddings)
+    embeddings, captions = load_embedding_cache(args.embeddings)
     if args.conditional and captions is None:
         raise UserError(f"--conditional needs captions: the embedding cache {args.embeddings} has none (its JSON "
                         "'captions' is null)")
     device = pick_device(args.device)
     digest = file_digest(model_paths(args.embeddings)[0])
-    identity = run_identity(args, digest, embeddings.shape[2])
+    identity = run_identity(args, digest, embeddings.shape[1])
     folder = checkpoint_folder(args.out)
     resume_path, state = load_resume(args.resume, folder, "choose another --out")
     if state is not None:
@@ -609,7 +577,7 @@ def train_main(args):
         print(f"resuming {resume_path} at step {run.step}")
     data = training_data(vectors, row_captions, encoder, device)
     print(f"training {'a conditional' if args.conditional else 'an unconditional'} prior on {len(vectors)} embeddings "
-          f"({len(train_ids)} paintings and mirrors, D = {prior.dim}), "
+          f"(D = {prior.dim}), "
           f"{sum(p.numel() for p in prior.parameters()):,} parameters")
     extra = {"embeddings": {"path": str(args.embeddings), "sha256": digest, "paintings": len(embeddings),
                             "holdout": args.holdout, "holdout_seed": args.seed}, "weights": "ema"}
@@ -659,10 +627,10 @@ def training_flags(args):
 def evaluate_main(args):
     prior = load_prior(args.evaluate, pick_device(args.device))
     _, config = read_prior(args.evaluate)
-    embeddings, captions = read_embedding_cache(args.embeddings)
-    if embeddings.shape[2] != prior.dim:
+    embeddings, captions = load_embedding_cache(args.embeddings)
+    if embeddings.shape[1] != prior.dim:
         raise UserError(f"the prior {args.evaluate} generates {prior.dim}-dim embeddings, --embeddings "
-                        f"{args.embeddings} holds {embeddings.shape[2]}-dim ones")
+                        f"{args.embeddings} holds {embeddings.shape[1]}-dim ones")
     recorded = config.get("embeddings", {})
     if recorded.get("holdout") and args.reference is None and recorded.get("sha256") != file_digest(
             model_paths(args.embeddings)[0]):
@@ -672,7 +640,7 @@ def evaluate_main(args):
         args.evaluate, config, embeddings, captions, args.reference)
     results = evaluate_priors(prior, train_vectors, reference, args.num_samples, args.seed, args.noise_std,
                               args.steps, args.sampler, args.guidance_scale, train_captions, reference_captions)
-    print(f"{args.num_samples} samples each against {what} ({len(reference)}, not their mirror images); training set "
+    print(f"{args.num_samples} samples each against {what} ({len(reference)}); training set "
           f"{len(train_vectors)} embeddings; sampler {args.sampler}, {args.steps} steps")
     print(f"{'prior':<62} {'FD':>8} {'KID':>8} {'precision':>9} {'recall':>6}  copy ratio")
     for name, r in results.items():

@@ -1,4 +1,4 @@
-"""prior.py on synthetic embedding caches (image_embedding.py's format: N x 2 x D float16 + {"dim", "captions"}):
+"""prior.py on synthetic embedding caches (image_embedding.py's format: N x D float16 + {"dim", "captions"}):
 a short training makes samples match held-out data, a caption-conditioned prior with guidance samples each caption's
 cluster, checkpoints and training states round-trip, rows are seeded one by one, and bad input is one clear line."""
 import subprocess
@@ -20,17 +20,11 @@ def mixture(num, dim, centres, spread, seed):
 
 
 def write_cache(path, embeddings, captions=None, dim=None):
-    """An embedding cache as image_embedding.py writes one: embeddings N x 2 x D (a painting and its mirror)."""
+    """An embedding cache as image_embedding.py writes one: embeddings N x D, one per painting."""
     config = {"model": "noise2art-embedding-cache", "dim": embeddings.shape[-1] if dim is None else dim,
               "captions": captions}
     save_model(path, {"embeddings": embeddings.half()}, config)
     return path
-
-
-def painting_pairs(points, seed):
-    """N x 2 x D: each point and a nearby 'mirror image'."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.stack([points, points + 0.05 * torch.randn(points.shape, generator=generator)], 1)
 
 
 def clustered(num, dim=8, clusters=4, seed=0):
@@ -133,7 +127,7 @@ def test_guidance_separates_two_captions():
 @pytest.fixture
 def cache(tmp_path):
     points, labels = clustered(60)
-    return write_cache(tmp_path / "cache", painting_pairs(points, 0), [f"kind {k}" for k in labels.tolist()])
+    return write_cache(tmp_path / "cache", points, [f"kind {k}" for k in labels.tolist()])
 
 
 def train_cli(cache, out, *flags):
@@ -168,7 +162,7 @@ def test_evaluate_command_compares_the_priors(cache, tmp_path, capsys):
     for row in ("training paintings themselves", "learned prior", "training embedding + noise 0.2",
                 "Gaussian with the training"):
         assert row in text
-    assert "against the paintings held out of training (10, not their mirror images)" in text
+    assert "against the paintings held out of training (10)" in text
 
 
 def test_conditional_command_line_trains_and_evaluates_on_captions(cache, tmp_path, monkeypatch, capsys):
@@ -229,13 +223,13 @@ def one_line_error(call, match):
 
 def test_bad_caches_are_one_clear_line(cache, tmp_path):
     one_line_error(lambda: train_cli(tmp_path / "missing", tmp_path / "p"), "embedding cache weights not found")
-    wrong_dim = write_cache(tmp_path / "wrong_dim", torch.zeros(5, 2, 8), dim=16)
-    one_line_error(lambda: train_cli(wrong_dim, tmp_path / "p"), r"expected N x 2 x 16 .* got \(5, 2, 8\)")
-    no_mirror = write_cache(tmp_path / "no_mirror", torch.zeros(5, 1, 8))
-    one_line_error(lambda: train_cli(no_mirror, tmp_path / "p"), r"N x 2 x 8")
-    uncaptioned = write_cache(tmp_path / "uncaptioned", torch.zeros(5, 2, 8))
+    wrong_dim = write_cache(tmp_path / "wrong_dim", torch.zeros(5, 8), dim=16)
+    one_line_error(lambda: train_cli(wrong_dim, tmp_path / "p"), r"expected N x 16 .* got \(5, 8\)")
+    two_views = write_cache(tmp_path / "two_views", torch.zeros(5, 2, 8))
+    one_line_error(lambda: train_cli(two_views, tmp_path / "p"), r"expected N x 8 .* got \(5, 2, 8\)")
+    uncaptioned = write_cache(tmp_path / "uncaptioned", torch.zeros(5, 8))
     one_line_error(lambda: train_cli(uncaptioned, tmp_path / "p", "--conditional"), "--conditional needs captions")
-    short = write_cache(tmp_path / "short", torch.zeros(5, 2, 8), captions=["a", "b"])
+    short = write_cache(tmp_path / "short", torch.zeros(5, 8), captions=["a", "b"])
     one_line_error(lambda: train_cli(short, tmp_path / "p"), "a list of 5 strings")
     assert not (tmp_path / "p.safetensors").exists()
 
@@ -243,7 +237,7 @@ def test_bad_caches_are_one_clear_line(cache, tmp_path):
 def test_bad_evaluation_input_is_one_clear_line(cache, tmp_path):
     out = tmp_path / "prior"
     train_cli(cache, out, "--max_steps", "2")
-    other_dim = write_cache(tmp_path / "other_dim", torch.zeros(5, 2, 4))
+    other_dim = write_cache(tmp_path / "other_dim", torch.zeros(5, 4))
     one_line_error(lambda: prior.main(["--evaluate", str(out), "--embeddings", str(other_dim)]),
                    "generates 8-dim embeddings")
     one_line_error(lambda: prior.main(["--evaluate", str(out), "--embeddings", str(cache)]),
