@@ -492,16 +492,18 @@ class Pipeline:
         return self._image_embedder
 
     @torch.no_grad()
-    def prior_embeddings(self, num_images, seed):
+    def prior_embeddings(self, num_images, seed, prompt=None):
         """num_images x E embeddings from the model's prior, row i from seed + i (so an image is redone alone), or
-        None where the model takes no embedding or has no prior (its unconditional mode, the null embedding)."""
+        None where the model takes no embedding or has no prior (its unconditional mode, the null embedding).
+        prompt: a caption for a caption-conditioned prior (unCLIP's path: caption -> prior -> embedding -> image)."""
         if self.unet.image_embed_dim is None or self._prior is None:
             return None
         from prior import load_prior, sample_embeddings
 
         if not isinstance(self._prior, torch.nn.Module):
             self._prior = load_prior(self._prior, self.device)
-        return sample_embeddings(self._prior, num_images, seed)
+        return sample_embeddings(self._prior, num_images, seed, captions=prompt,
+                                 text_encoder=None if prompt is None else self.text_encoder)
 
     def image_embed_branches(self, image_embeds, num_images):
         """guided_model_fn's image_embed and uncond_image_embed: the given embeddings against the null one."""
@@ -567,7 +569,8 @@ class Pipeline:
         level of timestep round(strength * (T - 1)), the same for every sampler and spacing, and denoised from there
         in max(1, round(strength * steps)) steps of the sampler's spacing. `noise` replaces the start noise.
         image_embeds (num_images x E): what an embedding-conditioned model draws (embed_images), guided against its
-        null embedding; None: its prior's samples (prior_embeddings), or without a prior its unconditional mode."""
+        null embedding; None: its prior's samples (prior_embeddings; for a model without text, under `prompt` when
+        its prior is caption-conditioned), or without a prior its unconditional mode."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r} (choose {', '.join(SAMPLERS)})")
         if eta and sampler != "ddim":
@@ -591,9 +594,14 @@ class Pipeline:
             latents = self.schedule.q_sample(self.encode(init_images), timesteps[:1].expand(num_images), noise)
         if self.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        if image_embeds is None and prompt is None:
-            image_embeds = self.prior_embeddings(num_images, seed)
-        model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt, negative_prompt),
+        if self.conditional or self.unet.image_embed_dim is None or image_embeds is not None:
+            prompt_to_unet = prompt
+        else:  # an embedding model without text: a prompt goes through its prior
+            image_embeds, prompt_to_unet = self.prior_embeddings(num_images, seed, prompt), None
+            if prompt is not None and image_embeds is None:
+                raise UserError("this model takes no --prompt: it has no caption-conditioned prior (prior.py "
+                                "--conditional) to turn one into an image embedding")
+        model_fn = guided_model_fn(self.unet_forward, *self.contexts(num_images, prompt_to_unet, negative_prompt),
                                    guidance_scale=guidance_scales(self.schedule, guidance_scale, guidance_interval,
                                                                   guidance_high),
                                    **self.image_embed_branches(image_embeds, num_images))

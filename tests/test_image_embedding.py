@@ -162,3 +162,43 @@ def test_like_on_a_model_without_embeddings_is_refused(tmp_path, embedded):
     with pytest.raises(UserError, match="this model takes no image embedding"):
         diffusion.main(["--unet_ckpt_path", str(tmp_path / "plain" / "unet"), "--like", str(folder / "00000001.png"),
                         "--num_images", "1", "--steps", "2", "--outdir", str(tmp_path / "out")])
+
+
+class StubTextEncoder:
+    """TextEncoder's interface without weights: one fixed random token per caption (seeded by its length)."""
+
+    name, dim, max_length = "stub", 16, 1
+
+    def encode(self, captions):
+        tokens = torch.stack([torch.randn(1, self.dim, generator=torch.Generator().manual_seed(len(c)))
+                              for c in captions])
+        return tokens, torch.ones(len(captions), 1, dtype=torch.bool)
+
+
+def test_a_prompt_goes_through_a_caption_conditioned_prior(tmp_path, like_model):
+    """unCLIP's path for an embedding model without text: caption -> prior -> image embedding -> painting."""
+    import prior
+
+    torch.manual_seed(0)
+    conditional = prior.EmbeddingPrior(4, width=32, depth=1, context_dim=16, text_encoder="stub")
+    with torch.no_grad():
+        for parameter in conditional.parameters():  # untrained, but let the caption move the embedding
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    prior.save_prior(tmp_path / "prior", conditional)
+    pipeline = load_diffusion_model(like_model, prior=tmp_path / "prior", text_encoder=StubTextEncoder())
+    options = dict(steps=3, progress=False)
+    short, longer = (pipeline.generate(1, 5, prompt=p, **options) for p in ("a Baroque painting", "a Cubism work"))
+    assert not torch.allclose(short, longer, atol=1e-3)  # one seed, two captions: two embeddings
+    assert torch.equal(pipeline.prior_embeddings(1, 5, "a Baroque painting"),
+                       pipeline.prior_embeddings(1, 5, "a Baroque painting"))
+    with pytest.raises(UserError, match="this embedding prior is unconditional"):
+        load_diffusion_model(like_model, prior=_unconditional_prior(tmp_path)).generate(1, 0, prompt="a", **options)
+    with pytest.raises(UserError, match="it has no caption-conditioned prior"):
+        load_diffusion_model(like_model).generate(1, 0, prompt="a", **options)
+
+
+def _unconditional_prior(tmp_path):
+    import prior
+
+    prior.save_prior(tmp_path / "unconditional", prior.EmbeddingPrior(4, width=32, depth=1))
+    return tmp_path / "unconditional"
