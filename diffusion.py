@@ -733,8 +733,10 @@ def export_diffusion_model(src, dst, dtype=torch.float16, prior=None):
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def default_checkpoint(conditional):
-    path = BUNDLED_MODELS / ("unet-cond.json" if conditional else "unet-uncond.json")
+def default_checkpoint(conditional, like=False):
+    """The bundled model a command without --unet_ckpt_path samples: unet-cond with --prompt, unet-like (the
+    embedding-conditioned UNet) with --like, unet-uncond otherwise."""
+    path = BUNDLED_MODELS / ("unet-cond.json" if conditional else "unet-like.json" if like else "unet-uncond.json")
     if not path.is_file():
         raise UserError(f"no bundled model at {path} yet: train one with trainer.py and pass it with --unet_ckpt_path")
     return path
@@ -867,6 +869,8 @@ def check_args(args):
         raise UserError(f"--like takes one painting (variations) or two (a blend), got {len(args.like)}")
     if args.mix is not None and (args.like is None or len(args.like) != 2):
         raise UserError("--mix needs two --like paintings")
+    if args.like is not None and args.prompt is not None:
+        raise UserError("--like draws variations of a painting and takes no --prompt")
     if args.mix is not None and not 0 <= args.mix <= 1:
         raise UserError(f"--mix must be in [0, 1], got {args.mix}")
 
@@ -945,7 +949,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     sampling_options(args)  # refuses bad sampling flags before the model loads
-    checkpoint = args.unet_ckpt_path or default_checkpoint(conditional=args.prompt is not None)
+    checkpoint = args.unet_ckpt_path or default_checkpoint(args.prompt is not None, like=args.like is not None)
     if args.export:
         weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype], args.prior)
         print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")

@@ -48,14 +48,17 @@ QUEUE = dict(concurrency_limit=CONCURRENCY, concurrency_id="sampler")  # every t
 
 
 class Models:
-    """The pipelines the studio samples from, loaded once. Bundled: models/unet-uncond for an empty prompt and
-    models/unet-cond for a prompt (as diffusion.py picks them); with --unet, that one checkpoint for both. vqgan:
-    a VQGAN to decode with instead of the checkpoints' own (diffusion.py --vqgan)."""
+    """The pipelines the studio samples from, loaded once. Bundled: models/unet-uncond for an empty prompt,
+    models/unet-cond for a prompt and models/unet-like for variations (as diffusion.py picks them); with --unet,
+    that one checkpoint for all. vqgan: a VQGAN to decode with instead of the checkpoints' own (diffusion.py
+    --vqgan)."""
 
     def __init__(self, unet=None, vqgan=None, device="auto", precision="auto"):
         self.unet, self.vqgan, self.device_name, self.precision = unet, vqgan, device, precision
         self.device = pick_device(device)
         paths = [unet] if unet else [diffusion.default_checkpoint(False), diffusion.default_checkpoint(True)]
+        if not unet and (diffusion.BUNDLED_MODELS / "unet-like.json").is_file():
+            paths.append(diffusion.default_checkpoint(False, like=True))
         self.pipelines = {str(p): self.load(p) for p in paths}
 
     def load(self, checkpoint):
@@ -75,12 +78,12 @@ class Models:
         """Whether the model draws variations of a painting (trained with trainer.py --image_embeddings)."""
         return any(p.unet.image_embed_dim is not None for p in self.pipelines.values())
 
-    def checkpoint(self, prompt):
-        return self.unet or diffusion.default_checkpoint(conditional=bool(prompt))
+    def checkpoint(self, prompt, like=False):
+        return self.unet or diffusion.default_checkpoint(bool(prompt), like)
 
-    def pick(self, prompt):
-        """(checkpoint, pipeline) for a prompt ("" = unconditional)."""
-        checkpoint = self.checkpoint(prompt)
+    def pick(self, prompt, like=False):
+        """(checkpoint, pipeline) for a prompt ("" = unconditional), or for variations (`like`)."""
+        checkpoint = self.checkpoint(prompt, like)
         return checkpoint, self.pipelines[str(checkpoint)]
 
     def caption_template(self):
@@ -158,7 +161,7 @@ def parse_command(flags, outdir):
 
 def sample(models, args, outdir):
     """diffusion.py's sampling and saving with the loaded model: (image paths, grid path)."""
-    checkpoint, pipeline = models.pick(args.prompt and args.prompt[0])
+    checkpoint, pipeline = models.pick(args.prompt and args.prompt[0], like=args.like is not None)
     try:
         return diffusion.sample_to_folder(args, checkpoint, pipeline, outdir)
     except UserError as err:

@@ -202,3 +202,17 @@ def _unconditional_prior(tmp_path):
 
     prior.save_prior(tmp_path / "unconditional", prior.EmbeddingPrior(4, width=32, depth=1))
     return tmp_path / "unconditional"
+
+
+def test_like_without_a_checkpoint_uses_the_bundled_embedding_model(tmp_path, embedded, like_model, monkeypatch):
+    folder, _, _ = embedded
+    bundled = tmp_path / "models"
+    bundled.mkdir()
+    diffusion.export_diffusion_model(like_model, bundled / "unet-like", dtype=torch.float32)
+    monkeypatch.setattr(diffusion, "BUNDLED_MODELS", bundled)
+    assert diffusion.main(["--like", str(folder / "00000001.png"), "--num_images", "1", "--steps", "2",
+                           "--outdir", str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "00000.png") as img:
+        assert json.loads(img.text["parameters"])["checkpoint"] == "models/unet-like.json (bundled)"
+    with pytest.raises(UserError, match="--like draws variations of a painting and takes no --prompt"):
+        diffusion.main(["--like", str(folder / "00000001.png"), "--prompt", "a Baroque painting"])
