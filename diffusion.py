@@ -713,17 +713,18 @@ def load_diffusion_model(path, device="cpu", use_ema=True, vqgan_path=None, **pi
                     **pipeline_options)
 
 
-def export_diffusion_model(src, dst, dtype=torch.float16, prior=None):
+def export_diffusion_model(src, dst, dtype=torch.float16, prior=None, image_embedder=None):
     """A sampling-only copy of checkpoint `src` at `dst`: the EMA weights (the raw ones where there is no EMA)
     stored in `dtype`, the VQGAN embedded as before or referenced relative to `dst`, like the image embedder and
-    the prior (`prior`: another prior.py model's path instead of src's)."""
+    the prior (`prior`, `image_embedder`: other files' paths instead of src's, e.g. copies shipped beside dst)."""
     pipeline = load_diffusion_model(src)
     config = {k: v for k, v in pipeline.config.items()
               if k not in ("weights", "vqgan", "vqgan_config", "image_embedder", "prior")}
     vqgan = referenced_vqgan(src, pipeline.config) or pipeline.vqgan
+    image_embedder = image_embedder or referenced_file(src, pipeline.config, "image_embedder")
+    prior = prior or referenced_file(src, pipeline.config, "prior")
     return save_diffusion_model(dst, {}, pipeline.unet.state_dict(), config, vqgan=vqgan, dtype=dtype,
-                                image_embedder=referenced_file(src, pipeline.config, "image_embedder"),
-                                prior=prior or referenced_file(src, pipeline.config, "prior"))
+                                image_embedder=image_embedder, prior=prior)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,6 +952,8 @@ def main(argv=None):
     sampling_options(args)  # refuses bad sampling flags before the model loads
     checkpoint = args.unet_ckpt_path or default_checkpoint(args.prompt is not None, like=args.like is not None)
     if args.export:
+        if args.prior == "none":
+            raise UserError("--export --prior takes the path of the prior the copy should name")
         weights = export_diffusion_model(checkpoint, args.export, EXPORT_DTYPES[args.export_dtype], args.prior)
         print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
         return 0

@@ -205,10 +205,13 @@ def _unconditional_prior(tmp_path):
 
 
 def test_like_without_a_checkpoint_uses_the_bundled_embedding_model(tmp_path, embedded, like_model, monkeypatch):
-    folder, _, _ = embedded
+    folder, embeddings, _ = embedded
     bundled = tmp_path / "models"
     bundled.mkdir()
-    diffusion.export_diffusion_model(like_model, bundled / "unet-like", dtype=torch.float32)
+    image_embedding.save_embedder(image_embedding.load_embedder(embeddings / "embedder"), bundled / "embedder")
+    diffusion.export_diffusion_model(like_model, bundled / "unet-like", dtype=torch.float32,
+                                     image_embedder=bundled / "embedder")
+    assert json.loads((bundled / "unet-like.json").read_text())["image_embedder"] == "embedder"  # shipped beside it
     monkeypatch.setattr(diffusion, "BUNDLED_MODELS", bundled)
     assert diffusion.main(["--like", str(folder / "00000001.png"), "--num_images", "1", "--steps", "2",
                            "--outdir", str(tmp_path / "out")]) == 0
