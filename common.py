@@ -596,7 +596,7 @@ class ImageSource:
     leaving out the grids diffusion.py writes next to its images (is_grid), so a sample folder holds its N images."""
 
     def __init__(self, path, split="train", image_column="image"):
-        self.path = str(path)
+        self.path, self.split, self.image_column = str(path), split, image_column
         folder = Path(path)
         self._records = None
         self._dataset = None

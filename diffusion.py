@@ -960,7 +960,7 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
     options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
     init_image = None
     if args.init_image is not None:
-        args.strength = 0.75 if args.strength is None else args.strength
+        args = argparse.Namespace(**{**vars(args), "strength": 0.75 if args.strength is None else args.strength})
         init_image = load_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
     if args.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))

@@ -138,13 +138,14 @@ def gather_rng_states():
 # with captions: captions (the U distinct ones), caption_ids N, context U x L x D float16, context_mask U x L bool.
 
 
-def dataset_identity(args, source):
-    """What the data set is: its name or resolved path, split, column and size, and for a local folder or file a
-    digest of every file's path, size and bytes (so edited, added or replaced files are noticed, while a copy of
-    the same files, with new modification times, is the same data set; hashing costs about 0.15 s per 140 MB)."""
-    path = Path(args.dataset_path)
-    identity = dict(path=str(path.resolve()) if path.exists() else args.dataset_path, split=args.split,
-                    image_column=args.image_column, rows=len(source))
+def dataset_identity(source):
+    """What the data set of an ImageSource is: its name or resolved path, split, column and size, and for a local
+    folder or file a digest of every file's path, size and bytes (so edited, added or replaced files are noticed,
+    while a copy of the same files, with new modification times, is the same data set; hashing costs about 0.15 s
+    per 140 MB)."""
+    path = Path(source.path)
+    identity = dict(path=str(path.resolve()) if path.exists() else source.path, split=source.split,
+                    image_column=source.image_column, rows=len(source))
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
     if files:
         listing = "".join(f"{file.relative_to(path.parent)}\t{file.stat().st_size}\n" for file in files)
@@ -152,20 +153,11 @@ def dataset_identity(args, source):
     return identity
 
 
-def caption_identity(args):
-    """How a conditional run's captions are made and encoded (None for an unconditional run)."""
-    if not args.conditional:
-        return None
-    return {"column": args.caption_column, "template": args.caption_template, "text_encoder": args.text_encoder,
-            "max_text_length": args.max_text_length}
-
-
-def cache_identity(args, source, resolution, vqgan_digest):
-    """Everything the cached tensors depend on (`vqgan_digest`: vqgan.latents_digest, blind to the decoder); its
-    hash is the cache key."""
-    return dict(format=CACHE_FORMAT, vqgan=vqgan_digest,
-                dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
-                bf16=args.bf16, captions=caption_identity(args))
+def cache_identity(dataset, max_images, resolution, vqgan_digest, bf16, captions):
+    """Everything the cached tensors depend on (`dataset`: dataset_identity; `vqgan_digest`: vqgan.latents_digest,
+    blind to the decoder; `captions`: caption_settings, None for an unconditional run); its hash is the cache key."""
+    return dict(format=CACHE_FORMAT, vqgan=vqgan_digest, dataset=dataset, max_images=max_images,
+                resolution=resolution, bf16=bf16, captions=captions)
 
 
 def cache_key(identity):
@@ -290,41 +282,43 @@ def load_or_build_cache(path, identity, build, what="latent cache", rows_key="la
     return cache
 
 
-def dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device):
-    """The latent cache of --dataset_path: read from --latent_cache (default OUTPUT_DIR/latent_cache), or encoded
-    and written there; with --repa_weight also the images' REPA targets (in a cache beside it)."""
-    source = ImageSource(args.dataset_path, args.split, args.image_column)
-    rows = list(range(min(len(source), args.max_images or len(source))))
-    caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
-                  if args.conditional else None)
-    path = Path(args.latent_cache) if args.latent_cache else Path(args.output_dir) / "latent_cache"
+def dataset_cache(path, source, vqgan, resolution, vqgan_digest, device, max_images=None, batch_size=32, bf16=False,
+                  num_workers=0, captions=None, text_encoder=None, repa=None):
+    """The latent cache of the ImageSource `source` (its first `max_images` rows): read from the folder `path`, or
+    encoded and written there. `captions` (caption_settings: column, template, text encoder, length; None:
+    unconditional) says how `text_encoder` captions it; `repa` ({"image_size", "channels"}, None: no REPA) adds the
+    images' REPA targets from a cache beside it."""
+    rows = list(range(min(len(source), max_images or len(source))))
+    caption_of = None if captions is None else caption_function(source.columns, captions["column"],
+                                                                captions["template"])
+    dataset = dataset_identity(source)
     cache = load_or_build_cache(
-        path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
-            source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
-            args.num_workers), caption=None if caption_of is None else (
+        path, cache_identity(dataset, max_images, resolution, vqgan_digest, bf16, captions), lambda: build_latent_cache(
+            source, rows, vqgan, resolution, batch_size, device, bf16, caption_of, text_encoder,
+            num_workers), caption=None if caption_of is None else (
             lambda: encode_captions([caption_of(source.metadata(row)) for row in rows], text_encoder)))
-    if args.repa_weight:
+    if repa is not None:
         cache["repa"] = load_repa_targets(
-            Path(f"{path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(
-                source, rows, resolution, args.repa_image_size, args.repa_channels, args.batch_size, device,
-                args.num_workers), len(cache["latents"]))
+            Path(f"{path}-repa"), repa_identity(dataset, max_images, resolution, repa["image_size"], repa["channels"]),
+            lambda: build_repa_cache(source, rows, resolution, repa["image_size"], repa["channels"], batch_size,
+                                     device, num_workers), len(cache["latents"]))
     return cache
 
 
-def packed_cache(args, vqgan, resolution):
-    """The latent cache that --packed_latents (packing.py: VQGAN codes) stands for, with the quantised latents z_q
-    in place of z; no image is read and `datasets` is not imported. Its resolution and captions must be this
-    run's (an unconditional run ignores the captions)."""
-    cache = read_packed_latents(args.packed_latents, vqgan)
+def packed_cache(path, vqgan, resolution, captions=None):
+    """The latent cache that a packed-latents folder `path` (packing.py: VQGAN codes) stands for, with the quantised
+    latents z_q in place of z; no image is read and `datasets` is not imported. Its resolution and captions
+    (caption_settings; None: an unconditional run, which ignores the pack's captions) must be this run's."""
+    cache = read_packed_latents(path, vqgan)
     identity = cache["identity"]
     if identity["resolution"] != resolution:
-        raise UserError(f"--packed_latents {args.packed_latents} holds {identity['resolution']} px images, this run "
+        raise UserError(f"--packed_latents {path} holds {identity['resolution']} px images, this run "
                         f"trains at --resolution {resolution}")
-    if not args.conditional:
+    if captions is None:
         return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
-    if identity["captions"] != caption_identity(args):
-        raise UserError(f"--packed_latents {args.packed_latents} holds captions {identity['captions']}, not this "
-                        f"run's {caption_identity(args)}")
+    if identity["captions"] != captions:
+        raise UserError(f"--packed_latents {path} holds captions {identity['captions']}, not this "
+                        f"run's {captions}")
     return cache
 
 
@@ -354,12 +348,11 @@ REPA_PCA_IMAGES = 512  # the first images (and mirrors) whose feature vectors fi
 REPA_FORMAT = 1        # bump when the REPA cache layout changes
 
 
-def repa_identity(args, source, resolution):
-    """Everything the REPA targets depend on (its hash is the REPA cache's key): the images, the teacher and the
-    reduction."""
-    return {"format": REPA_FORMAT, "dataset": dataset_identity(args, source), "max_images": args.max_images,
-            "resolution": resolution, "teacher": TEACHER, "image_size": args.repa_image_size,
-            "channels": args.repa_channels, "pca_images": REPA_PCA_IMAGES}
+def repa_identity(dataset, max_images, resolution, image_size, channels):
+    """Everything the REPA targets depend on (its hash is the REPA cache's key): the images (`dataset`:
+    dataset_identity), the teacher and the reduction."""
+    return {"format": REPA_FORMAT, "dataset": dataset, "max_images": max_images, "resolution": resolution,
+            "teacher": TEACHER, "image_size": image_size, "channels": channels, "pca_images": REPA_PCA_IMAGES}
 
 
 @torch.no_grad()
@@ -458,9 +451,10 @@ def repa_loss(projected, targets):
 # with another number of steps between checkpoints) sees exactly the samples a straight run would.
 
 
-def stream_position(step, micro, rank, args, world_size):
-    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`."""
-    return ((step * args.grad_accum + micro) * world_size + rank) * args.batch_size
+def stream_position(step, micro, rank, world_size, batch_size, grad_accum):
+    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`
+    (`batch_size` samples per micro-batch, `grad_accum` micro-batches per step on each of `world_size` ranks)."""
+    return ((step * grad_accum + micro) * world_size + rank) * batch_size
 
 
 def batch_rows(num_rows, batch_size, seed, position):
@@ -498,16 +492,18 @@ def cache_batch(cache, rows, device):
 # Model, optimizer, EMA
 
 
-def make_unet(args, latent_channels, latent_size, context_dim, image_embed_dim=None):
-    """The UNet of --unet_size with the command line's overrides, for latents C x h x h."""
-    overrides = {name: getattr(args, name) for name in UNET_OVERRIDES if getattr(args, name) is not None}
-    channel_mult = overrides.get("channel_mult", UNET_CONFIGS[args.unet_size]["channel_mult"])
+def make_unet(unet_size, latent_channels, latent_size, context_dim, overrides=None, pooled_text_embed=False,
+              image_embed_dim=None):
+    """The UNet of size `unet_size` (UNET_CONFIGS) with `overrides` (a dict of UNET_OVERRIDES), for latents
+    C x h x h."""
+    overrides = overrides or {}
+    channel_mult = overrides.get("channel_mult", UNET_CONFIGS[unet_size]["channel_mult"])
     if latent_size % 2 ** (len(channel_mult) - 1):
         raise UserError(f"latents of {latent_size}x{latent_size} cannot be halved {len(channel_mult) - 1} times by "
                         f"the UNet (channel_mult {channel_mult}): change --resolution or --channel_mult")
     try:
-        return build_unet(args.unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
-                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=args.pooled_text_embed,
+        return build_unet(unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
+                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=pooled_text_embed,
                           image_embed_dim=image_embed_dim)
     except ValueError as err:
         raise UserError(f"bad UNet configuration: {err}") from None
@@ -542,12 +538,6 @@ def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def lr_schedule_of(args):
-    """step -> multiplier of --lr under the command line's warm-up and schedule."""
-    return functools.partial(lr_factor, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                             lr_schedule=args.lr_schedule, floor=args.min_lr / args.lr)
 
 
 def ema_decay(step, max_decay, warm_start=False):
@@ -592,41 +582,38 @@ def trained_parameters(unet, projector=None):
     return list(unet.parameters()) + (list(projector.parameters()) if projector else [])
 
 
-def make_projector(args, unet, repa_shape):
-    """The REPA projector from the --repa_layer stage onto targets K x g x g, initialised from --seed alone (the
+def make_projector(unet, layer, repa_shape, seed):
+    """The REPA projector from the UNet stage `layer` onto targets K x g x g, initialised from `seed` alone (the
     same on every process) without moving the global random stream."""
     channels, grid = repa_shape[0], repa_shape[-1]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        return RepaProjector(unet.feature_shapes[args.repa_layer][0], channels, grid)
+        torch.manual_seed(seed)
+        return RepaProjector(unet.feature_shapes[layer][0], channels, grid)
 
 
-def check_repa_layer(args, unet):
-    if args.repa_weight and args.repa_layer not in unet.feature_shapes:
-        raise UserError(f"--repa_layer {args.repa_layer}: no such UNet stage (choose from "
-                        f"{', '.join(unet.feature_shapes)})")
+def check_repa_layer(layer, unet):
+    if layer not in unet.feature_shapes:
+        raise UserError(f"--repa_layer {layer}: no such UNet stage (choose from {', '.join(unet.feature_shapes)})")
 
 
-def build_training(args, unet, device, repa_shape=None):
+def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None):
     """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
-    (in eval mode, what sampling uses), the REPA projector (None unless `repa_shape`, the targets' K x g x g, is
-    given), AdamW (weight decay on matrices and convolutions only), the LR schedule, the noise schedule and the
-    optimizer step count."""
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    (in eval mode, what sampling uses), the REPA `projector` (None: no REPA), AdamW at peak `lr` (`weight_decay` on
+    matrices and convolutions only), the LR schedule (`lr_multiplier`: step -> factor of `lr`), the noise
+    `schedule` and the optimizer step count."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(device, memory_format=layout).train()  # the batches follow the weights' layout
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    projector = None if repa_shape is None else make_projector(args, unet, repa_shape).to(device).train()
+    projector = None if projector is None else projector.to(device).train()
     model = unet
     if dist.is_initialized():
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     trained = trained_parameters(unet, projector)
-    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": args.weight_decay},
+    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule_of(args))
-    schedule = NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
-                             args.zero_terminal_snr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     return RunState(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
                     schedule=schedule, device=device, projector=projector)
 
@@ -661,13 +648,6 @@ def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon
     if repa_targets is None:
         return loss, None
     return loss, repa_loss(run.projector(stage["features"]), repa_targets)
-
-
-def loss_settings(args):
-    """The keyword arguments of diffusion_loss that the command line sets."""
-    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
-            "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
-            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
 
 
 def repa_active(run, repa_until):
@@ -727,36 +707,6 @@ def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max
 # Checkpoints: OUTDIR/checkpoints/step_NNNNNNN (save_state_dir) + the exported sampling checkpoint OUTDIR/unet
 
 
-def run_identity(args, vqgan_digest, resolution):
-    """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
-    under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
-    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
-    on resume; the UNet's architecture is checked by check_same_architecture."""
-    beta_range = [None, None]
-    if args.schedule != "cosine":
-        betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
-        beta_range = [round(betas[0].item(), 12), round(betas[-1].item(), 12)]
-    captions = ("caption_column", "caption_template", "text_encoder", "max_text_length", "cond_drop")
-    return dict(vqgan_ckpt=vqgan_digest[:16], resolution=resolution, schedule=args.schedule,
-                num_train_timesteps=args.num_train_timesteps, beta_start=beta_range[0], beta_end=beta_range[1],
-                zero_terminal_snr=args.zero_terminal_snr,
-                prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
-                batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
-                **{name: getattr(args, name) if args.conditional else None for name in captions},
-                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
-                                                                        "cache.safetensors")[:16],
-                **lever_identity(args))
-
-
-def lever_identity(args):
-    """The training levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
-    REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
-    repa = ("repa_layer", "repa_image_size", "repa_channels")
-    return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
-                timestep_scale=args.timestep_scale,
-                **{name: getattr(args, name) if args.repa_weight else None for name in repa})
-
-
 def check_same_architecture(state, unet, path):
     saved = state.get("config", {}).get("unet") if isinstance(state, dict) else None
     if saved is None:
@@ -793,33 +743,33 @@ def restore(run, state, path, rank, world_size, lr):
             "random streams restart (the continuation is not bit-exact)")
 
 
-def sampling_config(args, run, cache):
-    """The JSON of a diffusion checkpoint (DEVELOPERS.md), less the VQGAN reference save_diffusion_model adds."""
-    return dict(unet=run.unet.config, schedule=run.schedule.config, prediction_type=args.prediction_type,
+def sampling_config(run, cache, prediction_type, text_encoder, max_text_length, settings):
+    """The JSON of a diffusion checkpoint (DEVELOPERS.md), less the VQGAN reference save_diffusion_model adds:
+    `text_encoder` is the encoder's name (None: unconditional), `settings` the run's resolved flags as recorded."""
+    return dict(unet=run.unet.config, schedule=run.schedule.config, prediction_type=prediction_type,
                 latent_shape=list(cache["latents"].shape[2:]), latent_scale=cache["latent_scale"],
-                text_encoder=args.text_encoder if args.conditional else None, max_text_length=args.max_text_length,
+                text_encoder=text_encoder, max_text_length=max_text_length,
                 training=dict(step=run.step, total_steps=run.steps_before + run.step, images=len(cache["latents"]),
-                              latent_scale_source=cache["latent_scale_source"], args=vars(args)))
+                              latent_scale_source=cache["latent_scale_source"], args=settings))
 
 
-def save_checkpoint(run, args, cache, vqgan, out, identity):
-    """Every process contributes its RNG state; rank 0 writes checkpoints/step_N (with the run's `identity`),
-    prunes to --keep_last and exports OUTDIR/unet. Returns the checkpoint folder."""
+def save_checkpoint(run, out, config, identity, keep_last, vqgan, image_embedder=None):
+    """Every process contributes its RNG state; rank 0 writes OUT/checkpoints/step_N (with `config`, the
+    sampling_config, and the run's `identity`), prunes to the `keep_last` newest and exports OUT/unet (`vqgan`: the
+    VQModel to embed or its path; `image_embedder`: a path or None). Returns the checkpoint folder."""
     rng_states = gather_rng_states()
     path = checkpoint_path(out / "checkpoints", run.step)
     if not is_main():
         return path
-    config = sampling_config(args, run, cache)
     state = {"step": run.step, "config": config, "model": run.unet.state_dict(), "ema": run.ema.state_dict(),
              "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
              "rng": rng_states, "identity": identity, "steps_before": run.steps_before}
     if run.projector is not None:  # training-only: in the resumable state, never in the exported model
         state["repa_projector"] = run.projector.state_dict()
     save_state_dir(path, state)
-    prune_checkpoints(out / "checkpoints", args.keep_last)
-    save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config,
-                         vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt,
-                         image_embedder=args.image_embeddings and Path(args.image_embeddings) / "embedder")
+    prune_checkpoints(out / "checkpoints", keep_last)
+    save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config, vqgan=vqgan,
+                         image_embedder=image_embedder)
     return path
 
 
@@ -827,21 +777,23 @@ def save_checkpoint(run, args, cache, vqgan, out, identity):
 # Feedback: log.jsonl, sample grids, loss curve
 
 
-def sample_prompts(args, cache):
-    """--num_samples prompts for the sample grids: --sample_prompts, else the dataset's first distinct captions."""
-    if not args.conditional:
+def sample_prompts(num_samples, prompts, captions):
+    """`num_samples` prompts for the sample grids, cycling through `prompts` (--sample_prompts), else through the
+    dataset's first distinct `captions`; None for an unconditional run (no captions)."""
+    if captions is None:
         return None
-    prompts = args.sample_prompts or cache["captions"]
-    return [prompts[i % len(prompts)] for i in range(args.num_samples)]
+    prompts = prompts or captions
+    return [prompts[i % len(prompts)] for i in range(num_samples)]
 
 
-def save_samples(path, pipeline, args, prompts, step):
-    """A grid of EMA samples from fixed seeds (image i from seed i) and fixed prompts."""
-    images = pipeline.generate(args.num_samples, seed=0, sampler=args.sampler, steps=args.sample_steps,
-                               prompt=prompts, guidance_scale=args.guidance_scale, progress=False)
-    text = dict(step=step, sampler=args.sampler, steps=args.sample_steps, seeds=f"0..{args.num_samples - 1}")
+def save_samples(path, pipeline, num_samples, step, sampler="dpmpp-2m", steps=20, prompts=None,
+                 guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    """A grid of `num_samples` EMA samples from fixed seeds (image i from seed i) and fixed prompts."""
+    images = pipeline.generate(num_samples, seed=0, sampler=sampler, steps=steps, prompt=prompts,
+                               guidance_scale=guidance_scale, progress=False)
+    text = dict(step=step, sampler=sampler, steps=steps, seeds=f"0..{num_samples - 1}")
     if prompts is not None:
-        text.update(prompts=prompts, guidance_scale=args.guidance_scale)
+        text.update(prompts=prompts, guidance_scale=guidance_scale)
     save_png(path, make_grid(tensor_to_images(images)), text)
 
 
@@ -864,16 +816,16 @@ def plot_loss_curve(log_path, png_path):
 # Training
 
 
-def load_text_encoder(args, device):
-    """The frozen --text_encoder, or its captions encoded in advance (--text_embeddings)."""
+def load_text_encoder(name, max_length, device, embeddings=None):
+    """The frozen text encoder `name`, or its captions encoded in advance in `embeddings` (--text_embeddings)."""
     from text_encoder import PrecomputedTextEncoder, TextEncoder
 
-    if args.text_embeddings is None:
-        return TextEncoder(args.text_encoder, device, args.max_text_length)
-    encoder = PrecomputedTextEncoder(args.text_embeddings, device)
-    if (encoder.name, encoder.max_length) != (args.text_encoder, args.max_text_length):
-        raise UserError(f"--text_embeddings {args.text_embeddings} holds {encoder.name} at {encoder.max_length} "
-                        f"tokens, not --text_encoder {args.text_encoder} at --max_text_length {args.max_text_length}")
+    if embeddings is None:
+        return TextEncoder(name, device, max_length)
+    encoder = PrecomputedTextEncoder(embeddings, device)
+    if (encoder.name, encoder.max_length) != (name, max_length):
+        raise UserError(f"--text_embeddings {embeddings} holds {encoder.name} at {encoder.max_length} "
+                        f"tokens, not --text_encoder {name} at --max_text_length {max_length}")
     return encoder
 
 
@@ -892,11 +844,13 @@ def prepare(args, rank, world_size, device):
     identity = run_identity(args, vqgan_digest, resolution)
     text_encoder = None
     if args.conditional:
-        text_encoder = load_text_encoder(args, device)
+        text_encoder = load_text_encoder(args.text_encoder, args.max_text_length, device, args.text_embeddings)
     seed_everything(args.seed)  # the initial weights depend on the seed alone
-    unet = make_unet(args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
-                     text_encoder.dim if text_encoder else None, image_embed_dim(args.image_embeddings))
-    check_repa_layer(args, unet)
+    unet = make_unet(args.unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
+                     text_encoder.dim if text_encoder else None, unet_overrides(args), args.pooled_text_embed,
+                     image_embed_dim(args.image_embeddings))
+    if args.repa_weight:
+        check_repa_layer(args.repa_layer, unet)
     if state is not None:
         check_same_architecture(state, unet, resume_path)
         check_run_identity(state.get("identity"), identity, resume_path, "start a new --output_dir")
@@ -907,9 +861,13 @@ def prepare(args, rank, world_size, device):
         say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({shown})" if new else ""))
 
     if args.packed_latents:
-        cache = packed_cache(args, vqgan, resolution)
+        cache = packed_cache(args.packed_latents, vqgan, resolution, caption_settings(args))
     else:
-        cache = dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device)
+        cache = dataset_cache(
+            Path(args.latent_cache) if args.latent_cache else Path(args.output_dir) / "latent_cache",
+            ImageSource(args.dataset_path, args.split, args.image_column), vqgan, resolution, vqgan_digest, device,
+            args.max_images, args.batch_size, args.bf16, args.num_workers, caption_settings(args), text_encoder,
+            repa=dict(image_size=args.repa_image_size, channels=args.repa_channels) if args.repa_weight else None)
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
     if args.image_embeddings:
@@ -917,7 +875,9 @@ def prepare(args, rank, world_size, device):
     cache = cache_on(cache, device)
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
-    run = build_training(args, unet, device, cache["repa"].shape[2:] if args.repa_weight else None)
+    projector = make_projector(unet, args.repa_layer, cache["repa"].shape[2:], args.seed) if args.repa_weight else None
+    run = build_training(unet, device, noise_schedule(args), args.lr, lr_schedule_of(args), args.weight_decay,
+                         args.channels_last, projector)
     run.steps_before = steps_before
     if state is not None:
         restore(run, state, resume_path, rank, world_size, args.lr)
@@ -939,8 +899,6 @@ def log_entry(window, step, lr, samples_per_step, num_rows):
 
 def train(args, rank, world_size, device):
     out = Path(args.output_dir)
-    if args.bf16 is None:
-        args.bf16 = native_bf16(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run, cache, vqgan, text_encoder, checkpoint, identity = prepare(args, rank, world_size, device)
@@ -954,9 +912,12 @@ def train(args, rank, world_size, device):
             trim_log(log_path, run.step)
         else:
             log_path.unlink(missing_ok=True)
-    pipeline = Pipeline(run.ema, run.schedule, vqgan, sampling_config(args, run, cache), text_encoder=text_encoder,
-                        bf16=args.bf16, channels_last=args.channels_last)  # the EMA keeps the training's layout
-    prompts = sample_prompts(args, cache)
+    config = functools.partial(sampling_config, run, cache, args.prediction_type,
+                               args.text_encoder if args.conditional else None, args.max_text_length, vars(args))
+    image_embedder = args.image_embeddings and Path(args.image_embeddings) / "embedder"
+    pipeline = Pipeline(run.ema, run.schedule, vqgan, config(), text_encoder=text_encoder, bf16=args.bf16,
+                        channels_last=args.channels_last)  # the EMA keeps the training's layout
+    prompts = sample_prompts(args.num_samples, args.sample_prompts, cache["captions"] if args.conditional else None)
     num_rows = len(cache["latents"])
     samples_per_step = args.batch_size * args.grad_accum * world_size
     say(f"UNet {args.unet_size}: {sum(p.numel() for p in run.unet.parameters()) / 1e6:.2f}M parameters; latents "
@@ -969,8 +930,10 @@ def train(args, rank, world_size, device):
                dynamic_ncols=True)
     with StopSignal() as stop:
         while run.step < args.max_steps:
-            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, stream_position(
-                run.step, micro, rank, args, world_size)), device) for micro in range(args.grad_accum)]
+            positions = [stream_position(run.step, micro, rank, world_size, args.batch_size, args.grad_accum)
+                         for micro in range(args.grad_accum)]
+            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, position), device)
+                             for position in positions]
             lr = run.optimizer.param_groups[0]["lr"]
             loss, grad_norm, repa = train_step(run, micro_batches, loss_settings(args), args.bf16, args.grad_clip,
                                                args.ema_decay, args.repa_weight, args.repa_until)
@@ -993,9 +956,11 @@ def train(args, rank, world_size, device):
             stopping = any_rank(stop.name is not None, device)
             paused = time.perf_counter()
             if step % args.save_every == 0 or step == args.max_steps or stopping:
-                checkpoint = save_checkpoint(run, args, cache, vqgan, out, identity)
+                checkpoint = save_checkpoint(run, out, config(), identity, args.keep_last,
+                                             vqgan if args.embed_vqgan else args.vqgan_ckpt, image_embedder)
             if is_main() and args.sample_every and step % args.sample_every == 0:
-                save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args, prompts, step)
+                save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args.num_samples, step, args.sampler,
+                             args.sample_steps, prompts, args.guidance_scale)
             window["start"] += time.perf_counter() - paused  # steps/s measures training alone
             if stopping:
                 say(f"stopped by {stop.name or 'a signal to another process'} after step {step}: saved {checkpoint}; "
@@ -1010,7 +975,9 @@ def train(args, rank, world_size, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: parse_args resolves every default once (a new Namespace, never changed later); the functions after it
+# read the parsed flags into the explicit arguments the helpers above take. Nothing above this line sees `args`
+# except prepare and train, the command's body.
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1155,7 +1122,75 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = p.parse_args(argv)
     pooled = args.conditional if args.pooled_text_embed is None else args.pooled_text_embed
-    return argparse.Namespace(**{**vars(args), "pooled_text_embed": pooled})
+    repa_layer = args.repa_layer or ("middle" if args.repa_weight else None)
+    return argparse.Namespace(**{**vars(args), "pooled_text_embed": pooled, "repa_layer": repa_layer})
+
+
+def with_device_defaults(args, device):
+    """A copy of `args` with the defaults that depend on the device filled in: --bf16 where bf16 pays."""
+    return argparse.Namespace(**{**vars(args), "bf16": native_bf16(device) if args.bf16 is None else args.bf16})
+
+
+def unet_overrides(args):
+    """The UNet settings the command line overrides: {name: value} for the UNET_OVERRIDES given."""
+    return {name: getattr(args, name) for name in UNET_OVERRIDES if getattr(args, name) is not None}
+
+
+def caption_settings(args):
+    """How a conditional run's captions are made and encoded (None for an unconditional run): the latent cache's
+    caption identity."""
+    if not args.conditional:
+        return None
+    return {"column": args.caption_column, "template": args.caption_template, "text_encoder": args.text_encoder,
+            "max_text_length": args.max_text_length}
+
+
+def noise_schedule(args):
+    return NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
+                         args.zero_terminal_snr)
+
+
+def lr_schedule_of(args):
+    """step -> multiplier of --lr under the command line's warm-up and schedule."""
+    return functools.partial(lr_factor, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                             lr_schedule=args.lr_schedule, floor=args.min_lr / args.lr)
+
+
+def loss_settings(args):
+    """The keyword arguments of diffusion_loss that the command line sets."""
+    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
+            "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
+            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
+
+
+def run_identity(args, vqgan_digest, resolution):
+    """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
+    under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
+    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
+    on resume; the UNet's architecture is checked by check_same_architecture."""
+    beta_range = [None, None]
+    if args.schedule != "cosine":
+        betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
+        beta_range = [round(betas[0].item(), 12), round(betas[-1].item(), 12)]
+    captions = ("caption_column", "caption_template", "text_encoder", "max_text_length", "cond_drop")
+    return dict(vqgan_ckpt=vqgan_digest[:16], resolution=resolution, schedule=args.schedule,
+                num_train_timesteps=args.num_train_timesteps, beta_start=beta_range[0], beta_end=beta_range[1],
+                zero_terminal_snr=args.zero_terminal_snr,
+                prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
+                batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
+                **{name: getattr(args, name) if args.conditional else None for name in captions},
+                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
+                                                                        "cache.safetensors")[:16],
+                **lever_identity(args))
+
+
+def lever_identity(args):
+    """The training levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
+    REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
+    repa = ("repa_layer", "repa_image_size", "repa_channels")
+    return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
+                timestep_scale=args.timestep_scale,
+                **{name: getattr(args, name) if args.repa_weight else None for name in repa})
 
 
 def check_args(args):
@@ -1181,15 +1216,14 @@ def check_args(args):
 
 
 def check_lever_args(args):
-    """The training levers: a location or scale needs a focused sampling; REPA settings need --repa_weight.
-    Fills in --repa_layer's default (middle)."""
+    """The training levers: a location or scale needs a focused sampling; REPA settings need --repa_weight (with
+    it, parse_args has filled in --repa_layer's default, middle)."""
     if args.timestep_sampling == "uniform" and (args.timestep_loc is not None or args.timestep_scale is not None):
         raise UserError("--timestep_loc and --timestep_scale need --timestep_sampling logit-normal or laplace")
     if not args.repa_weight and (args.repa_layer is not None or args.repa_until is not None):
         raise UserError("--repa_layer and --repa_until need --repa_weight")
     if args.repa_image_size < 64 or args.repa_image_size % 32:
         raise UserError(f"--repa_image_size must be a multiple of 32 of at least 64, got {args.repa_image_size}")
-    args.repa_layer = args.repa_layer or "middle"
 
 
 def main(argv=None):
@@ -1197,7 +1231,7 @@ def main(argv=None):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
     try:
-        return train(args, rank, world_size, device)
+        return train(with_device_defaults(args, device), rank, world_size, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

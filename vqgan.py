@@ -499,12 +499,14 @@ class EffNetPerceptual(nn.Module):
         return perceptual_distance(self.features, images_a, images_b)
 
 
-def build_perceptual(args, init_tensors):
-    if args.perceptual == "none":
+def build_perceptual(kind, init_tensors, lpips_weights=None, trust_checkpoint=False):
+    """The perceptual loss network `kind` ("none": None, "effnet" or "lpips-vgg": from `lpips_weights`, else from
+    the LPIPS layers of `init_tensors`)."""
+    if kind == "none":
         return None
-    if args.perceptual == "effnet":
+    if kind == "effnet":
         return EffNetPerceptual()
-    return load_lpips(args.perceptual_weights, init_tensors, args.trust_checkpoint)
+    return load_lpips(lpips_weights, init_tensors, trust_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,11 +658,6 @@ class LossWeights:
     disc_warmup: int = 0
     disc_r1: float = 0.0
 
-    @classmethod
-    def from_args(cls, args):
-        return cls(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start, args.disc_warmup,
-                   args.disc_r1)
-
 
 def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights, device, bf16=False):
     """One autoencoder update and, once step >= weights.disc_start, one discriminator update (LossWeights). The
@@ -704,29 +701,29 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights,
     return metrics, indices, latents
 
 
-def build_config(args):
-    if args.config not in CONFIGS:
-        raise UserError(f"unknown --config {args.config!r} (choose {', '.join(CONFIGS)})")
-    config = copy.deepcopy(CONFIGS[args.config])
-    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
-                   "dropout", "beta")
-    for key in overridable:
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    # From scratch, attention resolutions refer to the training image size; a checkpoint keeps its own.
-    if args.resolution is not None and not args.init_ckpt:
-        config["resolution"] = args.resolution
+CONFIG_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
+                    "dropout", "beta")
+
+
+def build_config(name, overrides=None, resolution=None):
+    """CONFIGS[name] with `overrides` (a dict of CONFIG_OVERRIDES) and, where given, the training `resolution` (from
+    scratch, attention resolutions refer to the training image size; a checkpoint keeps its own)."""
+    if name not in CONFIGS:
+        raise UserError(f"unknown --config {name!r} (choose {', '.join(CONFIGS)})")
+    config = {**copy.deepcopy(CONFIGS[name]), **(overrides or {})}
+    if resolution is not None:
+        config["resolution"] = resolution
     return config
 
 
-def initial_model(args, state):
-    """The model to train: a resumed run's architecture; with --finetune_decoder the --init_ckpt's own
-    config, latent scale included (the latents must not change); else the named --config."""
+def initial_model(state, config, finetune_ckpt=None):
+    """The model to train: a resumed run's architecture (`state`); with --finetune_decoder the checkpoint
+    `finetune_ckpt`'s own config, latent scale included (the latents must not change); else `config`."""
     if state:
         return VQModel(state["config"])
-    if args.finetune_decoder:
-        return VQModel(read_json(model_paths(args.init_ckpt)[1], "--init_ckpt config"))
-    return VQModel(build_config(args))
+    if finetune_ckpt:
+        return VQModel(read_json(model_paths(finetune_ckpt)[1], "--init_ckpt config"))
+    return VQModel(config)
 
 
 def freeze_encoder_side(model):
@@ -738,27 +735,12 @@ def freeze_encoder_side(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def dead_code_patience(args):
+def dead_code_patience(dead_code_steps, init_ckpt, finetune_decoder):
     """--dead_code_steps, or its default: 20 from scratch, 0 (never) when fine-tuning --init_ckpt; always 0 with
     --finetune_decoder (a frozen codebook keeps its codes)."""
-    if args.finetune_decoder:
+    if finetune_decoder:
         return 0
-    return args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 20)
-
-
-def run_identity(args):
-    """The settings that give a training state its meaning (flag name -> value): --resume refuses a state saved
-    under others. The architecture is --config with its overrides (with --finetune_decoder, --init_ckpt's, fixed
-    by the state itself); --lr, --max_steps, intervals, --bf16, ... may change on resume."""
-    architecture = {}
-    if not args.finetune_decoder:
-        architecture = dict(config=args.config, **{k: v for k, v in build_config(args).items() if k != "resolution"})
-    resolution = args.resolution or (None if args.finetune_decoder else build_config(args)["resolution"])
-    return dict(**architecture, resolution=resolution, finetune_decoder=args.finetune_decoder, seed=args.seed,
-                batch_size=args.batch_size, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
-                codebook_weight=args.codebook_weight, disc_start=args.disc_start, disc_warmup=args.disc_warmup,
-                disc_weight=args.disc_weight, disc_layers=args.disc_layers, disc_r1=args.disc_r1,
-                dead_code_steps=dead_code_patience(args))
+    return dead_code_steps if dead_code_steps is not None else (0 if init_ckpt else 20)
 
 
 def learning_rate(step, lr, drop_step=None, drop_factor=0.25):
@@ -776,16 +758,10 @@ def export(model, out, export_dtype, training, latent_scale=None):
     return save_vqgan(model, out / "vqgan", dtype=dtype, training=training)
 
 
-def training_record(args, bf16, step):
-    """What an export records of its training: the step and every setting, defaults resolved (bf16 included)."""
-    return {"step": step, "args": {**vars(args), "bf16": bf16}}
-
-
-def train(args):
+def train(args, device):
     from tqdm import tqdm
 
-    device = pick_device(args.device)
-    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
+    bf16 = args.bf16
     out = Path(args.out)
     checkpoints = out / "checkpoints"
     # out/state: the single state folder of runs before step folders, resumed as the oldest checkpoint
@@ -794,7 +770,7 @@ def train(args):
     if state:
         check_run_identity(state.get("identity"), identity, resume_from, "start a new --out")
     seed_everything(args.seed)
-    model = initial_model(args, state)
+    model = initial_model(state, model_config(args), args.init_ckpt if args.finetune_decoder else None)
     disc = NLayerDiscriminator(n_layers=args.disc_layers)
     needs_init = args.init_ckpt and (not state or args.perceptual == "lpips-vgg")  # LPIPS weights may live in it
     init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if needs_init else {}
@@ -812,7 +788,7 @@ def train(args):
         scale = None
         if source is not None and not args.finetune_decoder:
             scale = measure_latent_scale(model, source, resolution, args.scale_images, args.batch_size, device)
-        return export(model, out, args.export_dtype, training_record(args, bf16, step), scale)
+        return export(model, out, args.export_dtype, {"step": step, "args": vars(args)}, scale)
 
     if args.max_steps == 0:  # conversion / export only
         path = write_export(0)
@@ -821,7 +797,7 @@ def train(args):
     if source is None:
         raise UserError("training needs --data")
 
-    perceptual = build_perceptual(args, init_tensors)
+    perceptual = build_perceptual(args.perceptual, init_tensors, args.perceptual_weights, args.trust_checkpoint)
     model.to(device).train()
     disc.to(device).train()
     if perceptual is not None:
@@ -831,7 +807,7 @@ def train(args):
     opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     # Step each code was last picked at. From scratch every code starts "dead", so the first batch
     # initialises the codebook from encoder outputs; fine-tuning keeps the given codebook.
-    patience = dead_code_patience(args)
+    patience = args.dead_code_steps
     last_used = torch.full((model.config["n_embed"],), -patience if not args.init_ckpt else 0, dtype=torch.long)
     step = 0
     if state:
@@ -858,6 +834,7 @@ def train(args):
     preview = fixed_images(source, resolution, 8).to(device)
     window = {"sums": {}, "steps": 0, "codes": torch.zeros(model.config["n_embed"], device=device), "restarted": 0,
               "skipped": 0, "start": time.perf_counter()}
+    weights = loss_weights(args)
     print(f"training on {device}{' in bf16 autocast' if bf16 else ''}")
     bar = tqdm(total=args.max_steps, initial=step, desc="vqgan", dynamic_ncols=True)
     with StopSignal() as stop:
@@ -868,7 +845,7 @@ def train(args):
             if images is not None:
                 window["skipped"] += args.batch_size - len(images)
                 metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device),
-                                                       step, LossWeights.from_args(args), device, bf16)
+                                                       step, weights, device, bf16)
                 for key, value in metrics.items():
                     window["sums"][key] = window["sums"].get(key, 0.0) + value
                 window["steps"] += 1
@@ -927,7 +904,9 @@ def save_preview(path, model, preview, step):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: parse_args resolves every default once (a new Namespace, never changed later); the functions after
+# resolve_defaults read the parsed flags into the explicit arguments the helpers above take. Above this line only
+# train, the command's body, sees `args`.
 
 # The recipes that made models/vqgan (docs/models.md, docs/decoder-finetune.md), each stage's defaults; flags given
 # override them. "first stage": vq-f4-small from scratch at 128 px, batch 8, L1 + perceptual + codebook loss and no
@@ -957,12 +936,46 @@ def step_or_never(text):
 def resolve_defaults(given):
     """The settings of a run (a Namespace): the flags `given` (name -> value; a flag left out whose default is its
     stage's is absent, argparse.SUPPRESS) over its stage's RECIPES entry, then the defaults that follow from other
-    flags: fp16 exports from training (as shipped), fp32 from a conversion (the weights as published), and a
-    perceptual weight per network."""
+    flags: fp16 exports from training (as shipped), fp32 from a conversion (the weights as published), a
+    perceptual weight per network and the dead-code patience (dead_code_patience)."""
     settings = {**RECIPES["--finetune_decoder" if given["finetune_decoder"] else "first stage"], **given}
     settings.setdefault("export_dtype", "fp16" if settings["max_steps"] else "fp32")
     settings.setdefault("perceptual_weight", 0.1 if settings["perceptual"] == "effnet" else 1.0)
+    settings["dead_code_steps"] = dead_code_patience(settings["dead_code_steps"], settings["init_ckpt"],
+                                                     settings["finetune_decoder"])
     return argparse.Namespace(**settings)
+
+
+def with_device_defaults(args, device):
+    """A copy of `args` with the defaults that depend on the device filled in: --bf16 where bf16 pays."""
+    return argparse.Namespace(**{**vars(args), "bf16": native_bf16(device) if args.bf16 is None else args.bf16})
+
+
+def model_config(args):
+    """The architecture of --config with the command line's overrides (and --resolution, from scratch)."""
+    overrides = {key: getattr(args, key) for key in CONFIG_OVERRIDES if getattr(args, key) is not None}
+    return build_config(args.config, overrides, None if args.init_ckpt else args.resolution)
+
+
+def loss_weights(args):
+    return LossWeights(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start,
+                       args.disc_warmup, args.disc_r1)
+
+
+def run_identity(args):
+    """The settings that give a training state its meaning (flag name -> value): --resume refuses a state saved
+    under others. The architecture is --config with its overrides (with --finetune_decoder, --init_ckpt's, fixed
+    by the state itself); --lr, --max_steps, intervals, --bf16, ... may change on resume."""
+    architecture = {}
+    if not args.finetune_decoder:
+        architecture = dict(config=args.config, **{k: v for k, v in model_config(args).items() if k != "resolution"})
+    resolution = args.resolution or (None if args.finetune_decoder else model_config(args)["resolution"])
+    return dict(**architecture, resolution=resolution, finetune_decoder=args.finetune_decoder, seed=args.seed,
+                batch_size=args.batch_size, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
+                codebook_weight=args.codebook_weight, disc_start=args.disc_start, disc_warmup=args.disc_warmup,
+                disc_weight=args.disc_weight, disc_layers=args.disc_layers, disc_r1=args.disc_r1,
+                dead_code_steps=args.dead_code_steps)
+
 
 
 def parse_args(argv=None):
@@ -1064,7 +1077,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return train(args)
+    device = pick_device(args.device)
+    return train(with_device_defaults(args, device), device)
 
 
 if __name__ == "__main__":

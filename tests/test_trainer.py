@@ -70,9 +70,8 @@ def test_lr_warmup_then_cosine_and_ema_warmup():
 
 
 def test_data_order_is_a_permutation_per_epoch_and_shards_ranks():
-    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--batch_size", "3", "--grad_accum", "2"])
-    num_rows, world_size = 10, 2
-    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, args, world_size))
+    num_rows, world_size = 10, 2  # micro-batches of 3, 2 per step
+    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, world_size, 3, 2))
                       for step in range(5) for micro in range(2) for rank in range(world_size)])  # 60 samples
     for epoch in range(6):  # every epoch is a permutation, each a different one
         assert sorted(seen[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
@@ -217,8 +216,7 @@ def test_conditional_training_with_template_captions_samples_with_a_prompt(tmp_p
     assert export["unet"]["context_dim"] == 384 and export["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER
     # the null embedding only learns from dropped captions: it moved, so --cond_drop dropped some
     seed_everything(0)
-    initial = trainer.make_unet(trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"]),
-                                4, 8, 384)
+    initial = trainer.make_unet("tiny", 4, 8, 384)
     trained = load_state_dir(out / "checkpoints" / "step_0000004")["model"]
     assert not torch.equal(initial.null_context.detach(), trained["null_context"])
 
@@ -500,8 +498,7 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     monkeypatch.undo()
 
     uncond = load_diffusion_model(tmp_path / "uncond" / "unet").unet
-    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"])
-    cond = trainer.make_unet(args, 4, 8, 384).eval()
+    cond = trainer.make_unet("tiny", 4, 8, 384).eval()
     new, steps_before = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
     assert steps_before == 2 and "null_context" in new
     assert all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
@@ -513,7 +510,7 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         assert torch.allclose(cond(latents, t, context, mask), uncond(latents, t), atol=1e-6)
 
     diffusion.export_diffusion_model(tmp_path / "uncond" / "unet", tmp_path / "export")  # EMA alone, fp16
-    from_export = trainer.make_unet(args, 4, 8, 384).eval()
+    from_export = trainer.make_unet("tiny", 4, 8, 384).eval()
     trainer.init_from_checkpoint(from_export, tmp_path / "export")
     assert all(torch.equal(from_export.state_dict()[k], v.half().float()) for k, v in uncond.state_dict().items())
 
@@ -607,8 +604,8 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
 
 
 def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan, monkeypatch):
-    args = trainer.parse_args(["--dataset_path", "x", "--vqgan_ckpt", "x", "--channels_last"])
-    run = trainer.build_training(args, trainer.make_unet(args, 4, 8, None), torch.device("cpu"))
+    run = trainer.build_training(trainer.make_unet("small", 4, 8, None), torch.device("cpu"),
+                                 diffusion.NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
     for unet in (run.unet, run.ema):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
     plain, out = tmp_path / "plain", tmp_path / "channels_last"

@@ -473,7 +473,7 @@ def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
 # read from vqgan.RECIPES, so that a changed default fails.
 FIRST_STAGE = dict(config="vq-f4-small", resolution=None, batch_size=8, perceptual="effnet", perceptual_weight=0.1,
                    max_steps=2427, lr=4e-4, lr_drop_step=1653, lr_drop_factor=0.25, disc_start=None,
-                   dead_code_steps=None, scale_images=256, export_dtype="fp16", bf16=None, seed=0)
+                   dead_code_steps=20, scale_images=256, export_dtype="fp16", bf16=None, seed=0)
 DECODER_FINETUNE = dict(batch_size=8, perceptual="effnet", perceptual_weight=0.1, max_steps=300, lr=5e-5,
                         lr_drop_step=None, disc_start=0, disc_warmup=50, disc_weight=0.3, disc_r1=1e-5,
                         export_dtype="fp16", bf16=None)
