@@ -226,6 +226,9 @@ def model_paths(path):
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --export_dtype -> storage
+
+
 def save_model(path, tensors, config, dtype=None):
     """Write `tensors` (name -> tensor) and `config` (JSON-able dict) atomically.
     `dtype` (e.g. torch.float16) casts floating-point tensors for storage."""

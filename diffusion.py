@@ -24,9 +24,9 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model, load_weights,
-    make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli, save_model, save_png,
-    tensor_to_images,
+    EXPORT_DTYPES, GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model,
+    load_weights, make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli,
+    save_model, save_png, tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan
@@ -720,9 +720,6 @@ def export_diffusion_model(src, dst, dtype=torch.float16, prior=None):
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def default_checkpoint(conditional):

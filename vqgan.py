@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast, check_run_identity,
-    checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume, load_weights, make_grid,
-    model_paths, native_bf16, non_negative_float, non_negative_int, pick_device, positive_float, positive_int,
-    prune_checkpoints, read_json, rng_state, run_cli, safe_torch_load, save_model, save_png, save_state_dir,
-    seed_everything, set_rng_state, tensor_to_images, trim_log,
+    EXPORT_DTYPES, ArgumentParser, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast,
+    check_run_identity, checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume,
+    load_weights, make_grid, model_paths, native_bf16, non_negative_float, non_negative_int, pick_device,
+    positive_float, positive_int, prune_checkpoints, read_json, rng_state, run_cli, safe_torch_load, save_model,
+    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
 )
 from metrics import code_statistics
 
@@ -754,8 +754,7 @@ def export(model, out, export_dtype, training, latent_scale=None):
     config recording `training` (how the model was trained). `latent_scale`, where given, replaces the model's."""
     if latent_scale is not None:
         model.latent_scale = latent_scale
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[export_dtype]
-    return save_vqgan(model, out / "vqgan", dtype=dtype, training=training)
+    return save_vqgan(model, out / "vqgan", dtype=EXPORT_DTYPES[export_dtype], training=training)
 
 
 def train(args, device):
@@ -1060,7 +1059,7 @@ def parse_args(argv=None):
     g.add_argument("--keep_last", type=positive_int, default=2, help="checkpoints kept")
     g.add_argument("--scale_images", type=positive_int, default=256,
                    help="images used to measure the latent scale at export")
-    g.add_argument("--export_dtype", default=argparse.SUPPRESS, choices=["fp32", "fp16", "bf16"],
+    g.add_argument("--export_dtype", default=argparse.SUPPRESS, choices=list(EXPORT_DTYPES),
                    help="storage dtype of exported weights; default: fp16 (as shipped), fp32 with --max_steps 0 (a "
                    "conversion keeps the weights exact)")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
