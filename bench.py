@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import latent_cache
 import trainer
 from common import (
     ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none,
@@ -202,13 +203,13 @@ def bench_train(args, device):
                                      trainer.lr_schedule_of(train_args), train_args.weight_decay)
         step_args = (trainer.loss_settings(train_args), train_args.bf16, train_args.grad_clip, train_args.ema_decay)
         n_params = count_parameters(unet) / 1e6
-        cache = trainer.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
+        cache = latent_cache.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
                                            progress=False)
         num_rows, positions = len(cache["latents"]), itertools.count(0, args.batch_size)
 
         def step_with_cache():
             rows_now = trainer.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
-            trainer.train_step(run, [trainer.cache_batch(cache, rows_now, device)], *step_args)
+            trainer.train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], *step_args)
 
         images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
         batches = itertools.cycle([rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)])

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import diffusion
+import latent_cache
 import trainer
 from common import UserError, image_to_tensor, load_state_dir, save_state_dir, seed_everything
 from conftest import ROOT, sigterm_after_log_lines
@@ -588,7 +589,7 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
     def lever(*_, **__):
         raise AssertionError("a lever's code ran on the default path")
 
-    for module, name in ((trainer, "build_repa_cache"), (trainer, "make_projector"), (trainer, "repa_loss"),
+    for module, name in ((latent_cache, "build_repa_cache"), (trainer, "make_projector"), (trainer, "repa_loss"),
                          (diffusion, "sample_log_snr")):
         monkeypatch.setattr(module, name, lever)
     flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5]
@@ -677,7 +678,7 @@ def test_repa_cache_holds_lite2_targets_of_each_image_and_mirror_and_is_keyed_by
         pair = torch.nn.functional.interpolate(torch.cat([image, image.flip(-1)]), size=(128, 128), mode="bilinear",
                                                antialias=True)
         maps = teacher.feature_maps(pair)[-1]  # 2 x 352 x 4 x 4: the image and its mirror image
-    expected = trainer.project(maps, repa["pca_mean"], repa["pca_components"])
+    expected = latent_cache.project(maps, repa["pca_mean"], repa["pca_components"])
     assert torch.allclose(repa["repa"][3].float(), expected, atol=0.02 * expected.abs().max().item())
     assert not torch.allclose(repa["repa"][3, 0], repa["repa"][3, 1], atol=0.1)
     latent_key = load_state_dir(cache_path)["key"]
@@ -754,11 +755,11 @@ def test_cache_batch_takes_the_repa_targets_and_embeddings_of_the_same_image_and
              "repa": code[:, :, None, None, None].expand(6, 2, 3, 2, 2).clone(),
              "image_embeds": torch.arange(6.0)[:, None].expand(6, 5).clone()}
     torch.manual_seed(0)
-    latents, context, mask, targets, embeds = trainer.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
+    latents, context, mask, targets, embeds = latent_cache.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
     assert context is None and mask is None and targets.shape == (5, 3, 2, 2) and embeds.shape == (5, 5)
     assert torch.equal(latents[:, 0, 0, 0], targets[:, 0, 0, 0])  # the same image and the same flip
     assert embeds[:, 0].tolist() == [5, 0, 3, 3, 1]  # the painting's embedding, whichever flip
     codes = latents[:, 0, 0, 0].long()
     assert (codes // 2).tolist() == [5, 0, 3, 3, 1] and len(set((codes % 2).tolist())) == 2  # both flips drawn
     del cache["repa"], cache["image_embeds"]
-    assert trainer.cache_batch(cache, torch.tensor([1]), "cpu")[3:] == (None, None)
+    assert latent_cache.cache_batch(cache, torch.tensor([1]), "cpu")[3:] == (None, None)
