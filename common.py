@@ -259,6 +259,23 @@ def load_model(path, what="model checkpoint"):
     return tensors, config
 
 
+def read_checkpoint_tensors(path, trust=False):
+    """Name -> tensor from one of our safetensors models, or a `.ckpt`/`.pt`/`.pth` file (a plain state dict or
+    a Lightning `{"state_dict": ...}`), read without unpickling code unless `trust`."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json") or (path.suffix == "" and model_paths(path)[0].is_file()):
+        return load_model(path, "checkpoint")[0]
+    checkpoint = safe_torch_load(path, trust)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    tensors = {}
+    if isinstance(checkpoint, dict):
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors")
+    return tensors
+
+
 def safe_torch_load(path, trust=False):
     """Load a `.ckpt`/`.pt` file with `torch.load(weights_only=True)`. A file that needs arbitrary unpickling (and
     could run code) is refused unless `trust` is set. A file that holds no PyTorch checkpoint at all is a UserError
