@@ -4,6 +4,7 @@ image datasets, devices and PNG output.
 Everything that more than one script needs lives here, once.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -212,6 +213,55 @@ def trim_log(log_path, last_step):
         return
     kept = [entry for entry in read_log(log_path) if entry["step"] <= last_step]
     atomic_write(log_path, lambda f: f.write("".join(json.dumps(entry) + "\n" for entry in kept)), mode="w")
+
+
+# The chores both training loops share: the log at the start, a log line's window, when to log or save.
+
+
+def start_log(log_path, resumed_step):
+    """A run's log.jsonl at its start: trimmed to `resumed_step` on resume (trim_log), removed for a fresh run (0)."""
+    if resumed_step:
+        trim_log(log_path, resumed_step)
+    else:
+        Path(log_path).unlink(missing_ok=True)
+
+
+class LogWindow:
+    """What one log line averages: the metrics of the steps since the last line (each over the steps that reported
+    it), and steps/s over training time alone (`paused()` leaves checkpoints and previews out)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts, self.steps, self.start = {}, {}, 0, time.perf_counter()
+
+    def add(self, metrics):
+        """One training step's metrics (name -> float; a None value is not counted)."""
+        for name, value in metrics.items():
+            if value is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + value
+                self.counts[name] = self.counts.get(name, 0) + 1
+        self.steps += 1
+
+    def means(self):
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+    def steps_per_s(self):
+        return self.steps / (time.perf_counter() - self.start)
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - started
+
+
+def due(step, every, last_step, stopping=False):
+    """Whether step `step` logs or saves: every `every` steps, at the last step, and when a signal stops the run."""
+    return step % every == 0 or step == last_step or stopping
 
 
 # ----------------------------------------------------------------------------------------------

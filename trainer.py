@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import functools
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -45,10 +44,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    ArgumentParser, ImageSource, StopSignal, UserError, append_log, atomic_write, autocast, check_run_identity,
-    checkpoint_path, epoch_order, file_digest, int_list, load_resume, load_weights, make_grid, native_bf16,
-    non_negative_float, non_negative_int, positive_float, positive_int, prune_checkpoints, read_log, run_cli, save_png,
-    save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    ArgumentParser, ImageSource, LogWindow, StopSignal, UserError, append_log, atomic_write, autocast,
+    check_run_identity, checkpoint_path, due, epoch_order, file_digest, int_list, load_resume, load_weights, make_grid,
+    native_bf16, non_negative_float, non_negative_int, positive_float, positive_int, prune_checkpoints, read_log,
+    run_cli, save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
 )
 from diffusion import (
     DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
@@ -519,14 +518,13 @@ def prepare(args, rank, world_size, device):
 
 
 def log_entry(window, step, lr, samples_per_step, num_rows):
-    """A log.jsonl line: means over the steps since the last one."""
-    elapsed = time.perf_counter() - window["start"]
-    n = window["steps"]
-    entry = {"step": step, "epoch": round(step * samples_per_step / num_rows, 3), "loss": window["loss"] / n,
-             "lr": lr, "grad_norm": window["grad_norm"] / n, "steps_per_s": n / elapsed,
-             "samples_per_s": n * samples_per_step / elapsed}
-    if window.get("repa_steps"):
-        entry["repa_loss"] = window["repa_loss"] / window["repa_steps"]
+    """A log.jsonl line: means over the steps since the last one (a LogWindow); repa_loss while REPA is on."""
+    means, steps_per_s = window.means(), window.steps_per_s()
+    entry = {"step": step, "epoch": round(step * samples_per_step / num_rows, 3), "loss": means["loss"], "lr": lr,
+             "grad_norm": means["grad_norm"], "steps_per_s": steps_per_s,
+             "samples_per_s": steps_per_s * samples_per_step}
+    if "repa_loss" in means:
+        entry["repa_loss"] = means["repa_loss"]
     return entry
 
 
@@ -541,10 +539,7 @@ def train(args, rank, world_size, device):
     log_path = out / "log.jsonl"
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        if run.step:
-            trim_log(log_path, run.step)
-        else:
-            log_path.unlink(missing_ok=True)
+        start_log(log_path, run.step)
     config = functools.partial(sampling_config, run, cache, args.prediction_type,
                                args.text_encoder if args.conditional else None, args.max_text_length, vars(args))
     image_embedder = args.image_embeddings and Path(args.image_embeddings) / "embedder"
@@ -558,7 +553,7 @@ def train(args, rank, world_size, device):
         f"{num_rows} images x 2 flips; batch {args.batch_size} x {args.grad_accum} accumulation x {world_size} "
         f"processes = {samples_per_step}; {device}{', bf16' if args.bf16 else ''}")
 
-    window = dict(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
+    window = LogWindow()
     bar = tqdm(total=args.max_steps, initial=run.step, desc="train", unit="step", disable=not is_main(),
                dynamic_ncols=True)
     with StopSignal() as stop:
@@ -575,26 +570,22 @@ def train(args, rank, world_size, device):
                 what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
                 raise UserError(f"{what} at step {run.step + 1}: training diverged (lower --lr, keep --grad_clip on); "
                                 f"the last good checkpoint is {checkpoint or 'none (nothing saved)'}")
-            window.update(loss=window["loss"] + loss, grad_norm=window["grad_norm"] + grad_norm,
-                          steps=window["steps"] + 1)
-            if repa is not None:
-                window.update(repa_loss=window.get("repa_loss", 0.0) + repa, repa_steps=window.get("repa_steps", 0) + 1)
+            window.add({"loss": loss, "grad_norm": grad_norm, "repa_loss": repa})
             bar.update(1)
             step = run.step
-            if is_main() and (step % args.log_every == 0 or step == args.max_steps):
+            if is_main() and due(step, args.log_every, args.max_steps):
                 entry = log_entry(window, step, lr, samples_per_step, num_rows)
                 append_log(log_path, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
-                window.update(loss=0.0, grad_norm=0.0, steps=0, repa_loss=0.0, repa_steps=0, start=time.perf_counter())
+                window.reset()
             stopping = any_rank(stop.name is not None, device)
-            paused = time.perf_counter()
-            if step % args.save_every == 0 or step == args.max_steps or stopping:
-                checkpoint = save_checkpoint(run, out, config(), identity, args.keep_last,
-                                             vqgan if args.embed_vqgan else args.vqgan_ckpt, image_embedder)
-            if is_main() and args.sample_every and step % args.sample_every == 0:
-                save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args.num_samples, step, args.sampler,
-                             args.sample_steps, prompts, args.guidance_scale)
-            window["start"] += time.perf_counter() - paused  # steps/s measures training alone
+            with window.paused():  # steps/s measures training alone
+                if due(step, args.save_every, args.max_steps, stopping):
+                    checkpoint = save_checkpoint(run, out, config(), identity, args.keep_last,
+                                                 vqgan if args.embed_vqgan else args.vqgan_ckpt, image_embedder)
+                if is_main() and args.sample_every and step % args.sample_every == 0:
+                    save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args.num_samples, step,
+                                 args.sampler, args.sample_steps, prompts, args.guidance_scale)
             if stopping:
                 say(f"stopped by {stop.name or 'a signal to another process'} after step {step}: saved {checkpoint}; "
                     "continue with --resume auto")

@@ -21,7 +21,6 @@ import hashlib
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -30,11 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    EXPORT_DTYPES, ArgumentParser, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast,
-    check_run_identity, checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume,
-    load_weights, make_grid, model_paths, native_bf16, non_negative_float, non_negative_int, pick_device,
+    EXPORT_DTYPES, ArgumentParser, ImageSource, ImageTensorDataset, LogWindow, StopSignal, UserError, append_log,
+    autocast, check_run_identity, checkpoint_path, collate_skip_none, due, epoch_order, int_list, load_model,
+    load_resume, load_weights, make_grid, model_paths, native_bf16, non_negative_float, non_negative_int, pick_device,
     positive_float, positive_int, prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, run_cli, save_model,
-    save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
 )
 from metrics import code_statistics
 from vqgan_losses import (
@@ -614,10 +613,7 @@ def train(args, device):
     last_used = last_used.to(device)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
-    if state:
-        trim_log(log_path, step)
-    else:
-        log_path.unlink(missing_ok=True)
+    start_log(log_path, step if state else 0)
 
     dataset = SeededAugmentation(ImageTensorDataset(source, resolution))
     loader = torch.utils.data.DataLoader(
@@ -625,8 +621,8 @@ def train(args, device):
         collate_fn=collate_skip_none, num_workers=args.num_workers, generator=torch.Generator(),
     )
     preview = fixed_images(source, resolution, 8).to(device)
-    window = {"sums": {}, "steps": 0, "codes": torch.zeros(model.config["n_embed"], device=device), "restarted": 0,
-              "skipped": 0, "start": time.perf_counter()}
+    window = LogWindow()
+    codes = {"used": torch.zeros(model.config["n_embed"], device=device), "restarted": 0, "skipped": 0}
     weights = loss_weights(args)
     print(f"training on {device}{' in bf16 autocast' if bf16 else ''}")
     bar = tqdm(total=args.max_steps, initial=step, desc="vqgan", dynamic_ncols=True)
@@ -636,38 +632,35 @@ def train(args, device):
             for group in opt_ae.param_groups + opt_disc.param_groups:
                 group["lr"] = rate
             if images is not None:
-                window["skipped"] += args.batch_size - len(images)
+                codes["skipped"] += args.batch_size - len(images)
                 metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device),
                                                        step, weights, device, bf16)
-                for key, value in metrics.items():
-                    window["sums"][key] = window["sums"].get(key, 0.0) + value
-                window["steps"] += 1
-                window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
+                window.add(metrics)
+                codes["used"] += torch.bincount(indices.flatten(), minlength=len(codes["used"]))
                 last_used[indices.unique()] = step
                 if patience:
-                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents,
+                    codes["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents,
                                                               step, patience)
             else:
-                window["skipped"] += args.batch_size
+                codes["skipped"] += args.batch_size
             done = step + 1
             bar.update(1)
             stopping = stop.name is not None
-            if done % args.log_every == 0 or done == args.max_steps or stopping:
-                write_log(log_path, done, window, bar)
-            if done % args.ckpt_every == 0 or done == args.max_steps or stopping:
-                checkpoint_start = time.perf_counter()
-                state_path = checkpoint_path(checkpoints, done)
-                save_state_dir(state_path, {
-                    "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
-                    "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
-                    "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args), "identity": identity,
-                })
-                prune_checkpoints(checkpoints, args.keep_last)
-                shutil.rmtree(out / "state", ignore_errors=True)  # a pre-step-folder state, now superseded
-                save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
-                path = write_export(done)
-                bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
-                window["start"] += time.perf_counter() - checkpoint_start  # keep steps/s about training
+            if due(done, args.log_every, args.max_steps, stopping):
+                write_log(log_path, done, window, codes, bar)
+            if due(done, args.ckpt_every, args.max_steps, stopping):
+                with window.paused():  # keep steps/s about training
+                    state_path = checkpoint_path(checkpoints, done)
+                    save_state_dir(state_path, {
+                        "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
+                        "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
+                        "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args), "identity": identity,
+                    })
+                    prune_checkpoints(checkpoints, args.keep_last)
+                    shutil.rmtree(out / "state", ignore_errors=True)  # a pre-step-folder state, now superseded
+                    save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
+                    path = write_export(done)
+                    bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
             if stopping:
                 bar.write(f"stopped by {stop.name} after step {done}; continue with --resume auto")
                 break
@@ -675,17 +668,19 @@ def train(args, device):
     return 0
 
 
-def write_log(log_path, step, window, bar):
-    n = max(window["steps"], 1)
-    usage, perplexity = code_statistics(window["codes"])
-    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage,
-             "perplexity": perplexity, "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
-             "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
+def write_log(log_path, step, window, codes, bar):
+    """A log.jsonl line: the means of the LogWindow and the codebook's use since the last line (`codes`: each code's
+    count, codes restarted, images skipped), which then start again."""
+    usage, perplexity = code_statistics(codes["used"])
+    entry = {"step": step, **window.means(), "code_usage": usage, "perplexity": perplexity,
+             "codes_restarted": codes["restarted"], "skipped_images": codes["skipped"],
+             "steps_per_s": window.steps_per_s()}
     append_log(log_path, entry)
     shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
     bar.set_postfix({k: f"{entry[k]:.3g}" for k in shown if k in entry})
-    window.update(sums={}, steps=0, restarted=0, skipped=0, start=time.perf_counter())
-    window["codes"].zero_()
+    window.reset()
+    codes.update(restarted=0, skipped=0)
+    codes["used"].zero_()
 
 
 @torch.no_grad()
