@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import latent_cache
 import trainer
 from common import (
     ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none,
@@ -196,17 +197,19 @@ def bench_train(args, device):
         train_args = trainer.parse_args([
             "--dataset_path", str(images_path), "--vqgan_ckpt", "unused", "--unet_size", args.unet_size,
             "--batch_size", str(args.batch_size), "--bf16" if args.bf16 else "--no-bf16"])
-        unet = trainer.make_unet(train_args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor, None)
-        run = trainer.build_training(train_args, unet, device)
+        unet = trainer.make_unet(args.unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
+                                 None)
+        run = trainer.build_training(unet, device, trainer.noise_schedule(train_args), train_args.lr,
+                                     trainer.lr_schedule_of(train_args), train_args.weight_decay)
         step_args = (trainer.loss_settings(train_args), train_args.bf16, train_args.grad_clip, train_args.ema_decay)
         n_params = count_parameters(unet) / 1e6
-        cache = trainer.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
+        cache = latent_cache.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
                                            progress=False)
         num_rows, positions = len(cache["latents"]), itertools.count(0, args.batch_size)
 
         def step_with_cache():
             rows_now = trainer.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
-            trainer.train_step(run, [trainer.cache_batch(cache, rows_now, device)], *step_args)
+            trainer.train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], *step_args)
 
         images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
         batches = itertools.cycle([rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)])
@@ -229,21 +232,27 @@ def bench_train(args, device):
             ratio_row("train", "latent cache speed-up (target >= 3x)", with_cache, without_cache)]
 
 
-def sampler_seconds(unet, name, steps, args, device):
-    """Seconds per image of our sampler `name` at `steps` steps driving `unet` (--sample_batch images per run), and
-    the number of steps timed: at most --max_sampler_steps, the first ones, scaled up to `steps`."""
+def sampler_seconds(unet, name, steps, device, bf16=False, sample_batch=1, max_steps=None, repeats=3):
+    """Seconds per image of our sampler `name` at `steps` steps driving `unet` (`sample_batch` images per run, the
+    best of `repeats` // 3 runs), and the number of steps timed: at most `max_steps`, the first ones, scaled up to
+    `steps`."""
     schedule = NoiseSchedule("linear")
 
     def model_fn(x, t):
-        with autocast(device, args.bf16):
+        with autocast(device, bf16):
             return unet(x, t)
 
     denoiser = make_denoiser(model_fn, schedule, "epsilon")
-    timesteps = sampling_timesteps(schedule, steps)[:args.max_sampler_steps]
-    noise = randn((args.sample_batch, *LATENT_SHAPE), device=device)
-    seconds = timed(lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps), max(1, args.repeats // 3),
+    timesteps = sampling_timesteps(schedule, steps)[:max_steps]
+    noise = randn((sample_batch, *LATENT_SHAPE), device=device)
+    seconds = timed(lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps), max(1, repeats // 3),
                     warmup=lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps[:2]))
-    return seconds * steps / len(timesteps) / args.sample_batch, len(timesteps)
+    return seconds * steps / len(timesteps) / sample_batch, len(timesteps)
+
+
+def sampler_timing(args):
+    """sampler_seconds' settings from the command line: (bf16, --sample_batch, --max_sampler_steps, --repeats)."""
+    return args.bf16, args.sample_batch, args.max_sampler_steps, args.repeats
 
 
 def forward_gflop(forward, device):
@@ -319,7 +328,7 @@ def bench_diffusers(args, device):
         return x
 
     theirs.eval()
-    seconds = {"ours": sampler_seconds(ours, "ddim", steps, args, device)[0],
+    seconds = {"ours": sampler_seconds(ours, "ddim", steps, device, *sampler_timing(args))[0],
                "theirs": timed(lambda: diffusers_ddim(steps), max(1, args.repeats // 3),
                                warmup=lambda: diffusers_ddim(2)) / args.sample_batch}
     for who, label in (("ours", f"our ddim-{steps}"), ("theirs", f"DDIMScheduler-{steps}")):
@@ -336,7 +345,7 @@ def bench_samplers(args, device):
     seconds = {}
     for name in args.samplers:
         steps = DEFAULT_STEPS[name]
-        seconds[name], timed_steps = sampler_seconds(unet, name, steps, args, device)
+        seconds[name], timed_steps = sampler_seconds(unet, name, steps, device, *sampler_timing(args))
         scaled = f" (timed on {timed_steps} steps, scaled)" if timed_steps < steps else ""
         rows.append({"section": "sampler", "what": f"{name}-{steps} {args.unet_size} {precision(args.bf16)}{scaled}",
                      "s_per_image": seconds[name], "peak_mb": peak_memory_mb(device)})

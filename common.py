@@ -4,6 +4,7 @@ image datasets, devices and PNG output.
 Everything that more than one script needs lives here, once.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -214,6 +215,55 @@ def trim_log(log_path, last_step):
     atomic_write(log_path, lambda f: f.write("".join(json.dumps(entry) + "\n" for entry in kept)), mode="w")
 
 
+# The chores both training loops share: the log at the start, a log line's window, when to log or save.
+
+
+def start_log(log_path, resumed_step):
+    """A run's log.jsonl at its start: trimmed to `resumed_step` on resume (trim_log), removed for a fresh run (0)."""
+    if resumed_step:
+        trim_log(log_path, resumed_step)
+    else:
+        Path(log_path).unlink(missing_ok=True)
+
+
+class LogWindow:
+    """What one log line averages: the metrics of the steps since the last line (each over the steps that reported
+    it), and steps/s over training time alone (`paused()` leaves checkpoints and previews out)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts, self.steps, self.start = {}, {}, 0, time.perf_counter()
+
+    def add(self, metrics):
+        """One training step's metrics (name -> float; a None value is not counted)."""
+        for name, value in metrics.items():
+            if value is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + value
+                self.counts[name] = self.counts.get(name, 0) + 1
+        self.steps += 1
+
+    def means(self):
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+    def steps_per_s(self):
+        return self.steps / (time.perf_counter() - self.start)
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - started
+
+
+def due(step, every, last_step, stopping=False):
+    """Whether step `step` logs or saves: every `every` steps, at the last step, and when a signal stops the run."""
+    return step % every == 0 or step == last_step or stopping
+
+
 # ----------------------------------------------------------------------------------------------
 # Model files: `NAME.safetensors` (weights) + `NAME.json` (config). No pickle anywhere.
 
@@ -224,6 +274,9 @@ def model_paths(path):
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --export_dtype -> storage
 
 
 def save_model(path, tensors, config, dtype=None):
@@ -254,6 +307,23 @@ def load_model(path, what="model checkpoint"):
     except (SafetensorError, OSError) as err:
         raise UserError(f"{what} {weights_path} is not a readable safetensors file: {err}") from None
     return tensors, config
+
+
+def read_checkpoint_tensors(path, trust=False):
+    """Name -> tensor from one of our safetensors models, or a `.ckpt`/`.pt`/`.pth` file (a plain state dict or
+    a Lightning `{"state_dict": ...}`), read without unpickling code unless `trust`."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json") or (path.suffix == "" and model_paths(path)[0].is_file()):
+        return load_model(path, "checkpoint")[0]
+    checkpoint = safe_torch_load(path, trust)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    tensors = {}
+    if isinstance(checkpoint, dict):
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors")
+    return tensors
 
 
 def safe_torch_load(path, trust=False):
@@ -596,7 +666,7 @@ class ImageSource:
     leaving out the grids diffusion.py writes next to its images (is_grid), so a sample folder holds its N images."""
 
     def __init__(self, path, split="train", image_column="image"):
-        self.path = str(path)
+        self.path, self.split, self.image_column = str(path), split, image_column
         folder = Path(path)
         self._records = None
         self._dataset = None

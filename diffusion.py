@@ -24,9 +24,9 @@ from PIL import Image
 from tqdm import trange
 
 from common import (
-    GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model, load_weights,
-    make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli, save_model, save_png,
-    tensor_to_images,
+    EXPORT_DTYPES, GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model,
+    load_weights, make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli,
+    save_model, save_png, tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan
@@ -731,9 +731,6 @@ def export_diffusion_model(src, dst, dtype=torch.float16, prior=None, image_embe
 # Command line
 
 
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def default_checkpoint(conditional, like=False):
     """The bundled model a command without --unet_ckpt_path samples: unet-cond with --prompt, unet-like (the
     embedding-conditioned UNet) with --like, unet-uncond otherwise."""
@@ -975,7 +972,7 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
     options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
     init_image = None
     if args.init_image is not None:
-        args.strength = 0.75 if args.strength is None else args.strength
+        args = argparse.Namespace(**{**vars(args), "strength": 0.75 if args.strength is None else args.strength})
         init_image = load_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
     if args.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))

@@ -27,6 +27,7 @@ Failure reasons: http STATUS, timeout, connection error, bad url, no url, no ima
 not an image, filtered min_side, filtered pwatermark, filtered punsafe, filtered aesthetic.
 """
 import argparse
+import functools
 import io
 import itertools
 import json
@@ -136,13 +137,16 @@ def find_column(columns, name):
     return matches[0] if matches else None
 
 
-def score_filters(args, columns):
-    """(reason, column, limit, passes) for each --max_*/--min_* score flag that is set."""
-    wanted = [("max_pwatermark", "pwatermark", operator.le), ("max_punsafe", "punsafe", operator.le),
-              ("min_aesthetic", "aesthetic", operator.ge)]
+SCORE_FLAGS = [("max_pwatermark", "pwatermark", operator.le), ("max_punsafe", "punsafe", operator.le),
+               ("min_aesthetic", "aesthetic", operator.ge)]  # flag, score column, how a row passes
+
+
+def score_filters(limits, columns):
+    """(reason, column, limit, passes) for each --max_*/--min_* score flag that is set (`limits`: flag -> value or
+    None, for the flags of SCORE_FLAGS)."""
     filters = []
-    for flag, name, passes in wanted:
-        limit = getattr(args, flag)
+    for flag, name, passes in SCORE_FLAGS:
+        limit = limits.get(flag)
         if limit is None:
             continue
         column = find_column(columns, name)
@@ -223,17 +227,18 @@ def download_once(url, timeout, max_bytes):
         raise RowFailed("connection error", retry=True) from None
 
 
-def download(url, args):
-    """The bytes at `url`, retrying transient failures with exponential backoff."""
+def download(url, timeout, max_bytes, retries=0, backoff=1.0):
+    """The bytes at `url` (at most `max_bytes`, within `timeout` seconds), retrying transient failures `retries`
+    times with exponential backoff from `backoff` seconds."""
     if not isinstance(url, str) or not url:
         raise RowFailed("no url")
-    for attempt in range(args.retries + 1):
+    for attempt in range(retries + 1):
         if attempt:
-            time.sleep(args.backoff * 2 ** (attempt - 1))
+            time.sleep(backoff * 2 ** (attempt - 1))
         try:
-            return download_once(url, args.timeout, args.max_bytes)
+            return download_once(url, timeout, max_bytes)
         except RowFailed as failure:
-            if not failure.retry or attempt == args.retries:
+            if not failure.retry or attempt == retries:
                 raise
 
 
@@ -268,31 +273,33 @@ def decode_rgb(data):
     return img.convert("RGB")
 
 
-def save_options(args):
-    """PIL save() keywords: SAVE_OPTIONS, with --jpeg_quality and 4:2:0 colour (subsampling 2) below quality 90."""
-    options = SAVE_OPTIONS[args.image_format]
-    if args.jpeg_quality is None:
+def save_options(image_format, jpeg_quality=None):
+    """PIL save() keywords: SAVE_OPTIONS, with `jpeg_quality` and 4:2:0 colour (subsampling 2) below quality 90."""
+    options = SAVE_OPTIONS[image_format]
+    if jpeg_quality is None:
         return options
-    return {**options, "quality": args.jpeg_quality, "subsampling": 0 if args.jpeg_quality >= 90 else 2}
+    return {**options, "quality": jpeg_quality, "subsampling": 0 if jpeg_quality >= 90 else 2}
 
 
-def save_row_image(cell, path, args):
-    """Fetch or take one row's image, check it and save it atomically. Returns None, or the failure reason."""
+def save_row_image(cell, path, fetch, max_bytes, save_kwargs, min_side=None, max_side=None, center_crop=None):
+    """Fetch (`fetch`: url -> bytes; None: the cell holds the image) or take one row's image, check it (at most
+    `max_bytes`, shorter side at least `min_side`), shrink it to `max_side` or crop it to `center_crop` and save it
+    atomically with PIL's `save_kwargs` (save_options). Returns None, or the failure reason."""
     try:
-        data = download(cell, args) if args.url_key else stored_image(cell)
-        if isinstance(data, (bytes, bytearray)) and len(data) > args.max_bytes:
+        data = fetch(cell) if fetch is not None else stored_image(cell)
+        if isinstance(data, (bytes, bytearray)) and len(data) > max_bytes:
             raise RowFailed("too large")
         img = decode_rgb(data)
-        if args.min_side and min(img.size) < args.min_side:
+        if min_side and min(img.size) < min_side:
             raise RowFailed("filtered min_side")
     except RowFailed as failure:
         return failure.reason
-    if args.max_side:
-        img.thumbnail((args.max_side, args.max_side), Image.Resampling.LANCZOS)
-    if args.center_crop:  # crops the centre to a square, then resizes it to N x N
-        img = ImageOps.fit(img, (args.center_crop, args.center_crop), Image.Resampling.LANCZOS)
+    if max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    if center_crop:  # crops the centre to a square, then resizes it to N x N
+        img = ImageOps.fit(img, (center_crop, center_crop), Image.Resampling.LANCZOS)
     try:
-        atomic_write(path, lambda f: img.save(f, **save_options(args)))
+        atomic_write(path, lambda f: img.save(f, **save_kwargs))
     except OSError as err:  # disk full, folder removed, ...: stop rather than fail every row
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     return None
@@ -381,7 +388,7 @@ def main(argv=None):
         raise UserError(
             f"dataset {args.dataset_name} has no column {', '.join(missing)} (columns: {', '.join(columns)})"
         )
-    filters = score_filters(args, columns)
+    filters = score_filters({flag: getattr(args, flag) for flag, _, _ in SCORE_FLAGS}, columns)
     size_columns = [find_column(columns, "width"), find_column(columns, "height")]
     size_columns = size_columns if args.min_side and None not in size_columns else []
     class_names = class_label_names(features or {})
@@ -400,6 +407,11 @@ def main(argv=None):
     in_flight = {}  # future -> metadata record, at most 2 * workers rows in memory
     progress = tqdm(total=None if args.rows in (None, -1) else args.rows, unit="row", desc="download_hf", mininterval=1)
     executor = ThreadPoolExecutor(args.workers)
+    fetch = functools.partial(download, timeout=args.timeout, max_bytes=args.max_bytes, retries=args.retries,
+                              backoff=args.backoff) if args.url_key else None
+    save_image = functools.partial(save_row_image, fetch=fetch, max_bytes=args.max_bytes,
+                                   save_kwargs=save_options(args.image_format, args.jpeg_quality),
+                                   min_side=args.min_side, max_side=args.max_side, center_crop=args.center_crop)
 
     def finish(futures):
         nonlocal images
@@ -423,7 +435,7 @@ def main(argv=None):
                 file_name = f"{index:08d}.{args.image_format}"
                 record = {"file_name": file_name}
                 record.update({c: json_value(row[c], class_names.get(c)) for c in args.metadata_columns})
-                in_flight[executor.submit(save_row_image, row[image_key], output_dir / file_name, args)] = record
+                in_flight[executor.submit(save_image, row[image_key], output_dir / file_name)] = record
                 if len(in_flight) >= 2 * args.workers:
                     finish(wait(in_flight, return_when=FIRST_COMPLETED).done)
             finish(wait(in_flight).done)

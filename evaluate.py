@@ -14,6 +14,7 @@ Images are float tensors B x 3 x H x W in [-1, 1].
     python evaluate.py --vqgan_ckpt runs/vq-f4-small/vqgan --real ../shared/wikiart-mini --n 256 --grid grid.png
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -184,24 +185,58 @@ def extract_features(network, batches, device):
     return torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
 
 
-def real_rows(source, args):
-    """The rows of the real ImageSource to score: those whose metadata matches every --real_where COLUMN=VALUE
-    (compared as text; ClassLabel values by name), then a fixed random subset of --n of them."""
+@dataclasses.dataclass(frozen=True)
+class RealSet:
+    """The real images scored: an ImageSource (`path`, `split`, `image_column`), the rows whose metadata match every
+    (column, value) pair of `where` (--real_where), then a fixed random subset of `n` of them (None: all)."""
+    path: str
+    split: str = "train"
+    image_column: str = "image"
+    where: tuple = ()
+    n: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """How images are read for the feature network: brought to `resolution` first (None: not), `batch_size` per
+    batch, `num_workers` loader processes, on `device`."""
+    device: torch.device
+    resolution: int | None = None
+    batch_size: int = 16
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How two feature sets are compared: the feature network's name (FEATURE_SIZES), KID's `kid_subsets` subsets of
+    `kid_subset_size` images drawn from `seed`; real-set statistics are cached in `cache_dir` (None: neither read
+    nor written); `inception_weights`: the FID Inception file (None: the torch hub cache)."""
+    features: str = "effnet-lite0"
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
+    cache_dir: str | None = None
+    inception_weights: str | None = None
+
+
+def real_rows(source, where=(), n=None):
+    """The rows of the real ImageSource to score: those whose metadata matches every (COLUMN, VALUE) of `where`
+    (compared as text; ClassLabel values by name), then a fixed random subset of `n` of them (None: all)."""
     rows = list(range(len(source)))
-    for column, value in args.real_where:
+    for column, value in where:
         values = source.column_values(column)
         rows = [row for row in rows if str(values[row]) == value]
         if not rows:
             raise UserError(f"no --real image has {column} = {value!r} (e.g. {values[0]!r})")
-    return [rows[i] for i in pick_indices(len(rows), args.n)]
+    return [rows[i] for i in pick_indices(len(rows), n)]
 
 
-def set_features(source, rows, network, size, args, what):
-    """Features of rows `rows` of an ImageSource; at least 2 readable images are required."""
-    dataset = PreparedImages(source, rows, size, args.resolution)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
-                                         num_workers=args.num_workers)
-    features = extract_features(network, tqdm(loader, desc=f"{what} features", dynamic_ncols=True), args.device)
+def set_features(source, rows, network, size, loading, what):
+    """Features of rows `rows` of an ImageSource read as `loading` says; at least 2 readable images are required."""
+    dataset = PreparedImages(source, rows, size, loading.resolution)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=loading.batch_size, collate_fn=collate_skip_none,
+                                         num_workers=loading.num_workers)
+    features = extract_features(network, tqdm(loader, desc=f"{what} features", dynamic_ncols=True), loading.device)
     if len(features) < 2:
         raise UserError(f"{what} set {source.path} has {len(features)} readable image(s); "
                         "the statistics need at least 2")
@@ -212,16 +247,16 @@ def set_features(source, rows, network, size, args, what):
 # Real-set statistics, cached as .npz (mu, sigma as pytorch-fid writes them, plus the features for KID)
 
 
-def real_stats_key(args, count, rows, network_name):
+def real_stats_key(real, count, rows, resolution, network_name, inception_weights=None):
     """Everything the real-set features depend on: the set (`count` images, of which `rows` are scored) and how."""
-    real = Path(args.real).resolve() if Path(args.real).exists() else args.real
-    key = dict(version=STATS_CACHE_VERSION, real=str(real), split=args.real_split, image_column=args.image_column,
-               images_in_set=count, n=len(rows), seed_of_subset=0, resolution=args.resolution,
+    path = Path(real.path).resolve() if Path(real.path).exists() else real.path
+    key = dict(version=STATS_CACHE_VERSION, real=str(path), split=real.split, image_column=real.image_column,
+               images_in_set=count, n=len(rows), seed_of_subset=0, resolution=resolution,
                features=network_name, input_size=FEATURE_SIZES[network_name], resize=RESIZE_POLICY)
-    if args.real_where:  # absent otherwise, so the statistics cached before --real_where existed still serve
-        key["where"] = [list(pair) for pair in args.real_where]
+    if real.where:  # absent otherwise, so the statistics cached before --real_where existed still serve
+        key["where"] = [list(pair) for pair in real.where]
     if network_name == "inception":
-        key["weights"] = file_digest(find_inception_weights(args.inception_weights))[:16]
+        key["weights"] = file_digest(find_inception_weights(inception_weights))[:16]
     return key
 
 
@@ -245,17 +280,17 @@ def save_stats(path, key, stats):
     atomic_write(path, lambda f: np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **stats))
 
 
-def real_statistics(args, network, network_name):
-    """{"mu", "sigma", "features"} of the real set, from the cache where it holds them."""
-    source = ImageSource(args.real, args.real_split, args.image_column)
-    rows = real_rows(source, args)
-    key = real_stats_key(args, len(source), rows, network_name)
-    path = None if args.no_cache else stats_cache_path(args.cache_dir, key)
+def real_statistics(real, network, scoring, loading):
+    """{"mu", "sigma", "features"} of the RealSet `real`, from scoring.cache_dir where it holds them."""
+    source = ImageSource(real.path, real.split, real.image_column)
+    rows = real_rows(source, real.where, real.n)
+    key = real_stats_key(real, len(source), rows, loading.resolution, scoring.features, scoring.inception_weights)
+    path = None if scoring.cache_dir is None else stats_cache_path(scoring.cache_dir, key)
     stats = load_cached_stats(path, key) if path is not None and path.is_file() else None
     if stats is not None:
         print(f"real-set statistics from {path}")
         return stats
-    features = set_features(source, rows, network, FEATURE_SIZES[network_name], args, "real")
+    features = set_features(source, rows, network, FEATURE_SIZES[scoring.features], loading, "real")
     mu, sigma = mean_and_covariance(features)
     stats = {"mu": mu, "sigma": sigma, "features": features}
     if path is not None:
@@ -268,26 +303,27 @@ def real_statistics(args, network, network_name):
 # The three jobs: score a fake set, generate one first, score a VQGAN's reconstructions
 
 
-def set_metrics(real_features, fake_features, real_mu, real_sigma, args, prefix=""):
+def set_metrics(real_features, fake_features, real_mu, real_sigma, scoring, prefix=""):
     """{FD_<net>, KID_<net>, KID_<net>_std} between two feature sets (names carry the feature network)."""
     mu, sigma = mean_and_covariance(fake_features)
-    kid_mean, kid_std = kid(real_features, fake_features, args.kid_subsets, args.kid_subset_size, args.seed)
-    return {f"{prefix}FD_{args.features}": frechet_distance(real_mu, real_sigma, mu, sigma),
-            f"{prefix}KID_{args.features}": kid_mean, f"{prefix}KID_{args.features}_std": kid_std,
-            "kid_subset_size": min(args.kid_subset_size, len(real_features), len(fake_features)),
-            "kid_subsets": args.kid_subsets}
+    kid_mean, kid_std = kid(real_features, fake_features, scoring.kid_subsets, scoring.kid_subset_size, scoring.seed)
+    return {f"{prefix}FD_{scoring.features}": frechet_distance(real_mu, real_sigma, mu, sigma),
+            f"{prefix}KID_{scoring.features}": kid_mean, f"{prefix}KID_{scoring.features}_std": kid_std,
+            "kid_subset_size": min(scoring.kid_subset_size, len(real_features), len(fake_features)),
+            "kid_subsets": scoring.kid_subsets}
 
 
-def score_sets(args, network):
-    fake_dir = Path(args.fake)
-    real = real_statistics(args, network, args.features)
+def score_sets(real, fake_dir, network, scoring, loading):
+    """FD / KID of the RealSet `real` against the images in `fake_dir` (the same n, a fixed subset)."""
+    fake_dir = Path(fake_dir)
+    stats = real_statistics(real, network, scoring, loading)
     fake = ImageSource(fake_dir)
-    fake_features = set_features(fake, pick_indices(len(fake), args.n), network, FEATURE_SIZES[args.features], args,
-                                 "fake")
-    results = {"real": str(args.real), "real_split": args.real_split,
-               "real_where": [list(pair) for pair in args.real_where], "fake": str(fake_dir),
-               "n_real": len(real["features"]), "n_fake": len(fake_features), "resolution": args.resolution}
-    return {**results, **set_metrics(real["features"], fake_features, real["mu"], real["sigma"], args)}
+    fake_features = set_features(fake, pick_indices(len(fake), real.n), network, FEATURE_SIZES[scoring.features],
+                                 loading, "fake")
+    results = {"real": str(real.path), "real_split": real.split, "real_where": [list(pair) for pair in real.where],
+               "fake": str(fake_dir), "n_real": len(stats["features"]), "n_fake": len(fake_features),
+               "resolution": loading.resolution}
+    return {**results, **set_metrics(stats["features"], fake_features, stats["mu"], stats["sigma"], scoring)}
 
 
 def checkpoint_digest(path):
@@ -302,28 +338,26 @@ def checkpoint_digest(path):
     return file_digest(files)[:16]
 
 
-def sample_settings(args):
-    """What the fake set is: the checkpoint (its path and digest) and every sampling option (in samples.json)."""
-    options = sampling_options(args)
-    return {"checkpoint": str(model_paths(args.samples_from)[1].resolve()),
-            "checkpoint_sha256": checkpoint_digest(args.samples_from), **options,
-            "seed": args.seed, "prompt": args.prompt, "ema": not args.no_ema,
-            "bf16": use_bf16(args.precision, args.device)}
+def sample_settings(checkpoint, options, seed=0, prompt=None, ema=True, bf16=False):
+    """What the fake set is: the `checkpoint` (its path and digest), every sampling option (`options`, as
+    diffusion.sampling_options reads them), the seed, prompt, weights and precision (in samples.json)."""
+    return {"checkpoint": str(model_paths(checkpoint)[1].resolve()), "checkpoint_sha256": checkpoint_digest(checkpoint),
+            **options, "seed": seed, "prompt": prompt, "ema": ema, "bf16": bf16}
 
 
-def evaluation_request(args, settings):
+def evaluation_request(real, fake_dir, scoring, loading, settings):
     """Everything an evaluation of generated samples answers to: the real set, the metric and the samples
     (checkpoint digest and sampling options); stored in --out, so --skip_done can tell whether it still holds."""
-    return {"real": str(args.real), "real_split": args.real_split,
-            "real_where": [list(pair) for pair in args.real_where], "n": args.n, "resolution": args.resolution,
-            "features": args.features, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
-            "fake": str(args.fake), "samples": settings}
+    return {"real": str(real.path), "real_split": real.split, "real_where": [list(pair) for pair in real.where],
+            "n": real.n, "resolution": loading.resolution, "features": scoring.features,
+            "kid_subsets": scoring.kid_subsets, "kid_subset_size": scoring.kid_subset_size, "fake": str(fake_dir),
+            "samples": settings}
 
 
-def finished_results(args, request):
-    """--skip_done: the results already in --out when they answer this request, None when there are none; results
-    of another request (a model retrained in place, other settings) are refused, never silently kept."""
-    path = Path(args.out)
+def finished_results(path, request):
+    """--skip_done: the results already in the file `path` when they answer this request, None when there are none;
+    results of another request (a model retrained in place, other settings) are refused, never silently kept."""
+    path = Path(path)
     if not path.is_file():
         return None
     done = read_json(path, "results file")
@@ -333,36 +367,37 @@ def finished_results(args, request):
     return done
 
 
-def generate_samples(args, settings):
-    """Write images 00000.png ... of --samples_from into --fake (image i from seed + i), skipping those already
-    there, so an interrupted run resumes; samples.json records `settings` (sample_settings) and guards against
-    mixing runs."""
-    fake_dir = Path(args.fake)
+def generate_samples(checkpoint, fake_dir, n, options, settings, device, batch_size=16):
+    """Write images 00000.png ... of `n` samples of `checkpoint` into `fake_dir` (image i from settings["seed"] + i;
+    `options`: the sampling options), skipping those already there, so an interrupted run resumes; samples.json
+    records `settings` (sample_settings) and guards against mixing runs."""
+    fake_dir = Path(fake_dir)
     record = fake_dir / "samples.json"
     if record.is_file() and read_json(record, "samples record") != settings:
         raise UserError(f"{fake_dir} holds samples made with other settings (see {record}); pass another --fake")
     atomic_write_json(record, settings)
-    paths = [fake_dir / f"{i:05d}.png" for i in range(args.n)]
+    paths = [fake_dir / f"{i:05d}.png" for i in range(n)]
     if all(p.is_file() for p in paths):
         return
-    pipeline = load_diffusion_model(args.samples_from, args.device, use_ema=not args.no_ema, bf16=settings["bf16"])
-    for start in trange(0, args.n, args.batch_size, desc="sampling", dynamic_ncols=True):
-        batch_paths = paths[start:start + args.batch_size]
+    pipeline = load_diffusion_model(checkpoint, device, use_ema=settings["ema"], bf16=settings["bf16"])
+    seed = settings["seed"]
+    for start in trange(0, n, batch_size, desc="sampling", dynamic_ncols=True):
+        batch_paths = paths[start:start + batch_size]
         if all(p.is_file() for p in batch_paths):
             continue
-        images = pipeline.generate(len(batch_paths), args.seed + start, **sampling_options(args), prompt=args.prompt,
+        images = pipeline.generate(len(batch_paths), seed + start, **options, prompt=settings["prompt"],
                                    progress=False)
         for i, (path, img) in enumerate(zip(batch_paths, tensor_to_images(images))):
-            save_png(path, img, {"parameters": {**settings, "seed": args.seed + start + i}})
+            save_png(path, img, {"parameters": {**settings, "seed": seed + start + i}})
 
 
-def vqgan_loader(args, resolution):
-    """Batches of --n (or all) --real images at `resolution`, centre-cropped, as the VQGAN reconstructs them."""
-    source = ImageSource(args.real, args.real_split, args.image_column)
+def vqgan_loader(real, resolution, loading):
+    """Batches of the RealSet `real` at `resolution`, centre-cropped, as the VQGAN reconstructs them."""
+    source = ImageSource(real.path, real.split, real.image_column)
     dataset = torch.utils.data.Subset(ImageTensorDataset(source, resolution, random_crop=False, flip=False),
-                                      real_rows(source, args))
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none,
-                                       num_workers=args.num_workers)
+                                      real_rows(source, real.where, real.n))
+    return torch.utils.data.DataLoader(dataset, batch_size=loading.batch_size, collate_fn=collate_skip_none,
+                                       num_workers=loading.num_workers)
 
 
 @torch.no_grad()
@@ -380,58 +415,59 @@ def network_features(network, images, size, device):
 
 
 @torch.no_grad()
-def score_vqgan(args, network):
-    """The VQGAN evaluation: PSNR and SSIM of the reconstructions at --resolution, codebook usage and perplexity,
-    and FD / KID of originals vs reconstructions; --grid: the first --grid_images originals over their
-    reconstructions."""
-    model = load_vqgan(args.vqgan_ckpt, args.device)
-    resolution = args.resolution or model.config["resolution"]
+def score_vqgan(vqgan_ckpt, real, network, scoring, loading, bf16=False, reference_split=None, grid=None,
+                grid_images=16):
+    """The VQGAN evaluation: PSNR and SSIM of the reconstructions of the RealSet `real` at loading.resolution
+    (default: the VQGAN's), codebook usage and perplexity, and FD / KID of originals vs reconstructions (bf16
+    autocast only when asked for); `reference_split`: against_reference; `grid`: a PNG of the first `grid_images`
+    originals over their reconstructions."""
+    device = loading.device
+    model = load_vqgan(vqgan_ckpt, device)
+    resolution = loading.resolution or model.config["resolution"]
     if resolution % model.downsample_factor:
         raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's factor {model.downsample_factor}")
-    size = FEATURE_SIZES[args.features]
-    bf16 = args.precision == "bf16"  # only when asked for: --precision auto keeps reconstructions in fp32
+    size = FEATURE_SIZES[scoring.features]
     seen = {"psnr": [], "ssim": [], "originals": [], "reconstructions": [], "shown": []}
     code_counts = torch.zeros(model.config["n_embed"])
-    for images in tqdm(vqgan_loader(args, resolution), desc="reconstructions", dynamic_ncols=True):
+    for images in tqdm(vqgan_loader(real, resolution, loading), desc="reconstructions", dynamic_ncols=True):
         if images is None:
             continue
-        images = images.to(args.device)
+        images = images.to(device)
         reconstructions, indices = reconstruct(model, images, bf16)
         seen["psnr"].append(psnr(reconstructions, images).cpu())
         seen["ssim"].append(ssim(reconstructions, images).cpu())
         code_counts += torch.bincount(indices.flatten().cpu(), minlength=len(code_counts))
-        seen["originals"].append(network_features(network, images, size, args.device))
-        seen["reconstructions"].append(network_features(network, reconstructions, size, args.device))
-        if args.grid and sum(len(pair[0]) for pair in seen["shown"]) < args.grid_images:
+        seen["originals"].append(network_features(network, images, size, device))
+        seen["reconstructions"].append(network_features(network, reconstructions, size, device))
+        if grid and sum(len(pair[0]) for pair in seen["shown"]) < grid_images:
             seen["shown"].append((images.cpu(), reconstructions.cpu()))
     if sum(len(p) for p in seen["psnr"]) < 2:
-        raise UserError(f"{args.real} has fewer than 2 readable images; the statistics need at least 2")
+        raise UserError(f"{real.path} has fewer than 2 readable images; the statistics need at least 2")
     originals, reconstructions = np.concatenate(seen["originals"]), np.concatenate(seen["reconstructions"])
     mu, sigma = mean_and_covariance(originals)
     usage, perplexity = code_statistics(code_counts)
-    results = {"vqgan_ckpt": str(args.vqgan_ckpt), "real": str(args.real), "real_split": args.real_split,
+    results = {"vqgan_ckpt": str(vqgan_ckpt), "real": str(real.path), "real_split": real.split,
                "n": len(originals), "resolution": resolution, "bf16": bf16,
                "PSNR": torch.cat(seen["psnr"]).mean().item(), "SSIM": torch.cat(seen["ssim"]).mean().item(),
                "code_usage": usage, "perplexity": perplexity}
-    results.update(set_metrics(originals, reconstructions, mu, sigma, args, prefix="r"))
-    if args.reference_split:
-        results.update(against_reference(args, network, originals, reconstructions))
-    if args.grid:
-        save_grid(args.grid, seen["shown"], args.grid_images, results)
+    results.update(set_metrics(originals, reconstructions, mu, sigma, scoring, prefix="r"))
+    if reference_split:
+        reference = dataclasses.replace(real, split=reference_split, n=None, where=())
+        results.update(against_reference(reference, network, originals, reconstructions, scoring, loading))
+    if grid:
+        save_grid(grid, seen["shown"], grid_images, results)
     return results
 
 
-def against_reference(args, network, originals, reconstructions):
-    """--reference_split: the originals and their reconstructions each scored against all of another split, so the
-    decoder's cost reads beside the real-vs-real floor measured the same way: floor_FD (originals), dFD
-    (reconstructions) and their ratio dFD_over_floor."""
-    reference_args = argparse.Namespace(**{**vars(args), "real_split": args.reference_split, "n": None,
-                                           "real_where": []})
-    reference = real_statistics(reference_args, network, args.features)
-    floor = set_metrics(reference["features"], originals, reference["mu"], reference["sigma"], args, "floor_")
-    decoded = set_metrics(reference["features"], reconstructions, reference["mu"], reference["sigma"], args, "d")
-    ratio = decoded[f"dFD_{args.features}"] / floor[f"floor_FD_{args.features}"]
-    return {"reference_split": args.reference_split, "n_reference": len(reference["features"]), **floor, **decoded,
+def against_reference(reference, network, originals, reconstructions, scoring, loading):
+    """--reference_split: the originals and their reconstructions each scored against all of another split (the
+    RealSet `reference`), so the decoder's cost reads beside the real-vs-real floor measured the same way: floor_FD
+    (originals), dFD (reconstructions) and their ratio dFD_over_floor."""
+    stats = real_statistics(reference, network, scoring, loading)
+    floor = set_metrics(stats["features"], originals, stats["mu"], stats["sigma"], scoring, "floor_")
+    decoded = set_metrics(stats["features"], reconstructions, stats["mu"], stats["sigma"], scoring, "d")
+    ratio = decoded[f"dFD_{scoring.features}"] / floor[f"floor_FD_{scoring.features}"]
+    return {"reference_split": reference.split, "n_reference": len(stats["features"]), **floor, **decoded,
             "dFD_over_floor": ratio}
 
 
@@ -554,35 +590,64 @@ def check_args(args):
         raise UserError("nothing to compare --real with: give --fake DIR, --samples_from CKPT or --vqgan_ckpt CKPT")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    args.device = pick_device(args.device)
-    args.real_split = args.real_split or ("test" if args.vqgan_ckpt else "train")
+def resolve_defaults(args):
+    """A copy of `args` with the defaults that follow from other flags filled in (the device picked, --real_split,
+    --n, --fake), checked before any slow work."""
+    settings = {**vars(args), "device": pick_device(args.device),
+                "real_split": args.real_split or ("test" if args.vqgan_ckpt else "train")}
     if args.samples_from:
         checkpoint = require_file(model_paths(args.samples_from)[1], "diffusion checkpoint config").with_suffix("")
-        args.n = args.n or 1000
         options = sampling_options(args)
-        args.fake = args.fake or f"{checkpoint}_samples_{options['sampler']}_{options['steps']}_seed{args.seed}"
-        check_output_folder(args.fake, "--fake")
+        settings["n"] = args.n or 1000
+        settings["fake"] = args.fake or f"{checkpoint}_samples_{options['sampler']}_{options['steps']}_seed{args.seed}"
+        check_output_folder(settings["fake"], "--fake")
     elif args.fake and not Path(args.fake).is_dir():
         raise UserError(f"fake image folder not found: {args.fake}")
     if args.vqgan_ckpt:
-        args.n = args.n or 256
+        settings["n"] = args.n or 256
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
             check_output_file(path, flag)
-    settings = sample_settings(args) if args.samples_from else None
-    request = evaluation_request(args, settings) if args.samples_from else None
-    done = finished_results(args, request) if args.skip_done else None
+    return argparse.Namespace(**settings)
+
+
+def real_set(args):
+    return RealSet(args.real, args.real_split, args.image_column, tuple(args.real_where), args.n)
+
+
+def loading_of(args):
+    return Loading(args.device, args.resolution, args.batch_size, args.num_workers)
+
+
+def scoring_of(args):
+    return Scoring(args.features, args.kid_subsets, args.kid_subset_size, args.seed,
+                   None if args.no_cache else args.cache_dir, args.inception_weights)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    args = resolve_defaults(args)
+    real, loading, scoring = real_set(args), loading_of(args), scoring_of(args)
+    options = sampling_options(args) if args.samples_from else None
+    settings = request = None
+    if args.samples_from:
+        settings = sample_settings(args.samples_from, options, args.seed, args.prompt, not args.no_ema,
+                                   use_bf16(args.precision, args.device))
+        request = evaluation_request(real, args.fake, scoring, loading, settings)
+    done = finished_results(args.out, request) if args.skip_done else None
     if done is not None:
         print_table(done, args.features)
         print(f"kept {args.out}: it already holds this evaluation (--skip_done)")
         return 0
     network = load_feature_network(args.features, args.device, args.inception_weights)
     if args.samples_from:
-        generate_samples(args, settings)
-    results = score_vqgan(args, network) if args.vqgan_ckpt else score_sets(args, network)
+        generate_samples(args.samples_from, args.fake, args.n, options, settings, args.device, args.batch_size)
+    if args.vqgan_ckpt:  # bf16 only when asked for: --precision auto keeps reconstructions in fp32
+        results = score_vqgan(args.vqgan_ckpt, real, network, scoring, loading, args.precision == "bf16",
+                              args.reference_split, args.grid, args.grid_images)
+    else:
+        results = score_sets(real, args.fake, network, scoring, loading)
     results.update(features=args.features, resize=RESIZE_POLICY)
     if request is not None:
         results["request"] = request

@@ -33,12 +33,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
-import json
 import math
-import os
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,377 +44,27 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
-    ArgumentParser, CorruptCheckpoint, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log,
-    atomic_write, autocast, check_run_identity, checkpoint_path, collate_skip_none, epoch_order, file_digest, int_list,
-    load_resume, load_state_dir, load_weights, make_grid, native_bf16, non_negative_float,
-    non_negative_int, pick_device, positive_float, positive_int, prune_checkpoints, read_json, read_log, rng_state,
-    run_cli, save_png, save_state_dir, seed_everything, set_rng_state, tensor_to_images, trim_log,
+    ArgumentParser, ImageSource, LogWindow, StopSignal, UserError, append_log, atomic_write, autocast,
+    check_run_identity, checkpoint_path, due, epoch_order, file_digest, int_list, load_resume, load_weights, make_grid,
+    native_bf16, non_negative_float, non_negative_int, positive_float, positive_int, prune_checkpoints, read_log,
+    run_cli, save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
 )
 from diffusion import (
     DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
     read_diffusion_model, save_diffusion_model, unet_weights,
 )
-from features import TEACHER, EfficientNetLiteFeatures
-from image_embedding import load_embedding_cache
-from packing import read_packed_latents
-from text_encoder import DEFAULT_TEXT_ENCODER, caption_function
+from distributed import any_rank, gather_rng_states, is_main, mean_over_ranks, say, setup_distributed
+from latent_cache import cache_batch, cache_on, dataset_cache, image_embed_dim, packed_cache, read_image_embeds
+from text_encoder import DEFAULT_TEXT_ENCODER
 from unet import UNET_CONFIGS, build_unet, complete_config, zero_module
 from vqgan import latents_digest, load_vqgan
 
 UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
-CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
-
-
-def say(message):
-    """Print on the main process only, without breaking a tqdm bar."""
-    if is_main():
-        tqdm.write(message)
 
 
 # ----------------------------------------------------------------------------------------------
-# Processes: one per GPU under torchrun (DistributedDataParallel); plain `python trainer.py` is one process.
-
-
-def setup_distributed(device_name):
-    """(rank, world_size, device). Under torchrun (RANK is set) joins the process group: nccl on GPUs, gloo on
-    CPUs; each process takes the GPU of its LOCAL_RANK."""
-    device = pick_device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"multi-process training runs on cuda or cpu, not {device.type}")
-    # Rank 0 may encode the latent cache for a long time while the others wait at a barrier.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3),
-                            device_id=device if device.type == "cuda" else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def mean_over_ranks(value):
-    """The mean of a 0-dim tensor over all processes, as a float."""
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value.item()
-
-
-def any_rank(flag, device):
-    """True on every process if `flag` is True on any of them (so all stop at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def gather_rng_states():
-    """rng_state() of every process, in rank order (all_gather_object pickles, but only between our processes)."""
-    if not dist.is_initialized():
-        return [rng_state()]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-# ----------------------------------------------------------------------------------------------
-# Latent cache: a save_state_dir folder (tensors.safetensors + state.json), written atomically by rank 0.
-# latents: N x 2 x C x h x w float16, unscaled VQGAN latents of each image ([:, 0]) and its mirror image ([:, 1]);
-# with captions: captions (the U distinct ones), caption_ids N, context U x L x D float16, context_mask U x L bool.
-
-
-def dataset_identity(args, source):
-    """What the data set is: its name or resolved path, split, column and size, and for a local folder or file a
-    digest of every file's path, size and bytes (so edited, added or replaced files are noticed, while a copy of
-    the same files, with new modification times, is the same data set; hashing costs about 0.15 s per 140 MB)."""
-    path = Path(args.dataset_path)
-    identity = dict(path=str(path.resolve()) if path.exists() else args.dataset_path, split=args.split,
-                    image_column=args.image_column, rows=len(source))
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    if files:
-        listing = "".join(f"{file.relative_to(path.parent)}\t{file.stat().st_size}\n" for file in files)
-        identity["files"] = hashlib.sha256((listing + file_digest(files)).encode()).hexdigest()
-    return identity
-
-
-def caption_identity(args):
-    """How a conditional run's captions are made and encoded (None for an unconditional run)."""
-    if not args.conditional:
-        return None
-    return {"column": args.caption_column, "template": args.caption_template, "text_encoder": args.text_encoder,
-            "max_text_length": args.max_text_length}
-
-
-def cache_identity(args, source, resolution, vqgan_digest):
-    """Everything the cached tensors depend on (`vqgan_digest`: vqgan.latents_digest, blind to the decoder); its
-    hash is the cache key."""
-    return dict(format=CACHE_FORMAT, vqgan=vqgan_digest,
-                dataset=dataset_identity(args, source), max_images=args.max_images, resolution=resolution,
-                bf16=args.bf16, captions=caption_identity(args))
-
-
-def cache_key(identity):
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-class IndexedImages(torch.utils.data.Dataset):
-    """(row, centre-cropped image 3 x R x R) for chosen rows of an ImageSource; None where unreadable."""
-
-    def __init__(self, source, rows, resolution):
-        self.images = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        image = self.images[self.rows[i]]
-        return None if image is None else (self.rows[i], image)
-
-
-@torch.no_grad()
-def encode_captions(captions, text_encoder, batch_size=256):
-    """Captions (one per cached image) -> distinct captions, caption_ids, their token embeddings and masks."""
-    distinct = list(dict.fromkeys(captions))
-    ids = {caption: i for i, caption in enumerate(distinct)}
-    contexts, masks = zip(*(text_encoder.encode(distinct[i:i + batch_size])
-                            for i in range(0, len(distinct), batch_size)))
-    return dict(captions=distinct, caption_ids=torch.tensor([ids[c] for c in captions]),
-                context=torch.cat(contexts).half().cpu(), context_mask=torch.cat(masks).cpu())
-
-
-@torch.no_grad()
-def build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16=False, caption_of=None,
-                       text_encoder=None, num_workers=0, progress=True):
-    """Encode `rows` of `source` (centre crop and its mirror image) with the frozen VQGAN; unreadable images are
-    skipped. The latent scale is the VQGAN's own when it has one (latent_scale != 1, measured when it was trained),
-    else the measured 1 / std of these latents: diffusion runs on latents * latent_scale (about unit variance)."""
-    loader = torch.utils.data.DataLoader(IndexedImages(source, rows, resolution), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=collate_skip_none)
-    kept, chunks = [], []
-    for batch in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
-        if batch is None:
-            continue
-        batch_rows, images = batch
-        images = images.to(device)
-        with autocast(device, bf16):
-            latents = vqgan.encode(torch.cat([images, images.flip(-1)])).float()  # 2B x C x h x w
-        chunks.append(torch.stack(latents.chunk(2), dim=1).half().cpu())  # B x 2 x C x h x w
-        kept += batch_rows.tolist()
-    if not kept:
-        raise UserError(f"none of the {len(rows)} images of {source.path} could be read")
-    latents = torch.cat(chunks).contiguous()  # the encoder's channels-last layout, made plain for safetensors
-    measured = 1.0 / latents.double().std().item()
-    from_vqgan = vqgan.latent_scale != 1.0
-    cache = dict(latents=latents, skipped=len(rows) - len(kept), measured_latent_scale=measured,
-                 latent_scale=vqgan.latent_scale if from_vqgan else measured,
-                 latent_scale_source="vqgan" if from_vqgan else "measured")
-    if caption_of is not None:
-        cache.update(encode_captions([caption_of(source.metadata(row)) for row in kept], text_encoder))
-    return cache
-
-
-CAPTION_KEYS = ("captions", "caption_ids", "context", "context_mask")  # what encode_captions adds to a cache
-
-
-def read_latent_cache(path, identity, what="latent cache", uncaptioned_ok=False):
-    """The cache at `path` if it was built for `identity`; None (saying why) if absent or built for other inputs.
-    An unconditional run also uses the latents of a cache built with captions (a conditional run's) and ignores
-    the captions, so the two runs of one data set encode it once; with `uncaptioned_ok`, a conditional run gets
-    an unconditional run's cache of the same images (none unreadable) as it is, to caption. `what` names the cache
-    in messages."""
-    if not path.exists():
-        return None
-    if not (path / "state.json").is_file():
-        raise UserError(f"{what} {path} exists and is not a {what}: choose another --latent_cache")
-    try:
-        cache = load_state_dir(path)
-    except CorruptCheckpoint as err:
-        say(f"{what}: {err}: re-encoding")
-        return None
-    if not isinstance(cache, dict) or "key" not in cache:
-        raise UserError(f"{what} {path} is not a {what} (a checkpoint?): choose another --latent_cache")
-    if cache["key"] == cache_key(identity):
-        return cache
-    old = cache.get("identity", {})
-    if identity.get("captions") is None and cache_key({**old, "captions": None}) == cache_key(identity):
-        say(f"latent cache {path} was built with captions: this unconditional run uses its latents alone")
-        return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
-    if (uncaptioned_ok and old.get("captions") is None and not cache["skipped"]
-            and cache["key"] == cache_key({**identity, "captions": None})):
-        return cache
-    changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
-    say(f"{what} {path} was built for another {', '.join(changed)}: re-encoding")
-    return None
-
-
-def load_or_build_cache(path, identity, build, what="latent cache", rows_key="latents", caption=None):
-    """Rank 0 reuses the cache at `path` or calls build() and writes it; the other ranks wait, then read it.
-    `rows_key` names the tensor with one row per image (for the messages). `caption()` (a conditional run's
-    captions of every image, as encode_captions gives them) completes an unconditional run's cache of the same
-    images in place of encoding them again."""
-    cache = None
-    if is_main():
-        cache = read_latent_cache(path, identity, what, uncaptioned_ok=caption is not None)
-        if caption is not None and cache is not None and cache["key"] != cache_key(identity):  # uncaptioned
-            cache = {**cache, **caption(), "key": cache_key(identity), "identity": identity}
-            save_state_dir(path, cache)
-            say(f"{what}: added this run's captions to the {len(cache[rows_key])} images of {path}")
-        elif cache is None:
-            cache = {"key": cache_key(identity), "identity": identity, **build()}
-            save_state_dir(path, cache)
-            say(f"{what}: encoded {len(cache[rows_key])} images into {path}")
-        else:
-            say(f"{what}: reusing {path} ({len(cache[rows_key])} images)")
-    barrier()
-    if cache is None:
-        cache = read_latent_cache(path, identity, what)
-        if cache is None:
-            raise UserError(f"cannot read the latent cache {path} written by rank 0: multi-node training needs "
-                            "--latent_cache on a filesystem all nodes share")
-    return cache
-
-
-def dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device):
-    """The latent cache of --dataset_path: read from --latent_cache (default OUTPUT_DIR/latent_cache), or encoded
-    and written there; with --repa_weight also the images' REPA targets (in a cache beside it)."""
-    source = ImageSource(args.dataset_path, args.split, args.image_column)
-    rows = list(range(min(len(source), args.max_images or len(source))))
-    caption_of = (caption_function(source.columns, args.caption_column, args.caption_template)
-                  if args.conditional else None)
-    path = Path(args.latent_cache) if args.latent_cache else Path(args.output_dir) / "latent_cache"
-    cache = load_or_build_cache(
-        path, cache_identity(args, source, resolution, vqgan_digest), lambda: build_latent_cache(
-            source, rows, vqgan, resolution, args.batch_size, device, args.bf16, caption_of, text_encoder,
-            args.num_workers), caption=None if caption_of is None else (
-            lambda: encode_captions([caption_of(source.metadata(row)) for row in rows], text_encoder)))
-    if args.repa_weight:
-        cache["repa"] = load_repa_targets(
-            Path(f"{path}-repa"), repa_identity(args, source, resolution), lambda: build_repa_cache(
-                source, rows, resolution, args.repa_image_size, args.repa_channels, args.batch_size, device,
-                args.num_workers), len(cache["latents"]))
-    return cache
-
-
-def packed_cache(args, vqgan, resolution):
-    """The latent cache that --packed_latents (packing.py: VQGAN codes) stands for, with the quantised latents z_q
-    in place of z; no image is read and `datasets` is not imported. Its resolution and captions must be this
-    run's (an unconditional run ignores the captions)."""
-    cache = read_packed_latents(args.packed_latents, vqgan)
-    identity = cache["identity"]
-    if identity["resolution"] != resolution:
-        raise UserError(f"--packed_latents {args.packed_latents} holds {identity['resolution']} px images, this run "
-                        f"trains at --resolution {resolution}")
-    if not args.conditional:
-        return {k: v for k, v in cache.items() if k not in CAPTION_KEYS}
-    if identity["captions"] != caption_identity(args):
-        raise UserError(f"--packed_latents {args.packed_latents} holds captions {identity['captions']}, not this "
-                        f"run's {caption_identity(args)}")
-    return cache
-
-
-def read_image_embeds(folder, num_latents):
-    """The image embeddings N x E of an image_embedding.py folder, checked to cover the latent cache's rows."""
-    embeds, _ = load_embedding_cache(Path(folder) / "cache")
-    if len(embeds) != num_latents:
-        raise UserError(f"--image_embeddings {folder} holds {len(embeds)} images, the latent cache {num_latents}: "
-                        "embed the same data set (image_embedding.py --data)")
-    return embeds
-
-
-def image_embed_dim(folder):
-    """E of an image_embedding.py folder (None: no image embeddings), read before the UNet is built."""
-    return None if folder is None else read_json(Path(folder) / "cache.json", "embedding cache config")["dim"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Representation alignment (REPA, Yu et al. 2024): a UNet stage, through a small convolutional projector, is pulled
-# towards frozen EfficientNet-Lite2 features of the clean image (never Lite0, the FD judge). The teacher's last
-# feature map (stride 32: a g x g grid, g = --repa_image_size / 32, 352 channels) of every cached image and its
-# mirror image is computed once, reduced by PCA to --repa_channels and kept in a second cache beside the latents:
-# repa: N x 2 x K x g x g float16, row-aligned with the latent cache (the same rows, the same unreadable ones
-# skipped). At 10,010 images x 2, g = 8, K = 64 that is 164 MB (the latents at 128 px: 164 MB).
-
-REPA_PCA_IMAGES = 512  # the first images (and mirrors) whose feature vectors fit the PCA
-REPA_FORMAT = 1        # bump when the REPA cache layout changes
-
-
-def repa_identity(args, source, resolution):
-    """Everything the REPA targets depend on (its hash is the REPA cache's key): the images, the teacher and the
-    reduction."""
-    return {"format": REPA_FORMAT, "dataset": dataset_identity(args, source), "max_images": args.max_images,
-            "resolution": resolution, "teacher": TEACHER, "image_size": args.repa_image_size,
-            "channels": args.repa_channels, "pca_images": REPA_PCA_IMAGES}
-
-
-@torch.no_grad()
-def teacher_maps(teacher, source, rows, resolution, image_size, batch_size, device, num_workers=0, progress=True):
-    """Yields the teacher's last feature map of each readable image of `rows` and its mirror image, batch by
-    batch: B x 2 x D x g x g float32 (the centre crop at `resolution`, resized to `image_size`; always in fp32, so
-    the targets do not depend on --bf16)."""
-    loader = torch.utils.data.DataLoader(IndexedImages(source, rows, resolution), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=collate_skip_none)
-    for batch in tqdm(loader, desc="teacher", unit="batch", disable=not progress, leave=False):
-        if batch is None:
-            continue
-        images = batch[1].to(device)
-        images = F.interpolate(torch.cat([images, images.flip(-1)]), size=(image_size, image_size), mode="bilinear",
-                               align_corners=False, antialias=True)  # 2B x 3 x S x S
-        maps = teacher.feature_maps(images)[-1].float()  # 2B x D x g x g
-        yield torch.stack(maps.chunk(2), dim=1)
-
-
-def fit_pca(vectors, channels):
-    """(mean D, components D x K, explained variance fraction) of the top-K principal directions of N x D vectors:
-    the eigenvectors of their covariance with the largest eigenvalues (float64 maths, float32 results)."""
-    vectors = vectors.double()
-    mean = vectors.mean(0)
-    centred = vectors - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(vectors) - 1))  # ascending
-    explained = (eigenvalues[-channels:].sum() / eigenvalues.sum()).item()
-    return mean.float(), eigenvectors[:, -channels:].flip(1).float(), explained
-
-
-def project(maps, mean, components):
-    """PCA coordinates of feature maps: ... x D x g x g -> ... x K x g x g."""
-    return torch.einsum("...dhw,dk->...khw", maps - mean[:, None, None], components)
-
-
-def build_repa_cache(source, rows, resolution, image_size, channels, batch_size, device, num_workers=0,
-                     progress=True):
-    """The REPA cache: PCA fitted on the first REPA_PCA_IMAGES rows' feature vectors (every position of the image
-    and its mirror), then every row's maps projected onto it."""
-    teacher = EfficientNetLiteFeatures(TEACHER).to(device)
-    common = {"teacher": teacher, "source": source, "resolution": resolution, "image_size": image_size,
-              "batch_size": batch_size, "device": device, "num_workers": num_workers, "progress": progress}
-    sample = torch.cat(list(teacher_maps(rows=rows[:REPA_PCA_IMAGES], **common)))  # n x 2 x D x g x g
-    if channels > sample.shape[2]:
-        raise UserError(f"--repa_channels {channels} is more than the teacher's {sample.shape[2]} channels")
-    mean, components, explained = fit_pca(sample.transpose(2, -1).reshape(-1, sample.shape[2]), channels)
-    targets = [project(maps, mean, components).half().cpu() for maps in teacher_maps(rows=rows, **common)]
-    return {"repa": torch.cat(targets), "pca_mean": mean.cpu(), "pca_components": components.cpu(),
-            "explained_variance": explained}
-
-
-def load_repa_targets(path, identity, build, num_latents):
-    """The REPA cache's targets (N x 2 x K x g x g), checked to cover the latent cache's rows."""
-    repa = load_or_build_cache(path, identity, build, "REPA cache", "repa")
-    if len(repa["repa"]) != num_latents:
-        raise UserError(f"the REPA cache {path} holds {len(repa['repa'])} images, the latent cache {num_latents}: "
-                        "delete the REPA cache and run again")
-    say(f"REPA targets: {tuple(repa['repa'].shape[2:])} per image, PCA keeps "
-        f"{repa['explained_variance']:.1%} of the teacher's variance")
-    return repa["repa"]
+# Representation alignment (REPA, Yu et al. 2024): the training side. A UNet stage, through a small convolutional
+# projector, is pulled towards the frozen teacher's targets that latent_cache.py computes once.
 
 
 class RepaProjector(nn.Module):
@@ -458,9 +103,10 @@ def repa_loss(projected, targets):
 # with another number of steps between checkpoints) sees exactly the samples a straight run would.
 
 
-def stream_position(step, micro, rank, args, world_size):
-    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`."""
-    return ((step * args.grad_accum + micro) * world_size + rank) * args.batch_size
+def stream_position(step, micro, rank, world_size, batch_size, grad_accum):
+    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`
+    (`batch_size` samples per micro-batch, `grad_accum` micro-batches per step on each of `world_size` ranks)."""
+    return ((step * grad_accum + micro) * world_size + rank) * batch_size
 
 
 def batch_rows(num_rows, batch_size, seed, position):
@@ -474,40 +120,22 @@ def batch_rows(num_rows, batch_size, seed, position):
     return rows
 
 
-def cache_on(cache, device):
-    """The cache with its latents and caption embeddings on `device`, moved once (on a GPU, gathering each batch
-    from host memory and copying it over would cost more than indexing there); a no-op on the CPU."""
-    return {k: v.to(device) if k in ("latents", "context", "context_mask") else v for k, v in cache.items()}
-
-
-def cache_batch(cache, rows, device):
-    """(scaled latents B x C x h x w, context B x L x D or None, mask B x L or None, REPA targets B x K x g x g or
-    None, image embeddings B x E or None) for cache rows; each sample is the image or its mirror image at random,
-    its REPA targets those of the same image and flip, its embedding the painting's (a mirror shares it)."""
-    flips = torch.randint(0, 2, (len(rows),))
-    latents = cache["latents"][rows, flips].to(device).float() * cache["latent_scale"]
-    targets = cache["repa"][rows, flips].to(device).float() if "repa" in cache else None
-    embeds = cache["image_embeds"][rows].to(device).float() if "image_embeds" in cache else None
-    if "caption_ids" not in cache:
-        return latents, None, None, targets, embeds
-    ids = cache["caption_ids"][rows]
-    return latents, cache["context"][ids].to(device).float(), cache["context_mask"][ids].to(device), targets, embeds
-
-
 # ----------------------------------------------------------------------------------------------
 # Model, optimizer, EMA
 
 
-def make_unet(args, latent_channels, latent_size, context_dim, image_embed_dim=None):
-    """The UNet of --unet_size with the command line's overrides, for latents C x h x h."""
-    overrides = {name: getattr(args, name) for name in UNET_OVERRIDES if getattr(args, name) is not None}
-    channel_mult = overrides.get("channel_mult", UNET_CONFIGS[args.unet_size]["channel_mult"])
+def make_unet(unet_size, latent_channels, latent_size, context_dim, overrides=None, pooled_text_embed=False,
+              image_embed_dim=None):
+    """The UNet of size `unet_size` (UNET_CONFIGS) with `overrides` (a dict of UNET_OVERRIDES), for latents
+    C x h x h."""
+    overrides = overrides or {}
+    channel_mult = overrides.get("channel_mult", UNET_CONFIGS[unet_size]["channel_mult"])
     if latent_size % 2 ** (len(channel_mult) - 1):
         raise UserError(f"latents of {latent_size}x{latent_size} cannot be halved {len(channel_mult) - 1} times by "
                         f"the UNet (channel_mult {channel_mult}): change --resolution or --channel_mult")
     try:
-        return build_unet(args.unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
-                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=args.pooled_text_embed,
+        return build_unet(unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
+                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=pooled_text_embed,
                           image_embed_dim=image_embed_dim)
     except ValueError as err:
         raise UserError(f"bad UNet configuration: {err}") from None
@@ -542,12 +170,6 @@ def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def lr_schedule_of(args):
-    """step -> multiplier of --lr under the command line's warm-up and schedule."""
-    return functools.partial(lr_factor, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                             lr_schedule=args.lr_schedule, floor=args.min_lr / args.lr)
 
 
 def ema_decay(step, max_decay, warm_start=False):
@@ -592,41 +214,38 @@ def trained_parameters(unet, projector=None):
     return list(unet.parameters()) + (list(projector.parameters()) if projector else [])
 
 
-def make_projector(args, unet, repa_shape):
-    """The REPA projector from the --repa_layer stage onto targets K x g x g, initialised from --seed alone (the
+def make_projector(unet, layer, repa_shape, seed):
+    """The REPA projector from the UNet stage `layer` onto targets K x g x g, initialised from `seed` alone (the
     same on every process) without moving the global random stream."""
     channels, grid = repa_shape[0], repa_shape[-1]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        return RepaProjector(unet.feature_shapes[args.repa_layer][0], channels, grid)
+        torch.manual_seed(seed)
+        return RepaProjector(unet.feature_shapes[layer][0], channels, grid)
 
 
-def check_repa_layer(args, unet):
-    if args.repa_weight and args.repa_layer not in unet.feature_shapes:
-        raise UserError(f"--repa_layer {args.repa_layer}: no such UNet stage (choose from "
-                        f"{', '.join(unet.feature_shapes)})")
+def check_repa_layer(layer, unet):
+    if layer not in unet.feature_shapes:
+        raise UserError(f"--repa_layer {layer}: no such UNet stage (choose from {', '.join(unet.feature_shapes)})")
 
 
-def build_training(args, unet, device, repa_shape=None):
+def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None):
     """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
-    (in eval mode, what sampling uses), the REPA projector (None unless `repa_shape`, the targets' K x g x g, is
-    given), AdamW (weight decay on matrices and convolutions only), the LR schedule, the noise schedule and the
-    optimizer step count."""
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    (in eval mode, what sampling uses), the REPA `projector` (None: no REPA), AdamW at peak `lr` (`weight_decay` on
+    matrices and convolutions only), the LR schedule (`lr_multiplier`: step -> factor of `lr`), the noise
+    `schedule` and the optimizer step count."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(device, memory_format=layout).train()  # the batches follow the weights' layout
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    projector = None if repa_shape is None else make_projector(args, unet, repa_shape).to(device).train()
+    projector = None if projector is None else projector.to(device).train()
     model = unet
     if dist.is_initialized():
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     trained = trained_parameters(unet, projector)
-    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": args.weight_decay},
+    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule_of(args))
-    schedule = NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
-                             args.zero_terminal_snr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     return RunState(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
                     schedule=schedule, device=device, projector=projector)
 
@@ -661,13 +280,6 @@ def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon
     if repa_targets is None:
         return loss, None
     return loss, repa_loss(run.projector(stage["features"]), repa_targets)
-
-
-def loss_settings(args):
-    """The keyword arguments of diffusion_loss that the command line sets."""
-    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
-            "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
-            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
 
 
 def repa_active(run, repa_until):
@@ -727,36 +339,6 @@ def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max
 # Checkpoints: OUTDIR/checkpoints/step_NNNNNNN (save_state_dir) + the exported sampling checkpoint OUTDIR/unet
 
 
-def run_identity(args, vqgan_digest, resolution):
-    """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
-    under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
-    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
-    on resume; the UNet's architecture is checked by check_same_architecture."""
-    beta_range = [None, None]
-    if args.schedule != "cosine":
-        betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
-        beta_range = [round(betas[0].item(), 12), round(betas[-1].item(), 12)]
-    captions = ("caption_column", "caption_template", "text_encoder", "max_text_length", "cond_drop")
-    return dict(vqgan_ckpt=vqgan_digest[:16], resolution=resolution, schedule=args.schedule,
-                num_train_timesteps=args.num_train_timesteps, beta_start=beta_range[0], beta_end=beta_range[1],
-                zero_terminal_snr=args.zero_terminal_snr,
-                prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
-                batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
-                **{name: getattr(args, name) if args.conditional else None for name in captions},
-                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
-                                                                        "cache.safetensors")[:16],
-                **lever_identity(args))
-
-
-def lever_identity(args):
-    """The training levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
-    REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
-    repa = ("repa_layer", "repa_image_size", "repa_channels")
-    return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
-                timestep_scale=args.timestep_scale,
-                **{name: getattr(args, name) if args.repa_weight else None for name in repa})
-
-
 def check_same_architecture(state, unet, path):
     saved = state.get("config", {}).get("unet") if isinstance(state, dict) else None
     if saved is None:
@@ -793,33 +375,33 @@ def restore(run, state, path, rank, world_size, lr):
             "random streams restart (the continuation is not bit-exact)")
 
 
-def sampling_config(args, run, cache):
-    """The JSON of a diffusion checkpoint (DEVELOPERS.md), less the VQGAN reference save_diffusion_model adds."""
-    return dict(unet=run.unet.config, schedule=run.schedule.config, prediction_type=args.prediction_type,
+def sampling_config(run, cache, prediction_type, text_encoder, max_text_length, settings):
+    """The JSON of a diffusion checkpoint (DEVELOPERS.md), less the VQGAN reference save_diffusion_model adds:
+    `text_encoder` is the encoder's name (None: unconditional), `settings` the run's resolved flags as recorded."""
+    return dict(unet=run.unet.config, schedule=run.schedule.config, prediction_type=prediction_type,
                 latent_shape=list(cache["latents"].shape[2:]), latent_scale=cache["latent_scale"],
-                text_encoder=args.text_encoder if args.conditional else None, max_text_length=args.max_text_length,
+                text_encoder=text_encoder, max_text_length=max_text_length,
                 training=dict(step=run.step, total_steps=run.steps_before + run.step, images=len(cache["latents"]),
-                              latent_scale_source=cache["latent_scale_source"], args=vars(args)))
+                              latent_scale_source=cache["latent_scale_source"], args=settings))
 
 
-def save_checkpoint(run, args, cache, vqgan, out, identity):
-    """Every process contributes its RNG state; rank 0 writes checkpoints/step_N (with the run's `identity`),
-    prunes to --keep_last and exports OUTDIR/unet. Returns the checkpoint folder."""
+def save_checkpoint(run, out, config, identity, keep_last, vqgan, image_embedder=None):
+    """Every process contributes its RNG state; rank 0 writes OUT/checkpoints/step_N (with `config`, the
+    sampling_config, and the run's `identity`), prunes to the `keep_last` newest and exports OUT/unet (`vqgan`: the
+    VQModel to embed or its path; `image_embedder`: a path or None). Returns the checkpoint folder."""
     rng_states = gather_rng_states()
     path = checkpoint_path(out / "checkpoints", run.step)
     if not is_main():
         return path
-    config = sampling_config(args, run, cache)
     state = {"step": run.step, "config": config, "model": run.unet.state_dict(), "ema": run.ema.state_dict(),
              "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
              "rng": rng_states, "identity": identity, "steps_before": run.steps_before}
     if run.projector is not None:  # training-only: in the resumable state, never in the exported model
         state["repa_projector"] = run.projector.state_dict()
     save_state_dir(path, state)
-    prune_checkpoints(out / "checkpoints", args.keep_last)
-    save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config,
-                         vqgan=vqgan if args.embed_vqgan else args.vqgan_ckpt,
-                         image_embedder=args.image_embeddings and Path(args.image_embeddings) / "embedder")
+    prune_checkpoints(out / "checkpoints", keep_last)
+    save_diffusion_model(out / "unet", run.unet.state_dict(), run.ema.state_dict(), config, vqgan=vqgan,
+                         image_embedder=image_embedder)
     return path
 
 
@@ -827,21 +409,23 @@ def save_checkpoint(run, args, cache, vqgan, out, identity):
 # Feedback: log.jsonl, sample grids, loss curve
 
 
-def sample_prompts(args, cache):
-    """--num_samples prompts for the sample grids: --sample_prompts, else the dataset's first distinct captions."""
-    if not args.conditional:
+def sample_prompts(num_samples, prompts, captions):
+    """`num_samples` prompts for the sample grids, cycling through `prompts` (--sample_prompts), else through the
+    dataset's first distinct `captions`; None for an unconditional run (no captions)."""
+    if captions is None:
         return None
-    prompts = args.sample_prompts or cache["captions"]
-    return [prompts[i % len(prompts)] for i in range(args.num_samples)]
+    prompts = prompts or captions
+    return [prompts[i % len(prompts)] for i in range(num_samples)]
 
 
-def save_samples(path, pipeline, args, prompts, step):
-    """A grid of EMA samples from fixed seeds (image i from seed i) and fixed prompts."""
-    images = pipeline.generate(args.num_samples, seed=0, sampler=args.sampler, steps=args.sample_steps,
-                               prompt=prompts, guidance_scale=args.guidance_scale, progress=False)
-    text = dict(step=step, sampler=args.sampler, steps=args.sample_steps, seeds=f"0..{args.num_samples - 1}")
+def save_samples(path, pipeline, num_samples, step, sampler="dpmpp-2m", steps=20, prompts=None,
+                 guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    """A grid of `num_samples` EMA samples from fixed seeds (image i from seed i) and fixed prompts."""
+    images = pipeline.generate(num_samples, seed=0, sampler=sampler, steps=steps, prompt=prompts,
+                               guidance_scale=guidance_scale, progress=False)
+    text = dict(step=step, sampler=sampler, steps=steps, seeds=f"0..{num_samples - 1}")
     if prompts is not None:
-        text.update(prompts=prompts, guidance_scale=args.guidance_scale)
+        text.update(prompts=prompts, guidance_scale=guidance_scale)
     save_png(path, make_grid(tensor_to_images(images)), text)
 
 
@@ -864,16 +448,16 @@ def plot_loss_curve(log_path, png_path):
 # Training
 
 
-def load_text_encoder(args, device):
-    """The frozen --text_encoder, or its captions encoded in advance (--text_embeddings)."""
+def load_text_encoder(name, max_length, device, embeddings=None):
+    """The frozen text encoder `name`, or its captions encoded in advance in `embeddings` (--text_embeddings)."""
     from text_encoder import PrecomputedTextEncoder, TextEncoder
 
-    if args.text_embeddings is None:
-        return TextEncoder(args.text_encoder, device, args.max_text_length)
-    encoder = PrecomputedTextEncoder(args.text_embeddings, device)
-    if (encoder.name, encoder.max_length) != (args.text_encoder, args.max_text_length):
-        raise UserError(f"--text_embeddings {args.text_embeddings} holds {encoder.name} at {encoder.max_length} "
-                        f"tokens, not --text_encoder {args.text_encoder} at --max_text_length {args.max_text_length}")
+    if embeddings is None:
+        return TextEncoder(name, device, max_length)
+    encoder = PrecomputedTextEncoder(embeddings, device)
+    if (encoder.name, encoder.max_length) != (name, max_length):
+        raise UserError(f"--text_embeddings {embeddings} holds {encoder.name} at {encoder.max_length} "
+                        f"tokens, not --text_encoder {name} at --max_text_length {max_length}")
     return encoder
 
 
@@ -892,11 +476,13 @@ def prepare(args, rank, world_size, device):
     identity = run_identity(args, vqgan_digest, resolution)
     text_encoder = None
     if args.conditional:
-        text_encoder = load_text_encoder(args, device)
+        text_encoder = load_text_encoder(args.text_encoder, args.max_text_length, device, args.text_embeddings)
     seed_everything(args.seed)  # the initial weights depend on the seed alone
-    unet = make_unet(args, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
-                     text_encoder.dim if text_encoder else None, image_embed_dim(args.image_embeddings))
-    check_repa_layer(args, unet)
+    unet = make_unet(args.unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
+                     text_encoder.dim if text_encoder else None, unet_overrides(args), args.pooled_text_embed,
+                     image_embed_dim(args.image_embeddings))
+    if args.repa_weight:
+        check_repa_layer(args.repa_layer, unet)
     if state is not None:
         check_same_architecture(state, unet, resume_path)
         check_run_identity(state.get("identity"), identity, resume_path, "start a new --output_dir")
@@ -907,9 +493,13 @@ def prepare(args, rank, world_size, device):
         say(f"initial weights from {args.init_from}" + (f"; {len(new)} new tensors ({shown})" if new else ""))
 
     if args.packed_latents:
-        cache = packed_cache(args, vqgan, resolution)
+        cache = packed_cache(args.packed_latents, vqgan, resolution, caption_settings(args))
     else:
-        cache = dataset_cache(args, vqgan, resolution, vqgan_digest, text_encoder, device)
+        cache = dataset_cache(
+            Path(args.latent_cache) if args.latent_cache else Path(args.output_dir) / "latent_cache",
+            ImageSource(args.dataset_path, args.split, args.image_column), vqgan, resolution, vqgan_digest, device,
+            args.max_images, args.batch_size, args.bf16, args.num_workers, caption_settings(args), text_encoder,
+            repa=dict(image_size=args.repa_image_size, channels=args.repa_channels) if args.repa_weight else None)
     if cache["skipped"]:
         say(f"warning: {cache['skipped']} unreadable images were left out of the latent cache")
     if args.image_embeddings:
@@ -917,7 +507,9 @@ def prepare(args, rank, world_size, device):
     cache = cache_on(cache, device)
 
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
-    run = build_training(args, unet, device, cache["repa"].shape[2:] if args.repa_weight else None)
+    projector = make_projector(unet, args.repa_layer, cache["repa"].shape[2:], args.seed) if args.repa_weight else None
+    run = build_training(unet, device, noise_schedule(args), args.lr, lr_schedule_of(args), args.weight_decay,
+                         args.channels_last, projector)
     run.steps_before = steps_before
     if state is not None:
         restore(run, state, resume_path, rank, world_size, args.lr)
@@ -926,21 +518,18 @@ def prepare(args, rank, world_size, device):
 
 
 def log_entry(window, step, lr, samples_per_step, num_rows):
-    """A log.jsonl line: means over the steps since the last one."""
-    elapsed = time.perf_counter() - window["start"]
-    n = window["steps"]
-    entry = {"step": step, "epoch": round(step * samples_per_step / num_rows, 3), "loss": window["loss"] / n,
-             "lr": lr, "grad_norm": window["grad_norm"] / n, "steps_per_s": n / elapsed,
-             "samples_per_s": n * samples_per_step / elapsed}
-    if window.get("repa_steps"):
-        entry["repa_loss"] = window["repa_loss"] / window["repa_steps"]
+    """A log.jsonl line: means over the steps since the last one (a LogWindow); repa_loss while REPA is on."""
+    means, steps_per_s = window.means(), window.steps_per_s()
+    entry = {"step": step, "epoch": round(step * samples_per_step / num_rows, 3), "loss": means["loss"], "lr": lr,
+             "grad_norm": means["grad_norm"], "steps_per_s": steps_per_s,
+             "samples_per_s": steps_per_s * samples_per_step}
+    if "repa_loss" in means:
+        entry["repa_loss"] = means["repa_loss"]
     return entry
 
 
 def train(args, rank, world_size, device):
     out = Path(args.output_dir)
-    if args.bf16 is None:
-        args.bf16 = native_bf16(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run, cache, vqgan, text_encoder, checkpoint, identity = prepare(args, rank, world_size, device)
@@ -950,13 +539,13 @@ def train(args, rank, world_size, device):
     log_path = out / "log.jsonl"
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        if run.step:
-            trim_log(log_path, run.step)
-        else:
-            log_path.unlink(missing_ok=True)
-    pipeline = Pipeline(run.ema, run.schedule, vqgan, sampling_config(args, run, cache), text_encoder=text_encoder,
-                        bf16=args.bf16, channels_last=args.channels_last)  # the EMA keeps the training's layout
-    prompts = sample_prompts(args, cache)
+        start_log(log_path, run.step)
+    config = functools.partial(sampling_config, run, cache, args.prediction_type,
+                               args.text_encoder if args.conditional else None, args.max_text_length, vars(args))
+    image_embedder = args.image_embeddings and Path(args.image_embeddings) / "embedder"
+    pipeline = Pipeline(run.ema, run.schedule, vqgan, config(), text_encoder=text_encoder, bf16=args.bf16,
+                        channels_last=args.channels_last)  # the EMA keeps the training's layout
+    prompts = sample_prompts(args.num_samples, args.sample_prompts, cache["captions"] if args.conditional else None)
     num_rows = len(cache["latents"])
     samples_per_step = args.batch_size * args.grad_accum * world_size
     say(f"UNet {args.unet_size}: {sum(p.numel() for p in run.unet.parameters()) / 1e6:.2f}M parameters; latents "
@@ -964,13 +553,15 @@ def train(args, rank, world_size, device):
         f"{num_rows} images x 2 flips; batch {args.batch_size} x {args.grad_accum} accumulation x {world_size} "
         f"processes = {samples_per_step}; {device}{', bf16' if args.bf16 else ''}")
 
-    window = dict(loss=0.0, grad_norm=0.0, steps=0, start=time.perf_counter())
+    window = LogWindow()
     bar = tqdm(total=args.max_steps, initial=run.step, desc="train", unit="step", disable=not is_main(),
                dynamic_ncols=True)
     with StopSignal() as stop:
         while run.step < args.max_steps:
-            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, stream_position(
-                run.step, micro, rank, args, world_size)), device) for micro in range(args.grad_accum)]
+            positions = [stream_position(run.step, micro, rank, world_size, args.batch_size, args.grad_accum)
+                         for micro in range(args.grad_accum)]
+            micro_batches = [cache_batch(cache, batch_rows(num_rows, args.batch_size, args.seed, position), device)
+                             for position in positions]
             lr = run.optimizer.param_groups[0]["lr"]
             loss, grad_norm, repa = train_step(run, micro_batches, loss_settings(args), args.bf16, args.grad_clip,
                                                args.ema_decay, args.repa_weight, args.repa_until)
@@ -979,24 +570,22 @@ def train(args, rank, world_size, device):
                 what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
                 raise UserError(f"{what} at step {run.step + 1}: training diverged (lower --lr, keep --grad_clip on); "
                                 f"the last good checkpoint is {checkpoint or 'none (nothing saved)'}")
-            window.update(loss=window["loss"] + loss, grad_norm=window["grad_norm"] + grad_norm,
-                          steps=window["steps"] + 1)
-            if repa is not None:
-                window.update(repa_loss=window.get("repa_loss", 0.0) + repa, repa_steps=window.get("repa_steps", 0) + 1)
+            window.add({"loss": loss, "grad_norm": grad_norm, "repa_loss": repa})
             bar.update(1)
             step = run.step
-            if is_main() and (step % args.log_every == 0 or step == args.max_steps):
+            if is_main() and due(step, args.log_every, args.max_steps):
                 entry = log_entry(window, step, lr, samples_per_step, num_rows)
                 append_log(log_path, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
-                window.update(loss=0.0, grad_norm=0.0, steps=0, repa_loss=0.0, repa_steps=0, start=time.perf_counter())
+                window.reset()
             stopping = any_rank(stop.name is not None, device)
-            paused = time.perf_counter()
-            if step % args.save_every == 0 or step == args.max_steps or stopping:
-                checkpoint = save_checkpoint(run, args, cache, vqgan, out, identity)
-            if is_main() and args.sample_every and step % args.sample_every == 0:
-                save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args, prompts, step)
-            window["start"] += time.perf_counter() - paused  # steps/s measures training alone
+            with window.paused():  # steps/s measures training alone
+                if due(step, args.save_every, args.max_steps, stopping):
+                    checkpoint = save_checkpoint(run, out, config(), identity, args.keep_last,
+                                                 vqgan if args.embed_vqgan else args.vqgan_ckpt, image_embedder)
+                if is_main() and args.sample_every and step % args.sample_every == 0:
+                    save_samples(out / "samples" / f"step_{step:07d}.png", pipeline, args.num_samples, step,
+                                 args.sampler, args.sample_steps, prompts, args.guidance_scale)
             if stopping:
                 say(f"stopped by {stop.name or 'a signal to another process'} after step {step}: saved {checkpoint}; "
                     "continue with --resume auto")
@@ -1010,7 +599,9 @@ def train(args, rank, world_size, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: parse_args resolves every default once (a new Namespace, never changed later); the functions after it
+# read the parsed flags into the explicit arguments the helpers above take. Nothing above this line sees `args`
+# except prepare and train, the command's body.
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1155,7 +746,75 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = p.parse_args(argv)
     pooled = args.conditional if args.pooled_text_embed is None else args.pooled_text_embed
-    return argparse.Namespace(**{**vars(args), "pooled_text_embed": pooled})
+    repa_layer = args.repa_layer or ("middle" if args.repa_weight else None)
+    return argparse.Namespace(**{**vars(args), "pooled_text_embed": pooled, "repa_layer": repa_layer})
+
+
+def with_device_defaults(args, device):
+    """A copy of `args` with the defaults that depend on the device filled in: --bf16 where bf16 pays."""
+    return argparse.Namespace(**{**vars(args), "bf16": native_bf16(device) if args.bf16 is None else args.bf16})
+
+
+def unet_overrides(args):
+    """The UNet settings the command line overrides: {name: value} for the UNET_OVERRIDES given."""
+    return {name: getattr(args, name) for name in UNET_OVERRIDES if getattr(args, name) is not None}
+
+
+def caption_settings(args):
+    """How a conditional run's captions are made and encoded (None for an unconditional run): the latent cache's
+    caption identity."""
+    if not args.conditional:
+        return None
+    return {"column": args.caption_column, "template": args.caption_template, "text_encoder": args.text_encoder,
+            "max_text_length": args.max_text_length}
+
+
+def noise_schedule(args):
+    return NoiseSchedule(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end,
+                         args.zero_terminal_snr)
+
+
+def lr_schedule_of(args):
+    """step -> multiplier of --lr under the command line's warm-up and schedule."""
+    return functools.partial(lr_factor, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                             lr_schedule=args.lr_schedule, floor=args.min_lr / args.lr)
+
+
+def loss_settings(args):
+    """The keyword arguments of diffusion_loss that the command line sets."""
+    return {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma, "cond_drop": args.cond_drop,
+            "timestep_sampling": args.timestep_sampling, "timestep_loc": args.timestep_loc,
+            "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
+
+
+def run_identity(args, vqgan_digest, resolution):
+    """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
+    under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
+    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
+    on resume; the UNet's architecture is checked by check_same_architecture."""
+    beta_range = [None, None]
+    if args.schedule != "cosine":
+        betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
+        beta_range = [round(betas[0].item(), 12), round(betas[-1].item(), 12)]
+    captions = ("caption_column", "caption_template", "text_encoder", "max_text_length", "cond_drop")
+    return dict(vqgan_ckpt=vqgan_digest[:16], resolution=resolution, schedule=args.schedule,
+                num_train_timesteps=args.num_train_timesteps, beta_start=beta_range[0], beta_end=beta_range[1],
+                zero_terminal_snr=args.zero_terminal_snr,
+                prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
+                batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
+                **{name: getattr(args, name) if args.conditional else None for name in captions},
+                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
+                                                                        "cache.safetensors")[:16],
+                **lever_identity(args))
+
+
+def lever_identity(args):
+    """The training levers in the run identity (older checkpoints lack them: taken as unchanged, i.e. off). The
+    REPA settings count only with REPA on; --repa_weight and --repa_until may change on resume."""
+    repa = ("repa_layer", "repa_image_size", "repa_channels")
+    return dict(timestep_sampling=args.timestep_sampling, timestep_loc=args.timestep_loc,
+                timestep_scale=args.timestep_scale,
+                **{name: getattr(args, name) if args.repa_weight else None for name in repa})
 
 
 def check_args(args):
@@ -1181,15 +840,14 @@ def check_args(args):
 
 
 def check_lever_args(args):
-    """The training levers: a location or scale needs a focused sampling; REPA settings need --repa_weight.
-    Fills in --repa_layer's default (middle)."""
+    """The training levers: a location or scale needs a focused sampling; REPA settings need --repa_weight (with
+    it, parse_args has filled in --repa_layer's default, middle)."""
     if args.timestep_sampling == "uniform" and (args.timestep_loc is not None or args.timestep_scale is not None):
         raise UserError("--timestep_loc and --timestep_scale need --timestep_sampling logit-normal or laplace")
     if not args.repa_weight and (args.repa_layer is not None or args.repa_until is not None):
         raise UserError("--repa_layer and --repa_until need --repa_weight")
     if args.repa_image_size < 64 or args.repa_image_size % 32:
         raise UserError(f"--repa_image_size must be a multiple of 32 of at least 64, got {args.repa_image_size}")
-    args.repa_layer = args.repa_layer or "middle"
 
 
 def main(argv=None):
@@ -1197,7 +855,7 @@ def main(argv=None):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
     try:
-        return train(args, rank, world_size, device)
+        return train(with_device_defaults(args, device), rank, world_size, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

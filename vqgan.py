@@ -17,14 +17,10 @@ on a CPU.
 """
 import argparse
 import copy
-import dataclasses
 import hashlib
 import json
 import random
-import re
 import shutil
-import time
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -33,13 +29,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, StopSignal, UserError, append_log, autocast, check_run_identity,
-    checkpoint_path, collate_skip_none, epoch_order, int_list, load_model, load_resume, load_weights, make_grid,
-    model_paths, native_bf16, non_negative_float, non_negative_int, pick_device, positive_float, positive_int,
-    prune_checkpoints, read_json, rng_state, run_cli, safe_torch_load, save_model, save_png, save_state_dir,
-    seed_everything, set_rng_state, tensor_to_images, trim_log,
+    EXPORT_DTYPES, ArgumentParser, ImageSource, ImageTensorDataset, LogWindow, StopSignal, UserError, append_log,
+    autocast, check_run_identity, checkpoint_path, collate_skip_none, due, epoch_order, int_list, load_model,
+    load_resume, load_weights, make_grid, model_paths, native_bf16, non_negative_float, non_negative_int, pick_device,
+    positive_float, positive_int, prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, run_cli, save_model,
+    save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
 )
 from metrics import code_statistics
+from vqgan_losses import (
+    LossWeights, NLayerDiscriminator, adaptive_gan_weight, build_perceptual, hinge_d_loss, r1_penalty,
+)
 
 # Architecture of each named model. `vq-f8` is latent-diffusion's models/first_stage_models/vq-f8.
 CONFIGS = {
@@ -334,198 +333,7 @@ def load_vqgan(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses: PatchGAN discriminator and perceptual distances (names as in taming-transformers / lpips)
-
-
-class NLayerDiscriminator(nn.Module):
-    """PatchGAN discriminator (pix2pix): images B x 3 x H x W -> real/fake logits B x 1 x h x w."""
-
-    def __init__(self, n_layers=2, ndf=64, in_channels=3):
-        super().__init__()
-        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
-        mult = 1
-        for n in range(1, n_layers + 1):
-            prev_mult, mult = mult, min(2**n, 8)
-            stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev_mult, ndf * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
-        self.main = nn.Sequential(*layers)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.normal_(module.weight, 1.0, 0.02)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, images):
-        return self.main(images)
-
-
-def hinge_d_loss(logits_real, logits_fake):
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def r1_penalty(disc, images):
-    """(logits on `images`, E_x |grad_x D(x)|^2 over them): the R1 penalty (Mescheder et al. 2018) on real images
-    keeps the discriminator smooth around the data so it cannot overpower the decoder. The penalty is
-    differentiable in the discriminator's weights (create_graph)."""
-    images = images.detach().requires_grad_(True)
-    logits = disc(images).float()
-    (grads,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
-    return logits, grads.float().square().flatten(1).sum(1).mean()
-
-
-def adaptive_gan_weight(nll_loss, g_loss, last_layer):
-    """Scale that makes the GAN gradient at the decoder's last layer as large as the
-    reconstruction gradient (Esser et al. 2021, eq. 7)."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grads.norm() / (g_grads.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
-def unit_channels(x, eps=1e-10):
-    return x / (x.norm(dim=1, keepdim=True) + eps)
-
-
-VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-LPIPS_SLICES = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]  # vgg16.features indices up to relu1_2 ... relu5_3
-LPIPS_CHANNELS = [64, 128, 256, 512, 512]
-TORCHVISION_VGG16 = "vgg16-397923af.pth"
-
-
-class LPIPS(nn.Module):
-    """LPIPS-VGG (Zhang et al. 2018): frozen VGG16 features, unit-normalised per channel, squared
-    differences weighted by learned 1x1 convs. forward(a, b) -> B distances."""
-
-    def __init__(self):
-        super().__init__()
-        self.scaling_layer = nn.Module()
-        self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
-        self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
-        layers, channels = [], 3
-        for v in VGG16_LAYERS:  # the same indices as torchvision's vgg16().features
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=True)]
-                channels = v
-        self.net = nn.Module()
-        for k, (start, end) in enumerate(LPIPS_SLICES, 1):
-            setattr(self.net, f"slice{k}", nn.Sequential(OrderedDict((str(i), layers[i]) for i in range(start, end))))
-        for k, channels in enumerate(LPIPS_CHANNELS):
-            lin = nn.Module()
-            lin.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
-            setattr(self, f"lin{k}", lin)
-        self.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode=True):  # always frozen
-        return super().train(False)
-
-    def forward(self, images_a, images_b):
-        h_a = (images_a - self.scaling_layer.shift) / self.scaling_layer.scale
-        h_b = (images_b - self.scaling_layer.shift) / self.scaling_layer.scale
-        distance = 0.0
-        for k in range(len(LPIPS_SLICES)):
-            vgg_slice = getattr(self.net, f"slice{k + 1}")
-            h_a, h_b = vgg_slice(h_a), vgg_slice(h_b)
-            squared = (unit_channels(h_a) - unit_channels(h_b)).pow(2)
-            distance = distance + getattr(self, f"lin{k}").model(squared).mean(dim=(1, 2, 3))
-        return distance
-
-
-def vgg16_to_lpips(tensors):
-    """torchvision vgg16 `features.{i}.*` -> LPIPS `net.slice{k}.{i}.*`."""
-    renamed = {}
-    for key, value in tensors.items():
-        parts = key.split(".")
-        if parts[0] == "features" and parts[1].isdigit():
-            for k, (start, end) in enumerate(LPIPS_SLICES, 1):
-                if start <= int(parts[1]) < end:
-                    renamed[f"net.slice{k}.{parts[1]}.{parts[2]}"] = value
-    return renamed
-
-
-def load_lpips(weights_path, init_tensors, trust):
-    """LPIPS-VGG with weights from, first found first: --perceptual_weights (an LPIPS state dict, its
-    linear layers only, or a taming/latent-diffusion checkpoint), the `loss.perceptual_loss.*` entries of
-    --init_ckpt, the torchvision VGG16 file in the torch hub cache and the `lpips` package's linear layers."""
-    found = {}
-
-    def add(tensors):
-        for key, value in tensors.items():
-            # lins.N is lpips' alias of the linN ModuleList
-            key = re.sub(r"^lins\.(\d+)\.", r"lin\1.", key.removeprefix("loss.perceptual_loss."))
-            found.setdefault(key, value)
-
-    if weights_path:
-        add(read_checkpoint_tensors(weights_path, trust))
-    add({k: v for k, v in init_tensors.items() if k.startswith("loss.perceptual_loss.")})
-    vgg_file = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_VGG16
-    if vgg_file.is_file():
-        add(vgg16_to_lpips(safe_torch_load(vgg_file)))
-    try:
-        import lpips
-
-        add(safe_torch_load(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"))
-    except ImportError:
-        pass
-    model = LPIPS()
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in found and not k.startswith("scaling_layer.")]
-    if missing:
-        raise UserError(
-            f"LPIPS-VGG weights not found (missing {missing[0]}): pass --perceptual_weights FILE, put "
-            f"{TORCHVISION_VGG16} in {vgg_file.parent} and pip install lpips, or use --perceptual effnet"
-        )
-    load_weights(model, {k: found.get(k, v) for k, v in expected.items()}, "LPIPS weights")
-    return model
-
-
-class EffNetPerceptual(nn.Module):
-    """features.perceptual_distance on frozen EfficientNet-Lite2 feature maps: forward(a, b) -> B distances.
-    Lite2, not Lite0: Lite0 is the network evaluate.py judges samples in, so it is never a training signal."""
-
-    def __init__(self):
-        super().__init__()
-        from features import TEACHER, EfficientNetLiteFeatures
-
-        self.features = EfficientNetLiteFeatures(TEACHER)
-
-    def forward(self, images_a, images_b):
-        from features import perceptual_distance
-
-        return perceptual_distance(self.features, images_a, images_b)
-
-
-def build_perceptual(args, init_tensors):
-    if args.perceptual == "none":
-        return None
-    if args.perceptual == "effnet":
-        return EffNetPerceptual()
-    return load_lpips(args.perceptual_weights, init_tensors, args.trust_checkpoint)
-
-
-# ----------------------------------------------------------------------------------------------
 # Checkpoints from elsewhere and our own files
-
-
-def read_checkpoint_tensors(path, trust=False):
-    """Name -> tensor from one of our safetensors models, or a `.ckpt`/`.pt`/`.pth` file (a plain state dict or
-    a Lightning `{"state_dict": ...}`), read without unpickling code unless `trust`."""
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json") or (path.suffix == "" and model_paths(path)[0].is_file()):
-        return load_model(path, "checkpoint")[0]
-    checkpoint = safe_torch_load(path, trust)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    tensors = {}
-    if isinstance(checkpoint, dict):
-        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise UserError(f"{path} holds no tensors")
-    return tensors
 
 
 def load_init(model, disc, tensors, path):
@@ -644,24 +452,6 @@ def restart_dead_codes(codebook, last_used, latents, step, patience):
 # Training (two optimizers stepped by hand, as taming-transformers' VQModel does under Lightning)
 
 
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """The autoencoder loss: l1 + perceptual * perceptual distance + codebook * codebook loss, plus, from step
-    disc_start + disc_warmup on, disc * adaptive weight * GAN loss (Esser et al. 2021, eq. 7); the discriminator
-    trains from disc_start on, its hinge loss plus disc_r1 / 2 * the R1 penalty. disc_start None: no GAN at all."""
-    perceptual: float = 1.0
-    codebook: float = 1.0
-    disc: float = 0.6
-    disc_start: int | None = 10000
-    disc_warmup: int = 0
-    disc_r1: float = 0.0
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start, args.disc_warmup,
-                   args.disc_r1)
-
-
 def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights, device, bf16=False):
     """One autoencoder update and, once step >= weights.disc_start, one discriminator update (LossWeights). The
     generator's adversarial term waits `disc_warmup` more steps, so it starts against a discriminator that already
@@ -704,29 +494,29 @@ def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights,
     return metrics, indices, latents
 
 
-def build_config(args):
-    if args.config not in CONFIGS:
-        raise UserError(f"unknown --config {args.config!r} (choose {', '.join(CONFIGS)})")
-    config = copy.deepcopy(CONFIGS[args.config])
-    overridable = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
-                   "dropout", "beta")
-    for key in overridable:
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    # From scratch, attention resolutions refer to the training image size; a checkpoint keeps its own.
-    if args.resolution is not None and not args.init_ckpt:
-        config["resolution"] = args.resolution
+CONFIG_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
+                    "dropout", "beta")
+
+
+def build_config(name, overrides=None, resolution=None):
+    """CONFIGS[name] with `overrides` (a dict of CONFIG_OVERRIDES) and, where given, the training `resolution` (from
+    scratch, attention resolutions refer to the training image size; a checkpoint keeps its own)."""
+    if name not in CONFIGS:
+        raise UserError(f"unknown --config {name!r} (choose {', '.join(CONFIGS)})")
+    config = {**copy.deepcopy(CONFIGS[name]), **(overrides or {})}
+    if resolution is not None:
+        config["resolution"] = resolution
     return config
 
 
-def initial_model(args, state):
-    """The model to train: a resumed run's architecture; with --finetune_decoder the --init_ckpt's own
-    config, latent scale included (the latents must not change); else the named --config."""
+def initial_model(state, config, finetune_ckpt=None):
+    """The model to train: a resumed run's architecture (`state`); with --finetune_decoder the checkpoint
+    `finetune_ckpt`'s own config, latent scale included (the latents must not change); else `config`."""
     if state:
         return VQModel(state["config"])
-    if args.finetune_decoder:
-        return VQModel(read_json(model_paths(args.init_ckpt)[1], "--init_ckpt config"))
-    return VQModel(build_config(args))
+    if finetune_ckpt:
+        return VQModel(read_json(model_paths(finetune_ckpt)[1], "--init_ckpt config"))
+    return VQModel(config)
 
 
 def freeze_encoder_side(model):
@@ -738,27 +528,12 @@ def freeze_encoder_side(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def dead_code_patience(args):
+def dead_code_patience(dead_code_steps, init_ckpt, finetune_decoder):
     """--dead_code_steps, or its default: 20 from scratch, 0 (never) when fine-tuning --init_ckpt; always 0 with
     --finetune_decoder (a frozen codebook keeps its codes)."""
-    if args.finetune_decoder:
+    if finetune_decoder:
         return 0
-    return args.dead_code_steps if args.dead_code_steps is not None else (0 if args.init_ckpt else 20)
-
-
-def run_identity(args):
-    """The settings that give a training state its meaning (flag name -> value): --resume refuses a state saved
-    under others. The architecture is --config with its overrides (with --finetune_decoder, --init_ckpt's, fixed
-    by the state itself); --lr, --max_steps, intervals, --bf16, ... may change on resume."""
-    architecture = {}
-    if not args.finetune_decoder:
-        architecture = dict(config=args.config, **{k: v for k, v in build_config(args).items() if k != "resolution"})
-    resolution = args.resolution or (None if args.finetune_decoder else build_config(args)["resolution"])
-    return dict(**architecture, resolution=resolution, finetune_decoder=args.finetune_decoder, seed=args.seed,
-                batch_size=args.batch_size, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
-                codebook_weight=args.codebook_weight, disc_start=args.disc_start, disc_warmup=args.disc_warmup,
-                disc_weight=args.disc_weight, disc_layers=args.disc_layers, disc_r1=args.disc_r1,
-                dead_code_steps=dead_code_patience(args))
+    return dead_code_steps if dead_code_steps is not None else (0 if init_ckpt else 20)
 
 
 def learning_rate(step, lr, drop_step=None, drop_factor=0.25):
@@ -772,20 +547,13 @@ def export(model, out, export_dtype, training, latent_scale=None):
     config recording `training` (how the model was trained). `latent_scale`, where given, replaces the model's."""
     if latent_scale is not None:
         model.latent_scale = latent_scale
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[export_dtype]
-    return save_vqgan(model, out / "vqgan", dtype=dtype, training=training)
+    return save_vqgan(model, out / "vqgan", dtype=EXPORT_DTYPES[export_dtype], training=training)
 
 
-def training_record(args, bf16, step):
-    """What an export records of its training: the step and every setting, defaults resolved (bf16 included)."""
-    return {"step": step, "args": {**vars(args), "bf16": bf16}}
-
-
-def train(args):
+def train(args, device):
     from tqdm import tqdm
 
-    device = pick_device(args.device)
-    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
+    bf16 = args.bf16
     out = Path(args.out)
     checkpoints = out / "checkpoints"
     # out/state: the single state folder of runs before step folders, resumed as the oldest checkpoint
@@ -794,7 +562,7 @@ def train(args):
     if state:
         check_run_identity(state.get("identity"), identity, resume_from, "start a new --out")
     seed_everything(args.seed)
-    model = initial_model(args, state)
+    model = initial_model(state, model_config(args), args.init_ckpt if args.finetune_decoder else None)
     disc = NLayerDiscriminator(n_layers=args.disc_layers)
     needs_init = args.init_ckpt and (not state or args.perceptual == "lpips-vgg")  # LPIPS weights may live in it
     init_tensors = read_checkpoint_tensors(args.init_ckpt, args.trust_checkpoint) if needs_init else {}
@@ -812,7 +580,7 @@ def train(args):
         scale = None
         if source is not None and not args.finetune_decoder:
             scale = measure_latent_scale(model, source, resolution, args.scale_images, args.batch_size, device)
-        return export(model, out, args.export_dtype, training_record(args, bf16, step), scale)
+        return export(model, out, args.export_dtype, {"step": step, "args": vars(args)}, scale)
 
     if args.max_steps == 0:  # conversion / export only
         path = write_export(0)
@@ -821,7 +589,7 @@ def train(args):
     if source is None:
         raise UserError("training needs --data")
 
-    perceptual = build_perceptual(args, init_tensors)
+    perceptual = build_perceptual(args.perceptual, init_tensors, args.perceptual_weights, args.trust_checkpoint)
     model.to(device).train()
     disc.to(device).train()
     if perceptual is not None:
@@ -831,7 +599,7 @@ def train(args):
     opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     # Step each code was last picked at. From scratch every code starts "dead", so the first batch
     # initialises the codebook from encoder outputs; fine-tuning keeps the given codebook.
-    patience = dead_code_patience(args)
+    patience = args.dead_code_steps
     last_used = torch.full((model.config["n_embed"],), -patience if not args.init_ckpt else 0, dtype=torch.long)
     step = 0
     if state:
@@ -845,10 +613,7 @@ def train(args):
     last_used = last_used.to(device)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
-    if state:
-        trim_log(log_path, step)
-    else:
-        log_path.unlink(missing_ok=True)
+    start_log(log_path, step if state else 0)
 
     dataset = SeededAugmentation(ImageTensorDataset(source, resolution))
     loader = torch.utils.data.DataLoader(
@@ -856,8 +621,9 @@ def train(args):
         collate_fn=collate_skip_none, num_workers=args.num_workers, generator=torch.Generator(),
     )
     preview = fixed_images(source, resolution, 8).to(device)
-    window = {"sums": {}, "steps": 0, "codes": torch.zeros(model.config["n_embed"], device=device), "restarted": 0,
-              "skipped": 0, "start": time.perf_counter()}
+    window = LogWindow()
+    codes = {"used": torch.zeros(model.config["n_embed"], device=device), "restarted": 0, "skipped": 0}
+    weights = loss_weights(args)
     print(f"training on {device}{' in bf16 autocast' if bf16 else ''}")
     bar = tqdm(total=args.max_steps, initial=step, desc="vqgan", dynamic_ncols=True)
     with StopSignal() as stop:
@@ -866,38 +632,35 @@ def train(args):
             for group in opt_ae.param_groups + opt_disc.param_groups:
                 group["lr"] = rate
             if images is not None:
-                window["skipped"] += args.batch_size - len(images)
+                codes["skipped"] += args.batch_size - len(images)
                 metrics, indices, latents = train_step(model, disc, perceptual, opt_ae, opt_disc, images.to(device),
-                                                       step, LossWeights.from_args(args), device, bf16)
-                for key, value in metrics.items():
-                    window["sums"][key] = window["sums"].get(key, 0.0) + value
-                window["steps"] += 1
-                window["codes"] += torch.bincount(indices.flatten(), minlength=len(window["codes"]))
+                                                       step, weights, device, bf16)
+                window.add(metrics)
+                codes["used"] += torch.bincount(indices.flatten(), minlength=len(codes["used"]))
                 last_used[indices.unique()] = step
                 if patience:
-                    window["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents,
+                    codes["restarted"] += restart_dead_codes(model.quantize.embedding.weight, last_used, latents,
                                                               step, patience)
             else:
-                window["skipped"] += args.batch_size
+                codes["skipped"] += args.batch_size
             done = step + 1
             bar.update(1)
             stopping = stop.name is not None
-            if done % args.log_every == 0 or done == args.max_steps or stopping:
-                write_log(log_path, done, window, bar)
-            if done % args.ckpt_every == 0 or done == args.max_steps or stopping:
-                checkpoint_start = time.perf_counter()
-                state_path = checkpoint_path(checkpoints, done)
-                save_state_dir(state_path, {
-                    "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
-                    "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
-                    "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args), "identity": identity,
-                })
-                prune_checkpoints(checkpoints, args.keep_last)
-                shutil.rmtree(out / "state", ignore_errors=True)  # a pre-step-folder state, now superseded
-                save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
-                path = write_export(done)
-                bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
-                window["start"] += time.perf_counter() - checkpoint_start  # keep steps/s about training
+            if due(done, args.log_every, args.max_steps, stopping):
+                write_log(log_path, done, window, codes, bar)
+            if due(done, args.ckpt_every, args.max_steps, stopping):
+                with window.paused():  # keep steps/s about training
+                    state_path = checkpoint_path(checkpoints, done)
+                    save_state_dir(state_path, {
+                        "config": model.config, "model": model.state_dict(), "disc": disc.state_dict(),
+                        "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "step": done,
+                        "last_used": last_used.cpu(), "rng": rng_state(), "args": vars(args), "identity": identity,
+                    })
+                    prune_checkpoints(checkpoints, args.keep_last)
+                    shutil.rmtree(out / "state", ignore_errors=True)  # a pre-step-folder state, now superseded
+                    save_preview(out / "samples" / f"step_{done:07d}.png", model, preview, done)
+                    path = write_export(done)
+                    bar.write(f"step {done}: saved {state_path} and {path} (latent scale {model.latent_scale:.4f})")
             if stopping:
                 bar.write(f"stopped by {stop.name} after step {done}; continue with --resume auto")
                 break
@@ -905,17 +668,19 @@ def train(args):
     return 0
 
 
-def write_log(log_path, step, window, bar):
-    n = max(window["steps"], 1)
-    usage, perplexity = code_statistics(window["codes"])
-    entry = {"step": step, **{k: v / n for k, v in window["sums"].items()}, "code_usage": usage,
-             "perplexity": perplexity, "codes_restarted": window["restarted"], "skipped_images": window["skipped"],
-             "steps_per_s": window["steps"] / (time.perf_counter() - window["start"])}
+def write_log(log_path, step, window, codes, bar):
+    """A log.jsonl line: the means of the LogWindow and the codebook's use since the last line (`codes`: each code's
+    count, codes restarted, images skipped), which then start again."""
+    usage, perplexity = code_statistics(codes["used"])
+    entry = {"step": step, **window.means(), "code_usage": usage, "perplexity": perplexity,
+             "codes_restarted": codes["restarted"], "skipped_images": codes["skipped"],
+             "steps_per_s": window.steps_per_s()}
     append_log(log_path, entry)
     shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
     bar.set_postfix({k: f"{entry[k]:.3g}" for k in shown if k in entry})
-    window.update(sums={}, steps=0, restarted=0, skipped=0, start=time.perf_counter())
-    window["codes"].zero_()
+    window.reset()
+    codes.update(restarted=0, skipped=0)
+    codes["used"].zero_()
 
 
 @torch.no_grad()
@@ -927,7 +692,9 @@ def save_preview(path, model, preview, step):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: parse_args resolves every default once (a new Namespace, never changed later); the functions after
+# resolve_defaults read the parsed flags into the explicit arguments the helpers above take. Above this line only
+# train, the command's body, sees `args`.
 
 # The recipes that made models/vqgan (docs/models.md, docs/decoder-finetune.md), each stage's defaults; flags given
 # override them. "first stage": vq-f4-small from scratch at 128 px, batch 8, L1 + perceptual + codebook loss and no
@@ -957,12 +724,46 @@ def step_or_never(text):
 def resolve_defaults(given):
     """The settings of a run (a Namespace): the flags `given` (name -> value; a flag left out whose default is its
     stage's is absent, argparse.SUPPRESS) over its stage's RECIPES entry, then the defaults that follow from other
-    flags: fp16 exports from training (as shipped), fp32 from a conversion (the weights as published), and a
-    perceptual weight per network."""
+    flags: fp16 exports from training (as shipped), fp32 from a conversion (the weights as published), a
+    perceptual weight per network and the dead-code patience (dead_code_patience)."""
     settings = {**RECIPES["--finetune_decoder" if given["finetune_decoder"] else "first stage"], **given}
     settings.setdefault("export_dtype", "fp16" if settings["max_steps"] else "fp32")
     settings.setdefault("perceptual_weight", 0.1 if settings["perceptual"] == "effnet" else 1.0)
+    settings["dead_code_steps"] = dead_code_patience(settings["dead_code_steps"], settings["init_ckpt"],
+                                                     settings["finetune_decoder"])
     return argparse.Namespace(**settings)
+
+
+def with_device_defaults(args, device):
+    """A copy of `args` with the defaults that depend on the device filled in: --bf16 where bf16 pays."""
+    return argparse.Namespace(**{**vars(args), "bf16": native_bf16(device) if args.bf16 is None else args.bf16})
+
+
+def model_config(args):
+    """The architecture of --config with the command line's overrides (and --resolution, from scratch)."""
+    overrides = {key: getattr(args, key) for key in CONFIG_OVERRIDES if getattr(args, key) is not None}
+    return build_config(args.config, overrides, None if args.init_ckpt else args.resolution)
+
+
+def loss_weights(args):
+    return LossWeights(args.perceptual_weight, args.codebook_weight, args.disc_weight, args.disc_start,
+                       args.disc_warmup, args.disc_r1)
+
+
+def run_identity(args):
+    """The settings that give a training state its meaning (flag name -> value): --resume refuses a state saved
+    under others. The architecture is --config with its overrides (with --finetune_decoder, --init_ckpt's, fixed
+    by the state itself); --lr, --max_steps, intervals, --bf16, ... may change on resume."""
+    architecture = {}
+    if not args.finetune_decoder:
+        architecture = dict(config=args.config, **{k: v for k, v in model_config(args).items() if k != "resolution"})
+    resolution = args.resolution or (None if args.finetune_decoder else model_config(args)["resolution"])
+    return dict(**architecture, resolution=resolution, finetune_decoder=args.finetune_decoder, seed=args.seed,
+                batch_size=args.batch_size, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
+                codebook_weight=args.codebook_weight, disc_start=args.disc_start, disc_warmup=args.disc_warmup,
+                disc_weight=args.disc_weight, disc_layers=args.disc_layers, disc_r1=args.disc_r1,
+                dead_code_steps=args.dead_code_steps)
+
 
 
 def parse_args(argv=None):
@@ -1047,7 +848,7 @@ def parse_args(argv=None):
     g.add_argument("--keep_last", type=positive_int, default=2, help="checkpoints kept")
     g.add_argument("--scale_images", type=positive_int, default=256,
                    help="images used to measure the latent scale at export")
-    g.add_argument("--export_dtype", default=argparse.SUPPRESS, choices=["fp32", "fp16", "bf16"],
+    g.add_argument("--export_dtype", default=argparse.SUPPRESS, choices=list(EXPORT_DTYPES),
                    help="storage dtype of exported weights; default: fp16 (as shipped), fp32 with --max_steps 0 (a "
                    "conversion keeps the weights exact)")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
@@ -1064,7 +865,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return train(args)
+    device = pick_device(args.device)
+    return train(with_device_defaults(args, device), device)
 
 
 if __name__ == "__main__":

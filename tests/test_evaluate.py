@@ -191,9 +191,9 @@ def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypat
     real, fake = write_images(tmp_path / "real", range(10)), write_images(tmp_path / "fake", range(20, 30))
     computed = []
 
-    def counting_set_features(source, rows, network, size, args, what):
+    def counting_set_features(source, rows, network, size, loading, what):
         computed.append(what)
-        return set_features(source, rows, network, size, args, what)
+        return set_features(source, rows, network, size, loading, what)
 
     set_features = evaluate.set_features
     monkeypatch.setattr(evaluate, "set_features", counting_set_features)
@@ -219,10 +219,8 @@ def test_real_statistics_are_cached_reused_and_keyed(tmp_path, capsys, monkeypat
     run(argv + ["--no_cache"], capsys)
     assert computed[-2:] == ["real", "fake"] and len(list(cache.glob("*.npz"))) == 3
 
-    args = evaluate.parse_args(["--real", str(real), "--fake", str(fake),
-                                "--inception_weights", str(inception_weights)])
-    args.real_split = "train"
-    paths = {net: stats_cache_path(cache, real_stats_key(args, 10, list(range(10)), net))
+    paths = {net: stats_cache_path(cache, real_stats_key(evaluate.RealSet(str(real)), 10, list(range(10)), None, net,
+                                                         inception_weights))
              for net in ("effnet-lite0", "inception")}
     assert paths["effnet-lite0"] == path and paths["inception"] != path  # another feature network: another file
 
@@ -478,9 +476,9 @@ def test_real_where_scores_against_the_images_of_one_style(tmp_path, capsys, mon
     fake = write_images(tmp_path / "fake", range(20, 26))
     scored = []
 
-    def recording_set_features(source, rows, network, size, args, what):
+    def recording_set_features(source, rows, network, size, loading, what):
         scored.append((what, list(rows)))
-        return set_features(source, rows, network, size, args, what)
+        return set_features(source, rows, network, size, loading, what)
 
     set_features = evaluate.set_features
     monkeypatch.setattr(evaluate, "set_features", recording_set_features)

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, make_painting
 
 import diffusion
+import latent_cache
 import packing
 import trainer
 from common import UserError, load_state_dir
@@ -101,15 +102,16 @@ def test_trainer_trains_on_packed_latents_without_datasets(made, tmp_path, monke
     assert pipeline.config["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER and pipeline.config["training"]["step"] == 2
     args = trainer.parse_args([*base, *COND])
     model = load_vqgan(vqgan)
-    got = trainer.packed_cache(args, model, 32)
+    got = latent_cache.packed_cache(args.packed_latents, model, 32, trainer.caption_settings(args))
     _, _, codes = model.quantize(load_state_dir(cache)["latents"].flatten(0, 1).float())
     z_q = packing.codebook_of(model)[codes].permute(0, 3, 1, 2)
     assert torch.equal(got["latents"].flatten(0, 1), z_q) and got["captions"] == load_state_dir(cache)["captions"]
-    assert "context" not in trainer.packed_cache(trainer.parse_args(base), model, 32)
+    assert "context" not in latent_cache.packed_cache(args.packed_latents, model, 32)
+    other = trainer.caption_settings(trainer.parse_args([*base, *COND[:-2], "--max_text_length", "16"]))
     with pytest.raises(UserError, match="holds captions .* not this run's"):
-        trainer.packed_cache(trainer.parse_args([*base, *COND[:-2], "--max_text_length", "16"]), model, 32)
+        latent_cache.packed_cache(args.packed_latents, model, 32, other)
     with pytest.raises(UserError, match="holds 32 px images, this run trains at --resolution 64"):
-        trainer.packed_cache(args, model, 64)
+        latent_cache.packed_cache(args.packed_latents, model, 64, trainer.caption_settings(args))
     with pytest.raises(UserError, match="exactly one of --dataset_path and --packed_latents"):
         trainer.main([*base, "--dataset_path", str(tmp_path), "--output_dir", str(tmp_path / "x")])
 

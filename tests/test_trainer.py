@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import diffusion
+import latent_cache
 import trainer
 from common import UserError, image_to_tensor, load_state_dir, save_state_dir, seed_everything
 from conftest import ROOT, sigterm_after_log_lines
@@ -70,9 +71,8 @@ def test_lr_warmup_then_cosine_and_ema_warmup():
 
 
 def test_data_order_is_a_permutation_per_epoch_and_shards_ranks():
-    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--batch_size", "3", "--grad_accum", "2"])
-    num_rows, world_size = 10, 2
-    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, args, world_size))
+    num_rows, world_size = 10, 2  # micro-batches of 3, 2 per step
+    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, world_size, 3, 2))
                       for step in range(5) for micro in range(2) for rank in range(world_size)])  # 60 samples
     for epoch in range(6):  # every epoch is a permutation, each a different one
         assert sorted(seen[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
@@ -217,8 +217,7 @@ def test_conditional_training_with_template_captions_samples_with_a_prompt(tmp_p
     assert export["unet"]["context_dim"] == 384 and export["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER
     # the null embedding only learns from dropped captions: it moved, so --cond_drop dropped some
     seed_everything(0)
-    initial = trainer.make_unet(trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"]),
-                                4, 8, 384)
+    initial = trainer.make_unet("tiny", 4, 8, 384)
     trained = load_state_dir(out / "checkpoints" / "step_0000004")["model"]
     assert not torch.equal(initial.null_context.detach(), trained["null_context"])
 
@@ -500,8 +499,7 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     monkeypatch.undo()
 
     uncond = load_diffusion_model(tmp_path / "uncond" / "unet").unet
-    args = trainer.parse_args(["--dataset_path", "d", "--vqgan_ckpt", "v", "--unet_size", "tiny"])
-    cond = trainer.make_unet(args, 4, 8, 384).eval()
+    cond = trainer.make_unet("tiny", 4, 8, 384).eval()
     new, steps_before = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
     assert steps_before == 2 and "null_context" in new
     assert all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
@@ -513,7 +511,7 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         assert torch.allclose(cond(latents, t, context, mask), uncond(latents, t), atol=1e-6)
 
     diffusion.export_diffusion_model(tmp_path / "uncond" / "unet", tmp_path / "export")  # EMA alone, fp16
-    from_export = trainer.make_unet(args, 4, 8, 384).eval()
+    from_export = trainer.make_unet("tiny", 4, 8, 384).eval()
     trainer.init_from_checkpoint(from_export, tmp_path / "export")
     assert all(torch.equal(from_export.state_dict()[k], v.half().float()) for k, v in uncond.state_dict().items())
 
@@ -591,7 +589,7 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
     def lever(*_, **__):
         raise AssertionError("a lever's code ran on the default path")
 
-    for module, name in ((trainer, "build_repa_cache"), (trainer, "make_projector"), (trainer, "repa_loss"),
+    for module, name in ((latent_cache, "build_repa_cache"), (trainer, "make_projector"), (trainer, "repa_loss"),
                          (diffusion, "sample_log_snr")):
         monkeypatch.setattr(module, name, lever)
     flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5]
@@ -607,8 +605,8 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
 
 
 def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan, monkeypatch):
-    args = trainer.parse_args(["--dataset_path", "x", "--vqgan_ckpt", "x", "--channels_last"])
-    run = trainer.build_training(args, trainer.make_unet(args, 4, 8, None), torch.device("cpu"))
+    run = trainer.build_training(trainer.make_unet("small", 4, 8, None), torch.device("cpu"),
+                                 diffusion.NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
     for unet in (run.unet, run.ema):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
     plain, out = tmp_path / "plain", tmp_path / "channels_last"
@@ -680,7 +678,7 @@ def test_repa_cache_holds_lite2_targets_of_each_image_and_mirror_and_is_keyed_by
         pair = torch.nn.functional.interpolate(torch.cat([image, image.flip(-1)]), size=(128, 128), mode="bilinear",
                                                antialias=True)
         maps = teacher.feature_maps(pair)[-1]  # 2 x 352 x 4 x 4: the image and its mirror image
-    expected = trainer.project(maps, repa["pca_mean"], repa["pca_components"])
+    expected = latent_cache.project(maps, repa["pca_mean"], repa["pca_components"])
     assert torch.allclose(repa["repa"][3].float(), expected, atol=0.02 * expected.abs().max().item())
     assert not torch.allclose(repa["repa"][3, 0], repa["repa"][3, 1], atol=0.1)
     latent_key = load_state_dir(cache_path)["key"]
@@ -757,11 +755,11 @@ def test_cache_batch_takes_the_repa_targets_and_embeddings_of_the_same_image_and
              "repa": code[:, :, None, None, None].expand(6, 2, 3, 2, 2).clone(),
              "image_embeds": torch.arange(6.0)[:, None].expand(6, 5).clone()}
     torch.manual_seed(0)
-    latents, context, mask, targets, embeds = trainer.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
+    latents, context, mask, targets, embeds = latent_cache.cache_batch(cache, torch.tensor([5, 0, 3, 3, 1]), "cpu")
     assert context is None and mask is None and targets.shape == (5, 3, 2, 2) and embeds.shape == (5, 5)
     assert torch.equal(latents[:, 0, 0, 0], targets[:, 0, 0, 0])  # the same image and the same flip
     assert embeds[:, 0].tolist() == [5, 0, 3, 3, 1]  # the painting's embedding, whichever flip
     codes = latents[:, 0, 0, 0].long()
     assert (codes // 2).tolist() == [5, 0, 3, 3, 1] and len(set((codes % 2).tolist())) == 2  # both flips drawn
     del cache["repa"], cache["image_embeds"]
-    assert trainer.cache_batch(cache, torch.tensor([1]), "cpu")[3:] == (None, None)
+    assert latent_cache.cache_batch(cache, torch.tensor([1]), "cpu")[3:] == (None, None)

@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import vqgan
+import vqgan_losses
 from conftest import ROOT, sigterm_after_log_lines
 from metrics import psnr
 from common import (
     ImageSource, ImageTensorDataset, UserError, image_to_tensor, list_checkpoints, load_state_dir, save_model,
     save_state_dir,
 )
-from vqgan import CONFIGS, LPIPS, NLayerDiscriminator, VQModel, load_init, load_lpips, load_vqgan, save_vqgan
+from vqgan import CONFIGS, VQModel, load_init, load_vqgan, save_vqgan
+from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
 
 # Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
 # from the reference architecture rather than from our model.
@@ -426,7 +428,7 @@ def test_finetune_decoder_keeps_latents_and_codes_bit_for_bit(image_folder, tmp_
 def test_r1_penalty_is_the_squared_input_gradient_and_trains_the_discriminator():
     disc = torch.nn.Conv2d(3, 1, 1)  # D(x) at each position = w . x + b, so grad_x sum(D) = w at every pixel
     images = torch.randn(2, 3, 4, 5)
-    logits, penalty = vqgan.r1_penalty(disc, images)
+    logits, penalty = vqgan_losses.r1_penalty(disc, images)
     w = disc.weight.detach().flatten()
     assert torch.equal(logits, disc(images)) and not images.requires_grad
     assert torch.allclose(penalty, 4 * 5 * w.square().sum())
@@ -445,7 +447,7 @@ def test_disc_r1_enters_the_discriminator_update_only():
     for gamma in (0.0, 10.0):
         m, d = copy.deepcopy(model), copy.deepcopy(disc)
         opt_ae, opt_disc = torch.optim.Adam(m.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
-        weights = vqgan.LossWeights(perceptual=0.0, disc_start=0, disc_warmup=1, disc_r1=gamma)
+        weights = vqgan_losses.LossWeights(perceptual=0.0, disc_start=0, disc_warmup=1, disc_r1=gamma)
         metrics, _, _ = vqgan.train_step(m, d, None, opt_ae, opt_disc, images, 0, weights, "cpu")
         results[gamma] = (m, d, metrics)
     (m0, d0, metrics0), (m1, d1, metrics1) = results[0.0], results[10.0]
@@ -473,7 +475,7 @@ def test_finetune_decoder_needs_init_ckpt(image_folder, tmp_path):
 # read from vqgan.RECIPES, so that a changed default fails.
 FIRST_STAGE = dict(config="vq-f4-small", resolution=None, batch_size=8, perceptual="effnet", perceptual_weight=0.1,
                    max_steps=2427, lr=4e-4, lr_drop_step=1653, lr_drop_factor=0.25, disc_start=None,
-                   dead_code_steps=None, scale_images=256, export_dtype="fp16", bf16=None, seed=0)
+                   dead_code_steps=20, scale_images=256, export_dtype="fp16", bf16=None, seed=0)
 DECODER_FINETUNE = dict(batch_size=8, perceptual="effnet", perceptual_weight=0.1, max_steps=300, lr=5e-5,
                         lr_drop_step=None, disc_start=0, disc_warmup=50, disc_weight=0.3, disc_r1=1e-5,
                         export_dtype="fp16", bf16=None)
