@@ -45,18 +45,21 @@ def make_painting(seed, size=(40, 32)):
     return Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """An ImageFolder (as download_hf.py writes it) of 12 small paintings with style metadata."""
-    folder = tmp_path / "images"
+def write_image_folder(folder, styles, count=12):
+    """An ImageFolder (as download_hf.py writes it) of `count` small paintings, painting i of style i % len(styles)."""
     folder.mkdir()
-    styles = ["Baroque", "Impressionism", "Expressionism"]
     with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(12):
+        for i in range(count):
             name = f"{i:08d}.png"
             make_painting(i).save(folder / name)
-            f.write(json.dumps({"file_name": name, "style": styles[i % 3]}) + "\n")
+            f.write(json.dumps({"file_name": name, "style": styles[i % len(styles)]}) + "\n")
     return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder of 12 small paintings with style metadata."""
+    return write_image_folder(tmp_path / "images", ["Baroque", "Impressionism", "Expressionism"])
 
 
 def sigterm_after_log_lines(script_args, log_path, lines, timeout=120):

@@ -12,7 +12,7 @@ import diffusion
 import image_embedding
 import trainer
 from common import UserError
-from conftest import make_painting
+from conftest import write_image_folder
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, save_vqgan
 
@@ -24,12 +24,7 @@ FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--dev
 def embedded(tmp_path_factory):
     """(image folder of 12 paintings, its embedding folder at 4 dimensions, a tiny VQGAN)."""
     root = tmp_path_factory.mktemp("embedded")
-    folder = root / "images"
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(12):
-            make_painting(i).save(folder / f"{i:08d}.png")
-            f.write(json.dumps({"file_name": f"{i:08d}.png", "style": ["Baroque", "Cubism"][i % 2]}) + "\n")
+    folder = write_image_folder(root / "images", ["Baroque", "Cubism"])
     image_embedding.main(["--data", str(folder), "--out", str(root / "embeddings"), "--resolution", "32", "--dim",
                           "4", "--batch_size", "6"])
     torch.manual_seed(0)

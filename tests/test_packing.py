@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_painting
+from conftest import ROOT, write_image_folder
 
 import diffusion
 import latent_cache
@@ -30,12 +30,7 @@ def made(tmp_path_factory):
     """(VQGAN, conditional latent cache of 12 paintings as trainer.py builds it), made once for these tests. The
     VQGAN is vq-f4-tiny with 300 codes (9-bit codes, so they straddle bytes), spread like its latents."""
     folder = tmp_path_factory.mktemp("made")
-    images = folder / "images"
-    images.mkdir()
-    with open(images / "metadata.jsonl", "w") as f:
-        for i in range(12):
-            make_painting(i).save(images / f"{i:08d}.png")
-            f.write(json.dumps({"file_name": f"{i:08d}.png", "style": ["Baroque", "Symbolism"][i % 2]}) + "\n")
+    images = write_image_folder(folder / "images", ["Baroque", "Symbolism"])
     torch.manual_seed(0)
     model = VQModel({**CONFIGS["vq-f4-tiny"], "n_embed": 300})
     model.quantize.embedding.weight.data.normal_(0, 0.3)
