@@ -908,10 +908,12 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
         params.update(prior=args.prior)
         command += ["--prior", str(args.prior)]
     if args.like is not None:
-        params.update(like=args.like, mix=like_mix(args), guidance_scale=args.guidance_scale)
+        params.update(like=args.like, mix=like_mix(args))
         command += [arg for path in args.like for arg in ("--like", str(path))]
         command += ["--mix", str(args.mix)] if args.mix is not None else []
-        command += ["--guidance_scale", str(args.guidance_scale)] if prompts is None else []
+    if prompts is None and pipeline.unet.image_embed_dim is not None:  # guided against the null embedding
+        params.update(guidance_scale=args.guidance_scale)
+        command += ["--guidance_scale", str(args.guidance_scale)]
     return {"parameters": params, "command": shlex.join(command)}
 
 

@@ -213,3 +213,14 @@ def test_like_without_a_checkpoint_uses_the_bundled_embedding_model(tmp_path, em
         assert json.loads(img.text["parameters"])["checkpoint"] == "models/unet-like.json (bundled)"
     with pytest.raises(UserError, match="--like draws variations of a painting and takes no --prompt"):
         diffusion.main(["--like", str(folder / "00000001.png"), "--prompt", "a Baroque painting"])
+
+
+def test_an_embedding_model_records_its_guidance_for_unprompted_samples(tmp_path, like_model):
+    """Unprompted samples of an embedding model are guided against the null embedding: the regenerate command
+    must carry the scale it used."""
+    prior_path = _unconditional_prior(tmp_path)
+    run = ["--unet_ckpt_path", str(like_model), "--num_images", "1", "--steps", "2", "--prior", str(prior_path),
+           "--guidance_scale", "2.5", "--outdir", str(tmp_path / "out")]
+    assert diffusion.main(run) == 0
+    with Image.open(tmp_path / "out" / "00000.png") as img:
+        assert "--guidance_scale 2.5" in img.text["command"] and f"--prior {prior_path}" in img.text["command"]
