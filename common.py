@@ -816,6 +816,21 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return image_to_tensor(img, self.resolution, self.random_crop, self.flip and random.random() < 0.5)
 
 
+class IndexedImages(torch.utils.data.Dataset):
+    """(row, centre-cropped image 3 x R x R) for chosen rows of an ImageSource; None where unreadable."""
+
+    def __init__(self, source, rows, resolution):
+        self.images = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        image = self.images[self.rows[i]]
+        return None if image is None else (self.rows[i], image)
+
+
 def image_to_tensor(img, resolution, random_crop=False, flip=False):
     """PIL image -> float tensor 3xRxR in [-1, 1] (resize shorter side, crop, optional flip)."""
     w, h = img.size

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import io
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -90,3 +91,14 @@ def perceptual_distance(features, images_a, images_b):
         fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
         total = total + (fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2))
     return total
+
+
+def fit_pca(vectors, channels):
+    """(mean D, components D x K, explained variance fraction) of the top-K principal directions of N x D vectors:
+    the eigenvectors of their covariance with the largest eigenvalues (float64 maths, float32 results)."""
+    vectors = vectors.double()
+    mean = vectors.mean(0)
+    centred = vectors - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(vectors) - 1))  # ascending
+    explained = (eigenvalues[-channels:].sum() / eigenvalues.sum()).item()
+    return mean.float(), eigenvectors[:, -channels:].flip(1).float(), explained

@@ -14,7 +14,6 @@ their captions for a caption-conditioned prior). A mirrored painting shares its 
 learns that an embedding leaves left and right open, and the teacher runs once a painting (about 10 minutes for
 10,010 paintings at 128 px on 2 cores).
 """
-import math
 from pathlib import Path
 
 import torch
@@ -23,10 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, check_output_folder, collate_skip_none, load_model,
+    ArgumentParser, ImageSource, IndexedImages, UserError, check_output_folder, collate_skip_none, load_model,
     non_negative_int, positive_int, run_cli, save_model,
 )
-from features import TEACHER, EfficientNetLiteFeatures
+from features import TEACHER, EfficientNetLiteFeatures, fit_pca
 from text_encoder import caption_function
 
 EMBED_DIM = 64        # principal components kept
@@ -77,14 +76,13 @@ class ImageEmbedder(nn.Module):
         if len(features) < self.config["dim"]:
             raise UserError(f"fitting a {self.config['dim']}-dimensional embedding needs at least that many images, "
                             f"got {len(features)}")
-        mean = features.mean(0)
-        _, singular, vh = torch.linalg.svd(features - mean, full_matrices=False)
-        dim = self.config["dim"]
+        mean, components, kept = fit_pca(features, self.config["dim"])  # F, F x dim
+        std = ((features - mean) @ components).std(0)  # dim, largest first
         self.mean.copy_(mean)
-        self.components.copy_(vh[:dim])
+        self.components.copy_(components.T)
         # a component with (almost) no variance is not blown up to unit variance: it stays (almost) zero
-        self.scale.copy_((singular[:dim] / math.sqrt(len(features) - 1)).clamp(min=1e-3 * singular[0].item()))
-        return float((singular[:dim] ** 2).sum() / (singular**2).sum())  # the variance kept
+        self.scale.copy_(std.clamp(min=1e-3 * std[0].item()))
+        return kept
 
 
 def save_embedder(embedder, path):
@@ -104,22 +102,12 @@ def load_embedder(path, device="cpu"):
 # The embedding cache of a data set
 
 
-class CentreCrops(ImageTensorDataset):
-    """Row i -> (i, its centre crop 3 x R x R in [-1, 1], as trainer.py's latent cache takes it), or None."""
-
-    def __init__(self, source, resolution):
-        super().__init__(source, resolution, random_crop=False, flip=False)
-
-    def __getitem__(self, i):
-        image = super().__getitem__(i)
-        return None if image is None else (i, image)
-
-
 @torch.no_grad()
 def teacher_features(embedder, source, resolution, batch_size, num_workers=0):
     """(rows read, pooled features N x F of each readable painting)."""
-    loader = torch.utils.data.DataLoader(CentreCrops(source, resolution), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=collate_skip_none)
+    crops = IndexedImages(source, range(len(source)), resolution)  # as the latent cache crops them
+    loader = torch.utils.data.DataLoader(crops, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate_skip_none)
     rows, features = [], []
     for batch in tqdm(loader, desc="embed", unit="batch"):
         if batch is None:

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (
-    CorruptCheckpoint, ImageTensorDataset, UserError, autocast, collate_skip_none, file_digest, load_state_dir,
-    read_json, save_state_dir,
+    CorruptCheckpoint, IndexedImages, UserError, autocast, collate_skip_none, file_digest, load_state_dir, read_json,
+    save_state_dir,
 )
 from distributed import barrier, is_main, say
-from features import TEACHER, EfficientNetLiteFeatures
+from features import TEACHER, EfficientNetLiteFeatures, fit_pca
 from image_embedding import load_embedding_cache
 from packing import read_packed_latents
 from text_encoder import caption_function
@@ -57,21 +57,6 @@ def cache_identity(dataset, max_images, resolution, vqgan_digest, bf16, captions
 
 def cache_key(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-class IndexedImages(torch.utils.data.Dataset):
-    """(row, centre-cropped image 3 x R x R) for chosen rows of an ImageSource; None where unreadable."""
-
-    def __init__(self, source, rows, resolution):
-        self.images = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        image = self.images[self.rows[i]]
-        return None if image is None else (self.rows[i], image)
 
 
 @torch.no_grad()
@@ -265,17 +250,6 @@ def teacher_maps(teacher, source, rows, resolution, image_size, batch_size, devi
                                align_corners=False, antialias=True)  # 2B x 3 x S x S
         maps = teacher.feature_maps(images)[-1].float()  # 2B x D x g x g
         yield torch.stack(maps.chunk(2), dim=1)
-
-
-def fit_pca(vectors, channels):
-    """(mean D, components D x K, explained variance fraction) of the top-K principal directions of N x D vectors:
-    the eigenvectors of their covariance with the largest eigenvalues (float64 maths, float32 results)."""
-    vectors = vectors.double()
-    mean = vectors.mean(0)
-    centred = vectors - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(vectors) - 1))  # ascending
-    explained = (eigenvalues[-channels:].sum() / eigenvalues.sum()).item()
-    return mean.float(), eigenvectors[:, -channels:].flip(1).float(), explained
 
 
 def project(maps, mean, components):
