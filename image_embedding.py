@@ -118,12 +118,16 @@ def teacher_features(embedder, source, resolution, batch_size, num_workers=0):
 
 
 def build_embeddings(data, out, resolution=128, dim=EMBED_DIM, batch_size=64, num_workers=0, split="train",
-                     image_column="image", caption_template="a {style} painting", device="cpu"):
-    """Write OUT/embedder and OUT/cache (module docstring). Returns the fraction of the feature variance kept."""
+                     image_column="image", caption_template="a {style} painting", device="cpu", embedder=None):
+    """Write OUT/embedder and OUT/cache (module docstring). `embedder`: an existing ImageEmbedder to embed with (to
+    train on a model conditioned in its space, e.g. models/embedder), else one fitted here. Returns the fraction of
+    the feature variance kept (None with a given embedder)."""
     source = ImageSource(data, split, image_column)
-    embedder = ImageEmbedder(dim).to(device)
+    fitted = embedder is None
+    embedder = ImageEmbedder(dim).to(device) if fitted else embedder.to(device)
+    dim = embedder.config["dim"]
     rows, features = teacher_features(embedder, source, resolution, batch_size, num_workers)
-    kept = embedder.fit(features[:PCA_IMAGES])
+    kept = embedder.fit(features[:PCA_IMAGES]) if fitted else None
     embeddings = embedder.project(features)  # N x D
     caption_of = caption_function(source.columns, caption_template=caption_template) if caption_template else None
     captions = [caption_of(source.metadata(row)) for row in rows] if caption_of else None
@@ -165,6 +169,9 @@ def main(argv=None):
     parser.add_argument("--resolution", type=positive_int, default=128,
                         help="centre crop size, as the latent cache's (then resized for the teacher)")
     parser.add_argument("--dim", type=positive_int, default=EMBED_DIM, help="principal components kept")
+    parser.add_argument("--embedder", default=None,
+                        help="embed with this existing embedder (e.g. models/embedder, to train models/unet-like on) "
+                             "instead of fitting a new PCA; --dim is then its")
     parser.add_argument("--caption_template", default="a {style} painting",
                         help="captions for a caption-conditioned prior, from metadata columns ('' for none)")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="paintings per teacher batch")
@@ -172,10 +179,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     args = parser.parse_args(argv)
     check_output_folder(args.out, "--out")
+    embedder = None if args.embedder is None else load_embedder(args.embedder)
     kept = build_embeddings(args.data, args.out, args.resolution, args.dim, args.batch_size, args.num_workers,
-                            args.split, args.image_column, args.caption_template or None, args.device)
-    print(f"wrote {args.out}/embedder and {args.out}/cache; the {args.dim} components keep {kept:.1%} of the "
-          "teacher's feature variance")
+                            args.split, args.image_column, args.caption_template or None, args.device, embedder)
+    print(f"wrote {args.out}/embedder and {args.out}/cache"
+          + ("" if kept is None else f"; the {args.dim} components keep {kept:.1%} of the teacher's feature variance"))
     return 0
 
 

@@ -47,6 +47,10 @@ def test_embeddings_are_whitened_per_painting(embedded):
     embedder = image_embedding.load_embedder(embeddings / "embedder")
     again = embedder(diffusion.load_image(folder / "00000003.png", 32))  # what the embedder gives the same crop
     assert torch.allclose(again[0], embeds[3], atol=2e-2)
+    again_path = embeddings.parent / "again"  # embedding with a given embedder reproduces its cache
+    image_embedding.main(["--data", str(folder), "--out", str(again_path), "--resolution", "32", "--embedder",
+                          str(embeddings / "embedder")])
+    assert torch.allclose(image_embedding.load_embedding_cache(again_path / "cache")[0], embeds, atol=2e-3)
     mirrored = embedder(diffusion.load_image(folder / "00000003.png", 32).flip(-1))[0]
     assert (mirrored - embeds[3]).norm() < min((embeds[3] - other).norm() for other in embeds[4:])
 
