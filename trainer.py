@@ -228,11 +228,26 @@ def check_repa_layer(layer, unet):
         raise UserError(f"--repa_layer {layer}: no such UNet stage (choose from {', '.join(unet.feature_shapes)})")
 
 
-def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None):
+def parameter_groups(trained, weight_decay, lr, embed_params=(), embed_lr_scale=1.0):
+    """AdamW's parameter groups: `weight_decay` on matrices and convolutions only; `embed_params` (the image-embedding
+    projection) at `embed_lr_scale` times `lr` in groups of their own when the scale is not 1."""
+    embed_ids = {id(p) for p in embed_params} if embed_lr_scale != 1 else set()
+    groups = []
+    for scale, members in ((1.0, [p for p in trained if id(p) not in embed_ids]),
+                           (embed_lr_scale, [p for p in trained if id(p) in embed_ids])):
+        for decay, params in ((weight_decay, [p for p in members if p.dim() >= 2]),
+                              (0.0, [p for p in members if p.dim() < 2])):
+            if params:
+                groups.append({"params": params, "weight_decay": decay, "lr": lr * scale})
+    return groups
+
+
+def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None,
+                   embed_lr_scale=1.0):
     """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
     (in eval mode, what sampling uses), the REPA `projector` (None: no REPA), AdamW at peak `lr` (`weight_decay` on
-    matrices and convolutions only), the LR schedule (`lr_multiplier`: step -> factor of `lr`), the noise
-    `schedule` and the optimizer step count."""
+    matrices and convolutions only; the image-embedding projection at `embed_lr_scale` x `lr`), the LR schedule
+    (`lr_multiplier`: step -> factor of each group's peak), the noise `schedule` and the optimizer step count."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(device, memory_format=layout).train()  # the batches follow the weights' layout
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -240,9 +255,8 @@ def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, 
     model = unet
     if dist.is_initialized():
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    trained = trained_parameters(unet, projector)
-    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+    embed_params = list(unet.image_embed_proj.parameters()) + [unet.null_image_embed] if unet.image_embed_dim else []
+    groups = parameter_groups(trained_parameters(unet, projector), weight_decay, lr, embed_params, embed_lr_scale)
     # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
@@ -351,8 +365,8 @@ def check_same_architecture(state, unet, path):
                         "--unet_size, overrides, --resolution and VQGAN, or start a new --output_dir")
 
 
-def restore(run, state, path, rank, world_size, lr):
-    """Continue checkpoint `path` at peak learning rate `lr` (--lr may change on resume)."""
+def restore(run, state, path, rank, world_size):
+    """Continue checkpoint `path` at the peak learning rates the run was built with (--lr may change on resume)."""
     if ("repa_projector" in state) != (run.projector is not None):
         raise UserError(f"{path} was trained {'with' if 'repa_projector' in state else 'without'} REPA: resume it "
                         "with the --repa_weight it had (switch REPA off with --repa_until), or start a new run")
@@ -360,13 +374,14 @@ def restore(run, state, path, rank, world_size, lr):
     load_weights(run.ema, state["ema"], f"EMA weights of {path}")
     if run.projector is not None:
         load_weights(run.projector, state["repa_projector"], f"REPA projector of {path}")
+    peaks = list(run.lr_scheduler.base_lrs)
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.step = state["step"]
     run.steps_before = state.get("steps_before", 0)
-    run.lr_scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
-    for group, factor in zip(run.optimizer.param_groups, run.lr_scheduler.lr_lambdas):
-        group["lr"] = lr * factor(run.lr_scheduler.last_epoch)
+    run.lr_scheduler.base_lrs = peaks
+    for group, peak, factor in zip(run.optimizer.param_groups, peaks, run.lr_scheduler.lr_lambdas):
+        group["lr"] = peak * factor(run.lr_scheduler.last_epoch)
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
     else:
@@ -509,10 +524,10 @@ def prepare(args, rank, world_size, device):
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
     projector = make_projector(unet, args.repa_layer, cache["repa"].shape[2:], args.seed) if args.repa_weight else None
     run = build_training(unet, device, noise_schedule(args), args.lr, lr_schedule_of(args), args.weight_decay,
-                         args.channels_last, projector)
+                         args.channels_last, projector, args.image_embed_lr_scale)
     run.steps_before = steps_before
     if state is not None:
-        restore(run, state, resume_path, rank, world_size, args.lr)
+        restore(run, state, resume_path, rank, world_size)
         say(f"resumed from {resume_path} at step {run.step}")
     return run, cache, vqgan, text_encoder, resume_path, identity
 
@@ -720,6 +735,9 @@ def parse_args(argv=None):
                    help="condition the UNet on the image embeddings image_embedding.py wrote to FOLDER (each "
                         "painting's own, dropped with --cond_drop for guidance); a zero-initialised projection, so "
                         "--init_from a model without it starts where that model was")
+    g.add_argument("--image_embed_lr_scale", type=positive_float, default=1.0,
+                   help="learning rate of the image-embedding projection as a multiple of --lr: a projection that "
+                        "starts at zero learns slowly at the UNet's rate (docs/embedding-prior.md)")
     g = p.add_argument_group("checkpoints and feedback")
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
     g.add_argument("--save_every", type=positive_int, default=1000, help="steps between checkpoints (and at the end)")
@@ -805,6 +823,7 @@ def run_identity(args, vqgan_digest, resolution):
                 **{name: getattr(args, name) if args.conditional else None for name in captions},
                 image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
                                                                         "cache.safetensors")[:16],
+                image_embed_lr_scale=args.image_embed_lr_scale if args.image_embeddings else None,
                 **lever_identity(args))
 
 
