@@ -355,6 +355,9 @@ DEFAULT_KARRAS = {"ddpm": False, "ddim": False, "dpmpp-2m": True}
 # the bundled unconditional model in half the time; guided sampling loses at 10 (docs/sampler-steps.md), and
 # evaluate.py and caption_use.py measure at DEFAULT_STEPS.
 UNPROMPTED_STEPS = {**DEFAULT_STEPS, "dpmpp-2m": 10}
+# --like's start: the painting noised to timestep 0.8 (T - 1). From pure noise the bundled embedding model's variations
+# are no closer to their source than to other paintings (docs/embedding-prior.md, experiments/variation_strength.py)
+LIKE_STRENGTH = 0.8
 
 
 def make_denoiser(model_fn, schedule, prediction_type):
@@ -824,7 +827,9 @@ def parse_args(argv):
     parser.add_argument("--init_image", default=None, help="img2img: start from this image (SDEdit)")
     parser.add_argument("--strength", type=float, default=None,
                         help="img2img: how far to noise the init image, in (0, 1]: to the noise level of timestep "
-                             "strength x (T - 1), whatever the sampler and spacing; 1 = pure noise (default 0.75)")
+                             "strength x (T - 1), whatever the sampler and spacing; 1 = pure noise (default 0.75). "
+                             "With --like: variations start from the painting (two: their cross-fade) noised so "
+                             f"far, 1 = from pure noise, the embedding alone (default {LIKE_STRENGTH})")
     parser.add_argument("--like", action="append", default=None, metavar="IMAGE",
                         help="variations of a painting (any size; JPEG, PNG, WebP): a model trained with "
                              "--image_embeddings draws fresh paintings of its image embedding; give it twice to "
@@ -855,8 +860,8 @@ def parse_args(argv):
 
 
 def check_args(args):
-    if args.strength is not None and args.init_image is None:
-        raise UserError("--strength needs an --init_image")
+    if args.strength is not None and args.init_image is None and args.like is None:
+        raise UserError("--strength needs an --init_image or --like")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.interpolate and args.num_images < 2:
@@ -902,8 +907,11 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
         if args.negative_prompt is not None:
             command += ["--negative_prompt", args.negative_prompt]
     if args.init_image is not None:
-        params.update(init_image=str(args.init_image), strength=args.strength)
-        command += ["--init_image", str(args.init_image), "--strength", str(args.strength)]
+        params.update(init_image=str(args.init_image))
+        command += ["--init_image", str(args.init_image)]
+    if start_strength(args) is not None:
+        params.update(strength=start_strength(args))
+        command += ["--strength", str(start_strength(args))]
     if args.prior is not None:
         params.update(prior=args.prior)
         command += ["--prior", str(args.prior)]
@@ -917,6 +925,14 @@ def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompt
     return {"parameters": params, "command": shlex.join(command)}
 
 
+def start_strength(args):
+    """The noise level images start from: --strength, else 0.75 with --init_image, LIKE_STRENGTH with --like; None
+    (pure noise) without either."""
+    if args.strength is not None or (args.init_image is None and args.like is None):
+        return args.strength
+    return 0.75 if args.init_image is not None else LIKE_STRENGTH
+
+
 def like_mix(args):
     """The blend of two --like paintings (0.5 unless --mix); None for one painting."""
     return None if args.like is None or len(args.like) < 2 else (0.5 if args.mix is None else args.mix)
@@ -927,6 +943,12 @@ def like_embedding(paths, mix, pipeline):
     size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
     embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
     return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
+
+
+def like_start(paths, mix, size):
+    """Where --like variations start below strength 1: the painting, or two cross-faded at `mix` (1 x 3 x S x S)."""
+    images = torch.cat([load_image(path, size, "--like image") for path in paths])
+    return images[:1] if len(paths) == 1 else torch.lerp(images[:1], images[1:], mix)
 
 
 def interpolation_seeds(args):
@@ -972,10 +994,12 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
     (loaded from `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image
     paths, grid path). studio.py calls it with the command line its widgets make, so both write the same files."""
     options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
-    init_image = None
+    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
+    strength, init_image = start_strength(args), None
     if args.init_image is not None:
-        args = argparse.Namespace(**{**vars(args), "strength": 0.75 if args.strength is None else args.strength})
-        init_image = load_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
+        init_image = load_image(args.init_image, size)
+    elif args.like is not None and strength < 1:
+        init_image = like_start(args.like, like_mix(args), size)
     if args.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
                 for seed in interpolation_seeds(args)]
@@ -988,7 +1012,7 @@ def sample_to_folder(args, checkpoint, pipeline, outdir):
             n = min(args.batch_size, args.num_images - start)
             images = pipeline.generate(
                 n, args.seed + start, **options, prompt=prompt, negative_prompt=args.negative_prompt, eta=args.eta,
-                strength=args.strength,
+                strength=None if init_image is None else strength,
                 init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
                 noise=frames[start:start + n] if args.interpolate else None,
                 image_embeds=None if like is None else like.expand(n, -1))
