@@ -53,9 +53,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import latent_cache
 import trainer
+from cli import ArgumentParser, UserError, positive_int, run_cli
 from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none,
-    native_bf16, pick_device, positive_int, run_cli,
+    ImageSource, ImageTensorDataset, atomic_write_json, autocast, collate_skip_none, native_bf16, pick_device,
 )
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
 from unet import UNET_CONFIGS, build_unet, count_parameters

@@ -24,10 +24,8 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, check_output_file,
-    collate_skip_none, pick_device, positive_int, run_cli,
-)
+from cli import ArgumentParser, UserError, check_output_file, positive_int, run_cli
+from common import ImageSource, ImageTensorDataset, atomic_write_json, collate_skip_none, pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, predicted_x0, sampling_options, use_bf16
 from text_encoder import dataset_captions
 

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from tqdm import trange
 
+from cli import ArgumentParser, UserError, check_output_folder, non_negative_float, positive_int, run_cli
 from common import (
-    EXPORT_DTYPES, GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model,
-    load_weights, make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli,
-    save_model, save_png, tensor_to_images,
+    EXPORT_DTYPES, GRID_NAME, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, native_bf16,
+    pick_device, save_model, save_png, tensor_to_images,
 )
 from unet import UNet
 from vqgan import VQModel, load_vqgan

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import UserError, pick_device, rng_state
+from cli import UserError
+from common import pick_device, rng_state
 
 
 def say(message):

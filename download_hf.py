@@ -47,10 +47,11 @@ import requests
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, UserError, atomic_write, check_output_folder, class_label_names, load_hf_dataset,
-    non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
+from cli import (
+    ArgumentParser, UserError, check_output_folder, non_negative_float, non_negative_int, positive_float, positive_int,
+    run_cli,
 )
+from common import atomic_write, class_label_names, load_hf_dataset
 
 METADATA = "metadata.jsonl"
 SAVE_OPTIONS = {"jpg": {"format": "JPEG", "quality": 95, "subsampling": 0}, "png": {"format": "PNG"}}

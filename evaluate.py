@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torchvision.models import inception
 from tqdm import tqdm, trange
 
+from cli import (
+    ArgumentParser, UserError, at_least, check_output_file, check_output_folder, non_negative_int, positive_int,
+    require_file, run_cli,
+)
 from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, at_least, atomic_write, atomic_write_json, autocast,
-    check_output_file, check_output_folder, collate_skip_none, file_digest, image_to_tensor, load_weights,
-    model_paths, non_negative_int, pick_device, positive_int, read_json, require_file, run_cli, safe_torch_load,
-    save_png, tensor_to_images,
+    ImageSource, ImageTensorDataset, atomic_write, atomic_write_json, autocast, collate_skip_none, file_digest,
+    image_to_tensor, load_weights, model_paths, pick_device, read_json, safe_torch_load, save_png, tensor_to_images,
 )
 from diffusion import add_sampling_arguments, load_diffusion_model, referenced_vqgan, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures

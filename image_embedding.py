@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, ImageSource, IndexedImages, UserError, check_output_folder, collate_skip_none, load_model,
-    non_negative_int, positive_int, run_cli, save_model,
-)
+from cli import ArgumentParser, UserError, check_output_folder, non_negative_int, positive_int, run_cli
+from common import ImageSource, IndexedImages, collate_skip_none, load_model, save_model
 from features import TEACHER, EfficientNetLiteFeatures, fit_pca
 from text_encoder import caption_function
 

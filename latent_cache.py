@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cli import UserError
 from common import (
-    CorruptCheckpoint, IndexedImages, UserError, autocast, collate_skip_none, file_digest, load_state_dir, read_json,
+    CorruptCheckpoint, IndexedImages, autocast, collate_skip_none, file_digest, load_state_dir, read_json,
     save_state_dir,
 )
 from distributed import barrier, is_main, say

@@ -26,10 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from cli import (
+    ArgumentParser, UserError, at_least, check_output_file, non_negative_float, non_negative_int, positive_float,
+    positive_int, run_cli,
+)
 from common import (
-    ArgumentParser, StopSignal, UserError, at_least, check_output_file, check_run_identity, checkpoint_path,
-    file_digest, load_model, load_resume, load_weights, model_paths, non_negative_float, non_negative_int,
-    pick_device, positive_float, positive_int, prune_checkpoints, run_cli, save_model, save_state_dir,
+    StopSignal, check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
+    pick_device, prune_checkpoints, save_model, save_state_dir,
 )
 from diffusion import (
     DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,

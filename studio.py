@@ -25,7 +25,8 @@ import gradio as gr
 from PIL import Image
 
 import diffusion
-from common import ArgumentParser, UserError, atomic_write, check_output_folder, pick_device, positive_int, run_cli
+from cli import ArgumentParser, UserError, check_output_folder, positive_int, run_cli
+from common import atomic_write, pick_device
 
 # The seven WikiArt-mini styles the bundled conditional model was trained on (its captions: "a {style} painting").
 STYLES = ("Art Nouveau Modern", "Baroque", "Expressionism", "Impressionism", "Post-Impressionism", "Romanticism",

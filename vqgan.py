@@ -28,12 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from cli import (
+    ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
+)
 from common import (
-    EXPORT_DTYPES, ArgumentParser, ImageSource, ImageTensorDataset, LogWindow, StopSignal, UserError, append_log,
-    autocast, check_run_identity, checkpoint_path, collate_skip_none, due, epoch_order, int_list, load_model,
-    load_resume, load_weights, make_grid, model_paths, native_bf16, non_negative_float, non_negative_int, pick_device,
-    positive_float, positive_int, prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, run_cli, save_model,
-    save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
+    EXPORT_DTYPES, ImageSource, ImageTensorDataset, LogWindow, StopSignal, append_log, autocast, check_run_identity,
+    checkpoint_path, collate_skip_none, due, epoch_order, load_model, load_resume, load_weights, make_grid, model_paths,
+    native_bf16, pick_device, prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, save_model, save_png,
+    save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
 )
 from metrics import code_statistics
 from vqgan_losses import (

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trainer  # noqa: E402
-from common import run_cli  # noqa: E402
+from cli import run_cli  # noqa: E402
 from unet import UNet  # noqa: E402
 
 RECORD = Path(os.environ["GRADIENT_RECORD"])

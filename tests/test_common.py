@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import common
+from cli import UserError, at_least, non_negative_float, non_negative_int, positive_float, positive_int, run_cli
 from common import (
-    CorruptCheckpoint, UserError, append_log, at_least, atomic_write, atomic_write_json, check_run_identity,
-    epoch_order, file_digest, load_resume, non_negative_float, non_negative_int, pickle_globals, positive_float,
-    positive_int, read_json, read_log, run_cli, safe_torch_load, save_state_dir, trim_log,
+    CorruptCheckpoint, append_log, atomic_write, atomic_write_json, check_run_identity, epoch_order, file_digest,
+    load_resume, pickle_globals, read_json, read_log, safe_torch_load, save_state_dir, trim_log,
 )
 from conftest import ROOT
 

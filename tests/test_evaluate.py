@@ -13,7 +13,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torchvision.models import inception
 
 import evaluate
-from common import ImageSource, ImageTensorDataset, UserError
+from cli import UserError
+from common import ImageSource, ImageTensorDataset
 from conftest import make_painting
 from diffusion import NoiseSchedule, save_diffusion_model
 from evaluate import (

@@ -11,7 +11,7 @@ from PIL import Image
 import diffusion
 import image_embedding
 import trainer
-from common import UserError
+from cli import UserError
 from conftest import write_image_folder
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, save_vqgan

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import prior
-from common import UserError, save_model
+from cli import UserError
+from common import save_model
 from conftest import ROOT
 
 def mixture(num, dim, centres, spread, seed):

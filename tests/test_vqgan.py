@@ -14,9 +14,9 @@ import vqgan
 import vqgan_losses
 from conftest import ROOT, sigterm_after_log_lines
 from metrics import psnr
+from cli import UserError
 from common import (
-    ImageSource, ImageTensorDataset, UserError, image_to_tensor, list_checkpoints, load_state_dir, save_model,
-    save_state_dir,
+    ImageSource, ImageTensorDataset, image_to_tensor, list_checkpoints, load_state_dir, save_model, save_state_dir,
 )
 from vqgan import CONFIGS, VQModel, load_init, load_vqgan, save_vqgan
 from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
