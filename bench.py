@@ -6,7 +6,7 @@
 Sections:
   vqgan      VQGAN encode and decode, images/s.
   unet       UNet forward and plain training step (loss, backward, AdamW), samples/s, in NCHW and channels-last
-             layout, fp32 and (where bf16 pays, common.native_bf16, or with --bf16) bf16.
+             layout, fp32 and (where bf16 pays, devices.native_bf16, or with --bf16) bf16.
   train      trainer.py's training step (its own make_unet, build_training, train_step) with the latent cache
              (latents read from a cache built once by build_latent_cache; only the steps are timed) versus without
              it (each step decodes a batch of JPEG/PNG images from --images and encodes it with the frozen VQGAN,
@@ -54,9 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import latent_cache
 import trainer
 from cli import ArgumentParser, UserError, positive_int, run_cli
-from common import (
-    ImageSource, ImageTensorDataset, atomic_write_json, autocast, collate_skip_none, native_bf16, pick_device,
-)
+from common import ImageSource, ImageTensorDataset, atomic_write_json, collate_skip_none
+from devices import autocast, native_bf16, pick_device
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
 from unet import UNET_CONFIGS, build_unet, count_parameters
 from vqgan import CONFIGS, VQModel

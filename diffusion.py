@@ -25,9 +25,10 @@ from tqdm import trange
 
 from cli import ArgumentParser, UserError, check_output_folder, non_negative_float, positive_int, run_cli
 from common import (
-    EXPORT_DTYPES, GRID_NAME, autocast, image_to_tensor, load_model, load_weights, make_grid, model_paths, native_bf16,
-    pick_device, save_model, save_png, tensor_to_images,
+    EXPORT_DTYPES, GRID_NAME, image_to_tensor, load_model, load_weights, make_grid, model_paths, save_model, save_png,
+    tensor_to_images,
 )
+from devices import autocast, native_bf16, pick_device
 from unet import UNet
 from vqgan import VQModel, load_vqgan
 

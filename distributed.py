@@ -8,7 +8,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import UserError
-from common import pick_device, rng_state
+from common import rng_state
+from devices import pick_device
 
 
 def say(message):

@@ -30,9 +30,10 @@ from cli import (
     require_file, run_cli,
 )
 from common import (
-    ImageSource, ImageTensorDataset, atomic_write, atomic_write_json, autocast, collate_skip_none, file_digest,
-    image_to_tensor, load_weights, model_paths, pick_device, read_json, safe_torch_load, save_png, tensor_to_images,
+    ImageSource, ImageTensorDataset, atomic_write, atomic_write_json, collate_skip_none, file_digest, image_to_tensor,
+    load_weights, model_paths, read_json, safe_torch_load, save_png, tensor_to_images,
 )
+from devices import autocast, pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, referenced_vqgan, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim

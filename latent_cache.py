@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from cli import UserError
 from common import (
-    CorruptCheckpoint, IndexedImages, autocast, collate_skip_none, file_digest, load_state_dir, read_json,
-    save_state_dir,
+    CorruptCheckpoint, IndexedImages, collate_skip_none, file_digest, load_state_dir, read_json, save_state_dir,
 )
+from devices import autocast
 from distributed import barrier, is_main, say
 from features import TEACHER, EfficientNetLiteFeatures, fit_pca
 from image_embedding import load_embedding_cache

@@ -32,8 +32,9 @@ from cli import (
 )
 from common import (
     StopSignal, check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
-    pick_device, prune_checkpoints, save_model, save_state_dir,
+    prune_checkpoints, save_model, save_state_dir,
 )
+from devices import pick_device
 from diffusion import (
     DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,
     sampling_timesteps,

@@ -47,10 +47,11 @@ from cli import (
     ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
 )
 from common import (
-    ImageSource, LogWindow, StopSignal, append_log, atomic_write, autocast, check_run_identity, checkpoint_path, due,
-    epoch_order, file_digest, load_resume, load_weights, make_grid, native_bf16, prune_checkpoints, read_log, save_png,
-    save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
+    ImageSource, LogWindow, StopSignal, append_log, atomic_write, check_run_identity, checkpoint_path, due, epoch_order,
+    file_digest, load_resume, load_weights, make_grid, prune_checkpoints, read_log, save_png, save_state_dir,
+    seed_everything, set_rng_state, start_log, tensor_to_images,
 )
+from devices import autocast, native_bf16
 from diffusion import (
     DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
     read_diffusion_model, save_diffusion_model, unet_weights,

@@ -32,11 +32,12 @@ from cli import (
     ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
 )
 from common import (
-    EXPORT_DTYPES, ImageSource, ImageTensorDataset, LogWindow, StopSignal, append_log, autocast, check_run_identity,
+    EXPORT_DTYPES, ImageSource, ImageTensorDataset, LogWindow, StopSignal, append_log, check_run_identity,
     checkpoint_path, collate_skip_none, due, epoch_order, load_model, load_resume, load_weights, make_grid, model_paths,
-    native_bf16, pick_device, prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, save_model, save_png,
-    save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
+    prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, save_model, save_png, save_state_dir,
+    seed_everything, set_rng_state, start_log, tensor_to_images,
 )
+from devices import autocast, native_bf16, pick_device
 from metrics import code_statistics
 from vqgan_losses import (
     LossWeights, NLayerDiscriminator, adaptive_gan_weight, build_perceptual, hinge_d_loss, r1_penalty,

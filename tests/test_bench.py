@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench
-from common import native_bf16
+from devices import native_bf16
 
 TINY = ["--unet_size", "tiny", "--vqgan_config", "vq-f4-tiny", "--vqgan_resolutions", "32", "--batch_size", "2",
         "--repeats", "1", "--sample_batch", "1", "--max_sampler_steps", "2"]

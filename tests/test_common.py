@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+import devices
 from cli import UserError, at_least, non_negative_float, non_negative_int, positive_float, positive_int, run_cli
 from common import (
     CorruptCheckpoint, append_log, atomic_write, atomic_write_json, check_run_identity, epoch_order, file_digest,
@@ -226,19 +227,19 @@ def test_a_pickle_that_runs_code_is_refused_naming_it_and_loads_only_when_truste
     ({"amx_bf16", "avx512_bf16"}, 3.0, True),
 ])
 def test_cpu_bf16_is_chosen_only_where_the_flags_exist_and_it_measures_faster(monkeypatch, flags, speedup, expected):
-    monkeypatch.setattr(common, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: speedup)
-    assert common.native_bf16(torch.device("cpu")) is expected
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(devices, "cpu_bf16_speedup", lambda: speedup)
+    assert devices.native_bf16(torch.device("cpu")) is expected
 
 
 def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once_without_touching_the_global_rng_or_threads():
-    common.cpu_bf16_speedup.cache_clear()
+    devices.cpu_bf16_speedup.cache_clear()
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        first = common.cpu_bf16_speedup(size=64, repeats=1)
+        first = devices.cpu_bf16_speedup(size=64, repeats=1)
         assert torch.get_num_threads() == 2  # measured on one thread, the caller's count restored
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(torch.get_rng_state(), rng)  # a seeded training run draws the same numbers as without it
-    assert first > 0 and common.cpu_bf16_speedup(size=64, repeats=1) == first  # cached: one measurement a process
+    assert first > 0 and devices.cpu_bf16_speedup(size=64, repeats=1) == first  # cached: one measurement a process

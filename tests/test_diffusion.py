@@ -12,7 +12,8 @@ from PIL import Image
 
 import diffusion
 from cli import UserError
-from common import ImageSource, image_to_tensor, native_bf16
+from common import ImageSource, image_to_tensor
+from devices import native_bf16
 from diffusion import (
     DEFAULT_STEPS, SAMPLERS, UNPROMPTED_STEPS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn,
     load_diffusion_model, loss_weight, make_betas, make_denoiser, predicted_eps, predicted_x0, prediction_target,

@@ -512,7 +512,7 @@ def test_each_export_records_how_it_was_trained(image_folder, tmp_path):
     exports recorded it (models/vqgan.json) still load, and the record leaves latents_digest alone."""
     from pathlib import Path
 
-    from common import native_bf16, pick_device
+    from devices import native_bf16, pick_device
 
     fast = ["--config", "vq-f4-tiny", "--perceptual", "none", "--scale_images", "4", "--max_steps", "2"]
     base, tuned = tmp_path / "base", tmp_path / "tuned"
