@@ -54,7 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import latent_cache
 import trainer
 from cli import ArgumentParser, UserError, positive_int, run_cli
-from common import ImageSource, ImageTensorDataset, atomic_write_json, collate_skip_none
+from checkpoints import atomic_write_json
+from common import ImageSource, ImageTensorDataset, collate_skip_none
 from devices import autocast, native_bf16, pick_device
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
 from unet import UNET_CONFIGS, build_unet, count_parameters

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from cli import ArgumentParser, UserError, check_output_file, positive_int, run_cli
-from common import ImageSource, ImageTensorDataset, atomic_write_json, collate_skip_none
+from checkpoints import atomic_write_json
+from common import ImageSource, ImageTensorDataset, collate_skip_none
 from devices import pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, predicted_x0, sampling_options, use_bf16
 from text_encoder import dataset_captions

@@ -51,7 +51,8 @@ from cli import (
     ArgumentParser, UserError, check_output_folder, non_negative_float, non_negative_int, positive_float, positive_int,
     run_cli,
 )
-from common import atomic_write, class_label_names, load_hf_dataset
+from checkpoints import atomic_write
+from common import class_label_names, load_hf_dataset
 
 METADATA = "metadata.jsonl"
 SAVE_OPTIONS = {"jpg": {"format": "JPEG", "quality": 95, "subsampling": 0}, "png": {"format": "PNG"}}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cli import ArgumentParser, UserError, positive_float, positive_int, run_cli
-from common import atomic_write_bytes, atomic_write_json, load_state_dir, read_json, save_state_dir
+from checkpoints import atomic_write_bytes, atomic_write_json, load_state_dir, read_json, save_state_dir
 
 PACK_FORMAT = 1
 MIB = 1 << 20

@@ -15,7 +15,7 @@ on whitened embeddings FD alone cannot tell a Gaussian from the data).
 Checkpoint: OUT.safetensors (EMA weights) + OUT.json {"model": "noise2art-embedding-prior", "prior": the config
 EmbeddingPrior(**config) rebuilds it from (dim, width, depth, context_dim, text_encoder, schedule, prediction_type),
 "conditional", "weights": "ema", "embeddings": {path, sha256, paintings, holdout, holdout_seed}, "training": {flags,
-steps, loss, seconds}}. Training state for --resume: OUT-checkpoints/step_NNNNNNN (common.save_state_dir).
+steps, loss, seconds}}. Training state for --resume: OUT-checkpoints/step_NNNNNNN (checkpoints.save_state_dir).
 """
 import collections
 import copy
@@ -30,10 +30,11 @@ from cli import (
     ArgumentParser, UserError, at_least, check_output_file, non_negative_float, non_negative_int, positive_float,
     positive_int, run_cli,
 )
-from common import (
-    StopSignal, check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
+from checkpoints import (
+    check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
     prune_checkpoints, save_model, save_state_dir,
 )
+from common import StopSignal
 from devices import pick_device
 from diffusion import (
     DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,

@@ -26,7 +26,7 @@ from PIL import Image
 
 import diffusion
 from cli import ArgumentParser, UserError, check_output_folder, positive_int, run_cli
-from common import atomic_write
+from checkpoints import atomic_write
 from devices import pick_device
 
 # The seven WikiArt-mini styles the bundled conditional model was trained on (its captions: "a {style} painting").

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from cli import ArgumentParser, UserError, positive_int, run_cli
-from common import ImageSource, load_model, save_model
+from checkpoints import load_model, save_model
+from common import ImageSource
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}

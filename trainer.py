@@ -46,10 +46,13 @@ from tqdm import tqdm
 from cli import (
     ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
 )
+from checkpoints import (
+    atomic_write, check_run_identity, checkpoint_path, file_digest, load_resume, load_weights, prune_checkpoints,
+    save_state_dir,
+)
 from common import (
-    ImageSource, LogWindow, StopSignal, append_log, atomic_write, check_run_identity, checkpoint_path, due, epoch_order,
-    file_digest, load_resume, load_weights, make_grid, prune_checkpoints, read_log, save_png, save_state_dir,
-    seed_everything, set_rng_state, start_log, tensor_to_images,
+    ImageSource, LogWindow, StopSignal, append_log, due, epoch_order, make_grid, read_log, save_png, seed_everything,
+    set_rng_state, start_log, tensor_to_images,
 )
 from devices import autocast, native_bf16
 from diffusion import (

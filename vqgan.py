@@ -31,11 +31,13 @@ from PIL import Image
 from cli import (
     ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
 )
+from checkpoints import (
+    EXPORT_DTYPES, check_run_identity, checkpoint_path, load_model, load_resume, load_weights, model_paths,
+    prune_checkpoints, read_checkpoint_tensors, read_json, save_model, save_state_dir,
+)
 from common import (
-    EXPORT_DTYPES, ImageSource, ImageTensorDataset, LogWindow, StopSignal, append_log, check_run_identity,
-    checkpoint_path, collate_skip_none, due, epoch_order, load_model, load_resume, load_weights, make_grid, model_paths,
-    prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, save_model, save_png, save_state_dir,
-    seed_everything, set_rng_state, start_log, tensor_to_images,
+    ImageSource, ImageTensorDataset, LogWindow, StopSignal, append_log, collate_skip_none, due, epoch_order, make_grid,
+    rng_state, save_png, seed_everything, set_rng_state, start_log, tensor_to_images,
 )
 from devices import autocast, native_bf16, pick_device
 from metrics import code_statistics

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError
-from common import load_weights, read_checkpoint_tensors, safe_torch_load
+from checkpoints import load_weights, read_checkpoint_tensors, safe_torch_load
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import devices
 from cli import UserError, at_least, non_negative_float, non_negative_int, positive_float, positive_int, run_cli
-from common import (
-    CorruptCheckpoint, append_log, atomic_write, atomic_write_json, check_run_identity, epoch_order, file_digest,
-    load_resume, pickle_globals, read_json, read_log, safe_torch_load, save_state_dir, trim_log,
+from checkpoints import (
+    CorruptCheckpoint, atomic_write, atomic_write_json, check_run_identity, file_digest, load_resume, pickle_globals,
+    read_json, safe_torch_load, save_state_dir,
 )
+from common import append_log, epoch_order, read_log, trim_log
 from conftest import ROOT
 
 

@@ -17,7 +17,7 @@ import latent_cache
 import packing
 import trainer
 from cli import UserError
-from common import load_state_dir
+from checkpoints import load_state_dir
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 

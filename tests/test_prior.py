@@ -10,7 +10,7 @@ import torch
 
 import prior
 from cli import UserError
-from common import save_model
+from checkpoints import save_model
 from conftest import ROOT
 
 def mixture(num, dim, centres, spread, seed):

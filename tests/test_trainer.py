@@ -17,7 +17,8 @@ import diffusion
 import latent_cache
 import trainer
 from cli import UserError
-from common import image_to_tensor, load_state_dir, save_state_dir, seed_everything
+from checkpoints import load_state_dir, save_state_dir
+from common import image_to_tensor, seed_everything
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan

@@ -15,9 +15,8 @@ import vqgan_losses
 from conftest import ROOT, sigterm_after_log_lines
 from metrics import psnr
 from cli import UserError
-from common import (
-    ImageSource, ImageTensorDataset, image_to_tensor, list_checkpoints, load_state_dir, save_model, save_state_dir,
-)
+from checkpoints import list_checkpoints, load_state_dir, save_model, save_state_dir
+from common import ImageSource, ImageTensorDataset, image_to_tensor
 from vqgan import CONFIGS, VQModel, load_init, load_vqgan, save_vqgan
 from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
 
@@ -320,7 +319,7 @@ class Killed(BaseException):
 
 def test_a_kill_while_a_checkpoint_is_swapped_in_keeps_the_previous_one(tmp_path, image_folder, monkeypatch, capsys):
     """The rename that puts the second checkpoint in place never happens: the first must still be there."""
-    import common
+    import checkpoints
 
     real_replace, folders_moved_in = os.replace, []
 
@@ -332,10 +331,10 @@ def test_a_kill_while_a_checkpoint_is_swapped_in_keeps_the_previous_one(tmp_path
         return real_replace(src, dst)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(common.os, "replace", replace)
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
     with pytest.raises(Killed):
         vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3"))
-    monkeypatch.setattr(common.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
     capsys.readouterr()
     assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
     assert "resumed from" in capsys.readouterr().out  # not a fresh start from step 0
