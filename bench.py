@@ -55,7 +55,7 @@ import latent_cache
 import trainer
 from cli import ArgumentParser, UserError, positive_int, run_cli
 from checkpoints import atomic_write_json
-from common import ImageSource, ImageTensorDataset, collate_skip_none
+from images import ImageSource, ImageTensorDataset, collate_skip_none
 from devices import autocast, native_bf16, pick_device
 from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
 from unet import UNET_CONFIGS, build_unet, count_parameters

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cli import ArgumentParser, UserError, check_output_file, positive_int, run_cli
 from checkpoints import atomic_write_json
-from common import ImageSource, ImageTensorDataset, collate_skip_none
+from images import ImageSource, ImageTensorDataset, collate_skip_none
 from devices import pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, predicted_x0, sampling_options, use_bf16
 from text_encoder import dataset_captions

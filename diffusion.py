@@ -25,7 +25,7 @@ from tqdm import trange
 
 from cli import ArgumentParser, UserError, check_output_folder, non_negative_float, positive_int, run_cli
 from checkpoints import EXPORT_DTYPES, load_model, load_weights, model_paths, save_model
-from common import GRID_NAME, image_to_tensor, make_grid, save_png, tensor_to_images
+from images import GRID_NAME, image_to_tensor, make_grid, save_png, tensor_to_images
 from devices import autocast, native_bf16, pick_device
 from unet import UNet
 from vqgan import VQModel, load_vqgan

@@ -1,6 +1,6 @@
 """Download an image dataset into an ImageFolder for training: one image file per row, named by
 its row index (00000042.jpg), plus metadata.jsonl with `file_name` and the chosen metadata columns.
-`datasets.load_dataset("imagefolder", data_dir=OUTPUT_DIR)` and common.ImageSource read it back.
+`datasets.load_dataset("imagefolder", data_dir=OUTPUT_DIR)` and images.ImageSource read it back.
 
     python download_hf.py --dataset_name huggan/wikiart --image_bytes_key image \\
         --metadata_columns artist genre style --rows 1000 --output_dir wikiart_images --workers 8
@@ -52,7 +52,7 @@ from cli import (
     run_cli,
 )
 from checkpoints import atomic_write
-from common import class_label_names, load_hf_dataset
+from images import class_label_names, load_hf_dataset
 
 METADATA = "metadata.jsonl"
 SAVE_OPTIONS = {"jpg": {"format": "JPEG", "quality": 95, "subsampling": 0}, "png": {"format": "PNG"}}

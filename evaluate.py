@@ -32,7 +32,7 @@ from cli import (
 from checkpoints import (
     atomic_write, atomic_write_json, file_digest, load_weights, model_paths, read_json, safe_torch_load,
 )
-from common import ImageSource, ImageTensorDataset, collate_skip_none, image_to_tensor, save_png, tensor_to_images
+from images import ImageSource, ImageTensorDataset, collate_skip_none, image_to_tensor, save_png, tensor_to_images
 from devices import autocast, pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, referenced_vqgan, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures

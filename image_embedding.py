@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cli import ArgumentParser, UserError, check_output_folder, non_negative_int, positive_int, run_cli
 from checkpoints import load_model, save_model
-from common import ImageSource, IndexedImages, collate_skip_none
+from images import ImageSource, IndexedImages, collate_skip_none
 from features import TEACHER, EfficientNetLiteFeatures, fit_pca
 from text_encoder import caption_function
 

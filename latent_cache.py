@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cli import UserError
 from checkpoints import CorruptCheckpoint, file_digest, load_state_dir, read_json, save_state_dir
-from common import IndexedImages, collate_skip_none
+from images import IndexedImages, collate_skip_none
 from devices import autocast
 from distributed import barrier, is_main, say
 from features import TEACHER, EfficientNetLiteFeatures, fit_pca

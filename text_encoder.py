@@ -19,7 +19,7 @@ import torch
 
 from cli import ArgumentParser, UserError, positive_int, run_cli
 from checkpoints import load_model, save_model
-from common import ImageSource
+from images import ImageSource
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}

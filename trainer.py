@@ -51,9 +51,9 @@ from checkpoints import (
     save_state_dir,
 )
 from common import (
-    ImageSource, LogWindow, StopSignal, append_log, due, epoch_order, make_grid, read_log, save_png, seed_everything,
-    set_rng_state, start_log, tensor_to_images,
+    LogWindow, StopSignal, append_log, due, epoch_order, read_log, seed_everything, set_rng_state, start_log,
 )
+from images import ImageSource, make_grid, save_png, tensor_to_images
 from devices import autocast, native_bf16
 from diffusion import (
     DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,

@@ -36,9 +36,9 @@ from checkpoints import (
     prune_checkpoints, read_checkpoint_tensors, read_json, save_model, save_state_dir,
 )
 from common import (
-    ImageSource, ImageTensorDataset, LogWindow, StopSignal, append_log, collate_skip_none, due, epoch_order, make_grid,
-    rng_state, save_png, seed_everything, set_rng_state, start_log, tensor_to_images,
+    LogWindow, StopSignal, append_log, due, epoch_order, rng_state, seed_everything, set_rng_state, start_log,
 )
+from images import ImageSource, ImageTensorDataset, collate_skip_none, make_grid, save_png, tensor_to_images
 from devices import autocast, native_bf16, pick_device
 from metrics import code_statistics
 from vqgan_losses import (

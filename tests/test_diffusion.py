@@ -12,7 +12,7 @@ from PIL import Image
 
 import diffusion
 from cli import UserError
-from common import ImageSource, image_to_tensor
+from images import ImageSource, image_to_tensor
 from devices import native_bf16
 from diffusion import (
     DEFAULT_STEPS, SAMPLERS, UNPROMPTED_STEPS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn,

@@ -14,7 +14,7 @@ from torchvision.models import inception
 
 import evaluate
 from cli import UserError
-from common import ImageSource, ImageTensorDataset
+from images import ImageSource, ImageTensorDataset
 from conftest import make_painting
 from diffusion import NoiseSchedule, save_diffusion_model
 from evaluate import (
@@ -170,7 +170,7 @@ def test_thumbnail_features_are_the_pixels_of_16px_thumbnails(tmp_path, capsys, 
     """The judge that shares nothing with ImageNet networks: FD of 768-d thumbnail pixels, exactly as computed here."""
     import numpy as np
 
-    from common import ImageSource, image_to_tensor
+    from images import ImageSource, image_to_tensor
     from metrics import frechet_distance, mean_and_covariance
 
     fake = write_images(tmp_path / "fake", range(100, 112), degrade)

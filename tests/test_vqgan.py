@@ -16,7 +16,7 @@ from conftest import ROOT, sigterm_after_log_lines
 from metrics import psnr
 from cli import UserError
 from checkpoints import list_checkpoints, load_state_dir, save_model, save_state_dir
-from common import ImageSource, ImageTensorDataset, image_to_tensor
+from images import ImageSource, ImageTensorDataset, image_to_tensor
 from vqgan import CONFIGS, VQModel, load_init, load_vqgan, save_vqgan
 from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
 
