@@ -8,7 +8,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import UserError
-from common import rng_state
+from training_loop import rng_state
 from devices import pick_device
 
 

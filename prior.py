@@ -34,7 +34,7 @@ from checkpoints import (
     check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
     prune_checkpoints, save_model, save_state_dir,
 )
-from common import StopSignal
+from training_loop import StopSignal
 from devices import pick_device
 from diffusion import (
     DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,
@@ -271,7 +271,7 @@ def prior_loss(prior, x0, t, noise, context=None, context_mask=None, drop=None):
 
 class PriorTraining:
     """Everything a training step changes: the prior, its EMA copy, AdamW and the generator that draws each step's
-    timesteps, noise and caption drops (the batch rows come from common.epoch_order)."""
+    timesteps, noise and caption drops (the batch rows come from training_loop.epoch_order)."""
 
     def __init__(self, prior, lr, weight_decay, seed):
         self.prior, self.step = prior, 0
@@ -349,9 +349,9 @@ def train_step(run, data, rows, lr, cond_drop, max_ema_decay):
 
 def train(run, data, max_steps, batch_size, lr, warmup_steps, cond_drop=0.1, ema_decay=0.999, seed=0,
           on_checkpoint=None, checkpoint_every=0, log_every=0, stop=None, say=print):
-    """Train `run` up to `max_steps` on batches in common.epoch_order (trainer.batch_rows), the learning rate warmed
-    up linearly then decayed on a cosine to 0 (trainer.lr_factor). on_checkpoint(run) runs every `checkpoint_every`
-    steps, at the end, and when `stop.name` is set (common.StopSignal), which ends the run."""
+    """Train `run` up to `max_steps` on batches in training_loop.epoch_order (trainer.batch_rows), the learning rate
+    warmed up linearly then decayed on a cosine to 0 (trainer.lr_factor). on_checkpoint(run) runs every
+    `checkpoint_every` steps, at the end, and when `stop.name` is set (training_loop.StopSignal), which ends the run."""
     from trainer import batch_rows, lr_factor
 
     start, start_step = time.perf_counter(), run.step

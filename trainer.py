@@ -50,7 +50,7 @@ from checkpoints import (
     atomic_write, check_run_identity, checkpoint_path, file_digest, load_resume, load_weights, prune_checkpoints,
     save_state_dir,
 )
-from common import (
+from training_loop import (
     LogWindow, StopSignal, append_log, due, epoch_order, read_log, seed_everything, set_rng_state, start_log,
 )
 from images import ImageSource, make_grid, save_png, tensor_to_images

@@ -35,7 +35,7 @@ from checkpoints import (
     EXPORT_DTYPES, check_run_identity, checkpoint_path, load_model, load_resume, load_weights, model_paths,
     prune_checkpoints, read_checkpoint_tensors, read_json, save_model, save_state_dir,
 )
-from common import (
+from training_loop import (
     LogWindow, StopSignal, append_log, due, epoch_order, rng_state, seed_everything, set_rng_state, start_log,
 )
 from images import ImageSource, ImageTensorDataset, collate_skip_none, make_grid, save_png, tensor_to_images
@@ -380,7 +380,7 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 def batch_plan(num_images, batch_size, seed, start_step, end_step):
     """Yields, for steps start_step..end_step-1, a list of (image index, augmentation seed):
-    a fresh permutation of the data every epoch (common.epoch_order)."""
+    a fresh permutation of the data every epoch (training_loop.epoch_order)."""
     for step in range(start_step, end_step):
         batch = []
         for position in range(step * batch_size, (step + 1) * batch_size):

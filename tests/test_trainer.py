@@ -18,7 +18,7 @@ import latent_cache
 import trainer
 from cli import UserError
 from checkpoints import load_state_dir, save_state_dir
-from common import seed_everything
+from training_loop import seed_everything
 from images import image_to_tensor
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model

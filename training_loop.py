@@ -1,7 +1,6 @@
-"""Shared helpers for the Noise2Art scripts: errors, atomic file writes, checkpoint I/O,
-image datasets, devices and PNG output.
-
-Everything that more than one script needs lives here, once.
+"""What every training loop shares besides its step (vqgan.py, trainer.py, prior.py): its log.jsonl and the
+window one log line averages, when to log or save, stopping cleanly on a signal, the order of the data, and the
+random state a checkpoint records.
 """
 import contextlib
 import functools
@@ -16,7 +15,6 @@ import torch
 
 from checkpoints import atomic_write
 from cli import UserError, interrupt
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +50,7 @@ def trim_log(log_path, last_step):
     atomic_write(log_path, lambda f: f.write("".join(json.dumps(entry) + "\n" for entry in kept)), mode="w")
 
 
-# The chores both training loops share: the log at the start, a log line's window, when to log or save.
+# A run's log at its start, the window of one log line, when to log or save, and stopping cleanly on a signal.
 
 
 def start_log(log_path, resumed_step):
@@ -101,6 +99,41 @@ def due(step, every, last_step, stopping=False):
     return step % every == 0 or step == last_step or stopping
 
 
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits. A second
+    signal gives up at once (atomic writes keep the last checkpoint whole)."""
+
+    def __init__(self):
+        self.name = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.name is not None:
+            interrupt(signum, frame)
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_items, seed, epoch):
+    """The order of the data in `epoch`: a permutation of range(num_items), a pure function of (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state: what a checkpoint records, so a resumed run draws the same numbers as a straight one
+
+
 def rng_state():
     """All random-number-generator states a training step can touch."""
     state = {"python": random.getstate(), "numpy": _numpy_rng_to_plain(), "torch": torch.get_rng_state()}
@@ -131,31 +164,3 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(num_items, seed, epoch):
-    """The order of the data in `epoch`: a permutation of range(num_items), a pure function of (seed, epoch)."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits. A second
-    signal gives up at once (atomic writes keep the last checkpoint whole)."""
-
-    def __init__(self):
-        self.name = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.name is not None:
-            interrupt(signum, frame)
-        self.name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
