@@ -57,7 +57,8 @@ from cli import ArgumentParser, UserError, positive_int, run_cli
 from checkpoints import atomic_write_json
 from images import ImageSource, ImageTensorDataset, collate_skip_none
 from devices import autocast, native_bf16, pick_device
-from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
+from samplers import DEFAULT_STEPS, SAMPLERS, make_denoiser, randn, sampling_timesteps
+from schedule import NoiseSchedule
 from unet import UNET_CONFIGS, build_unet, count_parameters
 from vqgan import CONFIGS, VQModel
 

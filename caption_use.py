@@ -28,7 +28,8 @@ from cli import ArgumentParser, UserError, check_output_file, positive_int, run_
 from checkpoints import atomic_write_json
 from images import ImageSource, ImageTensorDataset, collate_skip_none
 from devices import pick_device
-from diffusion import add_sampling_arguments, load_diffusion_model, predicted_x0, sampling_options, use_bf16
+from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
+from schedule import predicted_x0
 from text_encoder import dataset_captions
 
 MAX_CAPTIONS = 64

@@ -4,7 +4,7 @@ al. 2022, unCLIP's prior), so that a UNet conditioned on an image embedding can 
 It reads an embedding cache (image_embedding.py): NAME.safetensors with "embeddings", N x D (one per painting), and
 NAME.json with {"dim": D, "captions": N strings or null}. The prior is a residual MLP
 denoiser (v prediction), optionally conditioned on a caption's mean token embedding (with a learned null vector for
-classifier-free guidance), that samples with diffusion.py's samplers. The non-parametric prior it is measured
+classifier-free guidance), that samples with samplers.py's samplers. The non-parametric prior it is measured
 against draws a random training embedding and adds Gaussian noise (--evaluate prints both, with a Gaussian baseline:
 on whitened embeddings FD alone cannot tell a Gaussian from the data).
 
@@ -36,10 +36,8 @@ from checkpoints import (
 )
 from training_loop import StopSignal
 from devices import pick_device
-from diffusion import (
-    DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,
-    sampling_timesteps,
-)
+from samplers import DEFAULT_KARRAS, SAMPLERS, guided_model_fn, make_denoiser, randn, sampling_timesteps
+from schedule import NoiseSchedule, check_prediction_type
 from image_embedding import load_embedding_cache
 from metrics import frechet_distance, kid, mean_and_covariance
 from unet import mean_token, timestep_embedding, zero_module
@@ -189,7 +187,7 @@ def load_prior(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: the learned prior through diffusion.py's samplers, and the non-parametric one
+# Sampling: the learned prior through samplers.py's samplers, and the non-parametric one
 
 
 @torch.no_grad()

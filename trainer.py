@@ -9,7 +9,7 @@ column or a template over columns) are encoded once by the frozen text encoder a
 are dropped with probability --cond_drop during training so that one model serves classifier-free guidance.
 
 Two training levers, both off by default (docs/ablation.md): --timestep_sampling logit-normal|laplace spends the loss
-where the log-SNR is middling (diffusion.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
+where the log-SNR is middling (schedule.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
 frozen EfficientNet-Lite2 feature maps of every cached image and its mirror (REPA, Yu et al. 2024), computed once
 into a second cache beside the latent cache (LATENT_CACHE-repa), through a training-only projector that is saved in
 the checkpoints but never exported.
@@ -55,10 +55,9 @@ from training_loop import (
 )
 from images import ImageSource, make_grid, save_png, tensor_to_images
 from devices import autocast, native_bf16
-from diffusion import (
-    DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
-    read_diffusion_model, save_diffusion_model, unet_weights,
-)
+from diffusion import Pipeline, read_diffusion_model, save_diffusion_model, unet_weights
+from samplers import DEFAULT_GUIDANCE_SCALE, SAMPLERS
+from schedule import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, NoiseSchedule, make_betas
 from distributed import any_rank, gather_rng_states, is_main, mean_over_ranks, say, setup_distributed
 from latent_cache import cache_batch, cache_on, dataset_cache, image_embed_dim, packed_cache, read_image_embeds
 from text_encoder import DEFAULT_TEXT_ENCODER
@@ -650,7 +649,7 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=None, help="override: dropout in the ResNet blocks" + size)
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"],
-                   help="noise schedule (diffusion.py; the bundled models': scaled_linear)")
+                   help="noise schedule (schedule.py; the bundled models': scaled_linear)")
     g.add_argument("--num_train_timesteps", type=positive_int, default=1000, help="diffusion steps T")
     g.add_argument("--beta_start", type=float, default=0.0015,
                    help="first beta of a linear kind (the bundled models' and LDM's f4 models': 0.0015)")

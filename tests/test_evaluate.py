@@ -16,7 +16,8 @@ import evaluate
 from cli import UserError
 from images import ImageSource, ImageTensorDataset
 from conftest import make_painting
-from diffusion import NoiseSchedule, save_diffusion_model
+from diffusion import save_diffusion_model
+from schedule import NoiseSchedule
 from evaluate import (
     FIDInceptionA, FIDInceptionE, FIDInceptionV3, extract_features, load_feature_network, real_stats_key,
     stats_cache_path,

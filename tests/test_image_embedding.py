@@ -14,6 +14,7 @@ import trainer
 from cli import UserError
 from conftest import write_image_folder
 from diffusion import load_diffusion_model
+from samplers import guided_model_fn
 from vqgan import CONFIGS, VQModel, save_vqgan
 
 FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",
@@ -91,7 +92,7 @@ def test_embedding_guidance_pushes_away_from_the_null_embedding():
     null = unet.null_image_embed.detach().expand_as(embed)
     with torch.no_grad():
         cond, uncond = unet(x, t, image_embed=embed), unet(x, t, image_embed=null)
-        guided = diffusion.guided_model_fn(unet, guidance_scale=2.5, image_embed=embed, uncond_image_embed=null)(x, t)
+        guided = guided_model_fn(unet, guidance_scale=2.5, image_embed=embed, uncond_image_embed=null)(x, t)
     assert not torch.allclose(cond, uncond)
     assert torch.allclose(guided, uncond + 2.5 * (cond - uncond), atol=1e-5)
 

@@ -22,6 +22,7 @@ from training_loop import seed_everything
 from images import image_to_tensor
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
+from schedule import NoiseSchedule
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 
 FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",
@@ -609,7 +610,7 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
 
 def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan, monkeypatch):
     run = trainer.build_training(trainer.make_unet("small", 4, 8, None), torch.device("cpu"),
-                                 diffusion.NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
+                                 NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
     for unet in (run.unet, run.ema):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
     plain, out = tmp_path / "plain", tmp_path / "channels_last"
@@ -633,19 +634,19 @@ def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path
 
 def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, image_folder, vqgan, monkeypatch):
     seen = []
-    training_loss = diffusion.NoiseSchedule.training_loss
+    training_loss = NoiseSchedule.training_loss
 
     def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None):
         seen.append((t, min_snr_gamma))
         return training_loss(self, model_fn, x0, prediction_type, min_snr_gamma, t, noise)
 
-    monkeypatch.setattr(diffusion.NoiseSchedule, "training_loss", spy)
+    monkeypatch.setattr(NoiseSchedule, "training_loss", spy)
     out = tmp_path / "laplace"
     assert train(image_folder, vqgan, out, "--max_steps", 4, "--timestep_sampling", "laplace", "--timestep_loc", -1,
                  "--timestep_scale", 0.5, "--min_snr_gamma", 5) == 0
     t = torch.cat([t for t, _ in seen])
     assert len(seen) == 4 and all(gamma == 5 for _, gamma in seen) and not torch.equal(t, t.round())
-    schedule = diffusion.NoiseSchedule(**json.loads((out / "unet.json").read_text())["schedule"])  # the run's own
+    schedule = NoiseSchedule(**json.loads((out / "unet.json").read_text())["schedule"])  # the run's own
     log_snr = (schedule.alpha_bar(t) / (1 - schedule.alpha_bar(t))).log()
     assert (log_snr - -1).abs().max() < 4  # 16 draws of Laplace(-1, 0.5): uniform t would spread over [-10, 9]
     assert all(math.isfinite(e["loss"]) for e in log_entries(out))
