@@ -8,6 +8,7 @@ The maths is in schedule.py (the forward process) and samplers.py (the samplers 
     python diffusion.py --interpolate --num_images 8              # slerp from the noise of --seed to --seed + 1
 """
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -325,7 +326,46 @@ def export_diffusion_model(src, dst, dtype=torch.float16, prior=None, image_embe
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# The sampling command's work: a SamplingRequest drawn with a loaded model into a folder of PNGs, each recording the
+# command that redraws it
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRequest:
+    """What one sampling command draws and how its PNGs record it: sample_to_folder's input, read once from
+    diffusion.py's flags by sampling_request (studio.py parses the command lines its widgets make the same way).
+    options: Pipeline.sample_latents' sampling keywords (sampling_options; steps resolved, per sampler without
+    --steps); prompts: one grid row each (None: unprompted); strength: 0.75 with an init_image where none is given;
+    mix: as given (two `like` paintings blend at 0.5 without it); unet_ckpt_path None: the bundled model (named
+    relative to the repository); vqgan, device, precision, no_ema: how the model was loaded, for the command."""
+    num_images: int
+    batch_size: int
+    seed: int
+    options: dict
+    spacing: str
+    eta: float = 0.0
+    prompts: list | None = None
+    negative_prompt: str | None = None
+    init_image: str | None = None
+    strength: float | None = None
+    like: list | None = None
+    mix: float | None = None
+    prior: str | None = None
+    interpolate: bool = False
+    interpolate_to: int | None = None
+    unet_ckpt_path: str | None = None
+    vqgan: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    no_ema: bool = False
+
+    def like_mix(self):
+        """The blend of two `like` paintings (0.5 unless `mix`); None for one painting."""
+        return None if self.like is None or len(self.like) < 2 else (0.5 if self.mix is None else self.mix)
+
+    def interpolation_seeds(self):
+        """The seeds of an interpolation's first and last frames."""
+        return [self.seed, self.seed + 1 if self.interpolate_to is None else self.interpolate_to]
 
 
 def default_checkpoint(conditional, like=False):
@@ -347,11 +387,117 @@ def load_image(path, resolution, what="init image"):
     return image_to_tensor(img, resolution)[None]  # 1 x 3 x R x R
 
 
-
 def next_image_index(outdir):
     """Files are numbered 00000.png, 00001.png, ... continuing after what is already in outdir."""
     numbers = [int(p.stem) for p in Path(outdir).glob("*.png") if re.fullmatch(r"\d{5}", p.stem)]
     return max(numbers, default=-1) + 1
+
+
+def like_embedding(paths, mix, pipeline):
+    """The image embedding 1 x E that --like asks for: one painting's, or the spherical blend of two's."""
+    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
+    embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
+    return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
+
+
+def run_parameters(request, checkpoint, pipeline, seed, num_images, prompts):
+    """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
+    for an unconditional model) that `request` draws with `pipeline` (loaded from `checkpoint`), and the command
+    that makes them."""
+    options = request.options
+    bundled = request.unet_ckpt_path is None  # named relative to the repository, and implied by the command
+    params = dict(checkpoint=f"{BUNDLED_MODELS.name}/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
+                  weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
+                  sampler=options["sampler"], steps=options["steps"], spacing=request.spacing,
+                  lower_order_final=options["lower_order_final"], eta=request.eta, bf16=pipeline.bf16)
+    command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
+    if request.vqgan is not None:
+        params["vqgan"] = str(request.vqgan)
+        command += ["--vqgan", str(request.vqgan)]
+    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", options["sampler"],
+                "--steps", str(options["steps"]), "--spacing", request.spacing, "--eta", str(request.eta),
+                "--device", request.device, "--precision", request.precision]
+    switches = {"lower_order_final": options["lower_order_final"], "no_ema": request.no_ema,
+                "interpolate": request.interpolate}
+    command += [f"--{flag}" for flag, on in switches.items() if on]
+    if request.interpolate_to is not None:
+        command += ["--interpolate_to", str(request.interpolate_to)]
+    if prompts is not None:
+        params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=request.negative_prompt,
+                      guidance_scale=options["guidance_scale"], guidance_interval=options["guidance_interval"],
+                      guidance_high=options["guidance_high"])
+        command += ["--prompt", *prompts, "--guidance_scale", str(options["guidance_scale"])]
+        for flag in ("guidance_interval", "guidance_high"):
+            if options[flag] is not None:
+                command += [f"--{flag}", *map(str, options[flag])]
+        if request.negative_prompt is not None:
+            command += ["--negative_prompt", request.negative_prompt]
+    if request.init_image is not None:
+        params.update(init_image=str(request.init_image), strength=request.strength)
+        command += ["--init_image", str(request.init_image), "--strength", str(request.strength)]
+    if request.prior is not None:
+        params.update(prior=request.prior)
+        command += ["--prior", str(request.prior)]
+    if request.like is not None:
+        params.update(like=request.like, mix=request.like_mix())
+        command += [arg for path in request.like for arg in ("--like", str(path))]
+        command += ["--mix", str(request.mix)] if request.mix is not None else []
+    if prompts is None and pipeline.unet.image_embed_dim is not None:  # guided against the null embedding
+        params.update(guidance_scale=options["guidance_scale"])
+        command += ["--guidance_scale", str(options["guidance_scale"])]
+    return {"parameters": params, "command": shlex.join(command)}
+
+
+def image_parameters(request, checkpoint, pipeline, index, prompt):
+    """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
+    row."""
+    prompts = None if prompt is None else [prompt]
+    if request.interpolate:
+        chunks = run_parameters(request, checkpoint, pipeline, request.seed, request.num_images, prompts)
+        chunks["parameters"].update(interpolate=dict(seeds=request.interpolation_seeds(), frame=index))
+        return chunks
+    return run_parameters(request, checkpoint, pipeline, request.seed + index, 1, prompts)
+
+
+def sample_to_folder(request, checkpoint, pipeline, outdir):
+    """The sampling command's work once its model is loaded: the images `request` asks of `pipeline` (loaded from
+    `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image paths, grid
+    path). studio.py calls it with the requests its widgets make, so both write the same files."""
+    init_image = None
+    if request.init_image is not None:
+        init_image = load_image(request.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
+    if request.interpolate:
+        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
+                for seed in request.interpolation_seeds()]
+        frames = torch.cat([slerp(*ends, i / (request.num_images - 1)) for i in range(request.num_images)])
+    like = None if request.like is None else like_embedding(request.like, request.like_mix(), pipeline)
+    first = next_image_index(outdir)
+    all_images, paths = [], []
+    for prompt in request.prompts or [None]:  # one grid row per caption, each over the same seeds
+        for start in range(0, request.num_images, request.batch_size):
+            n = min(request.batch_size, request.num_images - start)
+            images = pipeline.generate(
+                n, request.seed + start, **request.options, prompt=prompt, negative_prompt=request.negative_prompt,
+                eta=request.eta, strength=request.strength,
+                init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
+                noise=frames[start:start + n] if request.interpolate else None,
+                image_embeds=None if like is None else like.expand(n, -1))
+            for i, img in enumerate(tensor_to_images(images)):
+                path = outdir / f"{first + len(paths):05d}.png"
+                save_png(path, img, image_parameters(request, checkpoint, pipeline, start + i, prompt))
+                paths.append(path)
+                all_images.append(img)
+    grid_path = outdir / GRID_NAME.format(first)
+    grid_params = run_parameters(request, checkpoint, pipeline, request.seed, request.num_images, request.prompts)
+    grid_params["files"] = [p.name for p in paths]
+    row_each = request.interpolate or len(request.prompts or []) > 1  # a row per interpolation or per caption
+    save_png(grid_path, make_grid(all_images, ncols=request.num_images if row_each else None), grid_params)
+    return paths, grid_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: parse_args, then the readers that turn its flags into the explicit arguments above (sampling_options,
+# use_bf16, sampling_request); only they and main see `args`.
 
 
 def add_sampling_arguments(parser, unprompted_steps=None):
@@ -470,82 +616,23 @@ def check_args(args):
         raise UserError(f"--mix must be in [0, 1], got {args.mix}")
 
 
-def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompts):
-    """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
-    for an unconditional model) and the command that makes them. `options` are sampling_options(args)."""
-    bundled = args.unet_ckpt_path is None  # named relative to the repository, and implied by the command
-    params = dict(checkpoint=f"{BUNDLED_MODELS.name}/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
-                  weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
-                  sampler=args.sampler, steps=options["steps"], spacing=args.spacing,
-                  lower_order_final=args.lower_order_final, eta=args.eta, bf16=pipeline.bf16)
-    command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
-    if args.vqgan is not None:
-        params["vqgan"] = str(args.vqgan)
-        command += ["--vqgan", str(args.vqgan)]
-    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", args.sampler,
-                "--steps", str(options["steps"]), "--spacing", args.spacing, "--eta", str(args.eta),
-                "--device", args.device, "--precision", args.precision]
-    command += [f"--{flag}" for flag in ("lower_order_final", "no_ema", "interpolate") if getattr(args, flag)]
-    if args.interpolate_to is not None:
-        command += ["--interpolate_to", str(args.interpolate_to)]
-    if prompts is not None:
-        params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,
-                      guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
-                      guidance_high=args.guidance_high)
-        command += ["--prompt", *prompts, "--guidance_scale", str(args.guidance_scale)]
-        for flag in ("guidance_interval", "guidance_high"):
-            if getattr(args, flag) is not None:
-                command += [f"--{flag}", *map(str, getattr(args, flag))]
-        if args.negative_prompt is not None:
-            command += ["--negative_prompt", args.negative_prompt]
-    if args.init_image is not None:
-        params.update(init_image=str(args.init_image), strength=args.strength)
-        command += ["--init_image", str(args.init_image), "--strength", str(args.strength)]
-    if args.prior is not None:
-        params.update(prior=args.prior)
-        command += ["--prior", str(args.prior)]
-    if args.like is not None:
-        params.update(like=args.like, mix=like_mix(args))
-        command += [arg for path in args.like for arg in ("--like", str(path))]
-        command += ["--mix", str(args.mix)] if args.mix is not None else []
-    if prompts is None and pipeline.unet.image_embed_dim is not None:  # guided against the null embedding
-        params.update(guidance_scale=args.guidance_scale)
-        command += ["--guidance_scale", str(args.guidance_scale)]
-    return {"parameters": params, "command": shlex.join(command)}
-
-
-def like_mix(args):
-    """The blend of two --like paintings (0.5 unless --mix); None for one painting."""
-    return None if args.like is None or len(args.like) < 2 else (0.5 if args.mix is None else args.mix)
-
-
-def like_embedding(paths, mix, pipeline):
-    """The image embedding 1 x E that --like asks for: one painting's, or the spherical blend of two's."""
-    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
-    embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
-    return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
-
-
-def interpolation_seeds(args):
-    """The seeds of an interpolation's first and last frames."""
-    return [args.seed, args.seed + 1 if args.interpolate_to is None else args.interpolate_to]
-
-
-def image_parameters(args, checkpoint, pipeline, options, index, prompt):
-    """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
-    row."""
-    prompts = None if prompt is None else [prompt]
-    if args.interpolate:
-        chunks = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, prompts)
-        chunks["parameters"].update(interpolate=dict(seeds=interpolation_seeds(args), frame=index))
-        return chunks
-    return run_parameters(args, checkpoint, pipeline, options, args.seed + index, 1, prompts)
+def sampling_request(args):
+    """The SamplingRequest of parsed (and checked: check_args) flags `args`; a bad sampling flag is a UserError
+    here, before any model loads."""
+    strength = 0.75 if args.init_image is not None and args.strength is None else args.strength
+    return SamplingRequest(
+        num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
+        options=sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS), spacing=args.spacing,
+        eta=args.eta, prompts=args.prompt, negative_prompt=args.negative_prompt, init_image=args.init_image,
+        strength=strength, like=args.like, mix=args.mix, prior=args.prior, interpolate=args.interpolate,
+        interpolate_to=args.interpolate_to, unet_ckpt_path=args.unet_ckpt_path, vqgan=args.vqgan,
+        device=args.device, precision=args.precision, no_ema=args.no_ema)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    sampling_options(args)  # refuses bad sampling flags before the model loads
+    request = sampling_request(args)  # refuses bad sampling flags before the model loads
     checkpoint = args.unet_ckpt_path or default_checkpoint(args.prompt is not None, like=args.like is not None)
     if args.export:
         if args.prior == "none":
@@ -559,47 +646,9 @@ def main(argv=None):
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, vqgan_path=args.vqgan,
                                     bf16=use_bf16(args.precision, device), channels_last=args.channels_last,
                                     compile=args.compile, **prior)
-    paths, grid_path = sample_to_folder(args, checkpoint, pipeline, outdir)
+    paths, grid_path = sample_to_folder(request, checkpoint, pipeline, outdir)
     print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
     return 0
-
-
-def sample_to_folder(args, checkpoint, pipeline, outdir):
-    """The sampling command's work once its model is loaded: the images parsed flags `args` ask of `pipeline`
-    (loaded from `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image
-    paths, grid path). studio.py calls it with the command line its widgets make, so both write the same files."""
-    options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
-    init_image = None
-    if args.init_image is not None:
-        args = argparse.Namespace(**{**vars(args), "strength": 0.75 if args.strength is None else args.strength})
-        init_image = load_image(args.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
-    if args.interpolate:
-        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
-                for seed in interpolation_seeds(args)]
-        frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
-    like = None if args.like is None else like_embedding(args.like, like_mix(args), pipeline)
-    first = next_image_index(outdir)
-    all_images, paths = [], []
-    for prompt in args.prompt or [None]:  # one grid row per caption, each over the same seeds
-        for start in range(0, args.num_images, args.batch_size):
-            n = min(args.batch_size, args.num_images - start)
-            images = pipeline.generate(
-                n, args.seed + start, **options, prompt=prompt, negative_prompt=args.negative_prompt, eta=args.eta,
-                strength=args.strength,
-                init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
-                noise=frames[start:start + n] if args.interpolate else None,
-                image_embeds=None if like is None else like.expand(n, -1))
-            for i, img in enumerate(tensor_to_images(images)):
-                path = outdir / f"{first + len(paths):05d}.png"
-                save_png(path, img, image_parameters(args, checkpoint, pipeline, options, start + i, prompt))
-                paths.append(path)
-                all_images.append(img)
-    grid_path = outdir / GRID_NAME.format(first)
-    grid_params = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, args.prompt)
-    grid_params["files"] = [p.name for p in paths]
-    row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption
-    save_png(grid_path, make_grid(all_images, ncols=args.num_images if row_each else None), grid_params)
-    return paths, grid_path
 
 
 if __name__ == "__main__":
