@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import latent_cache
 import trainer
+import training_loop
 from cli import ArgumentParser, UserError, positive_int, run_cli
 from checkpoints import atomic_write_json
 from images import ImageSource, ImageTensorDataset, collate_skip_none
@@ -209,7 +210,7 @@ def bench_train(args, device):
         num_rows, positions = len(cache["latents"]), itertools.count(0, args.batch_size)
 
         def step_with_cache():
-            rows_now = trainer.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
+            rows_now = training_loop.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
             trainer.train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], *step_args)
 
         images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips

@@ -34,7 +34,7 @@ from checkpoints import (
     check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
     prune_checkpoints, save_model, save_state_dir,
 )
-from training_loop import StopSignal
+from training_loop import StopSignal, batch_rows, ema_decay, lr_factor, update_ema
 from devices import pick_device
 from samplers import DEFAULT_KARRAS, SAMPLERS, guided_model_fn, make_denoiser, randn, sampling_timesteps
 from schedule import NoiseSchedule, check_prediction_type
@@ -325,8 +325,6 @@ def training_data(vectors, captions, text_encoder, device):
 
 def train_step(run, data, rows, lr, cond_drop, max_ema_decay):
     """One AdamW step at learning rate `lr` on `rows` of `data`, then the EMA update. Returns the loss."""
-    from trainer import ema_decay, update_ema  # training only: sampling needs none of trainer.py's imports
-
     prior = run.prior
     vectors, context, mask = data.batch(rows)
     x0 = prior.normalize(vectors)
@@ -347,11 +345,9 @@ def train_step(run, data, rows, lr, cond_drop, max_ema_decay):
 
 def train(run, data, max_steps, batch_size, lr, warmup_steps, cond_drop=0.1, ema_decay=0.999, seed=0,
           on_checkpoint=None, checkpoint_every=0, log_every=0, stop=None, say=print):
-    """Train `run` up to `max_steps` on batches in training_loop.epoch_order (trainer.batch_rows), the learning rate
-    warmed up linearly then decayed on a cosine to 0 (trainer.lr_factor). on_checkpoint(run) runs every
-    `checkpoint_every` steps, at the end, and when `stop.name` is set (training_loop.StopSignal), which ends the run."""
-    from trainer import batch_rows, lr_factor
-
+    """Train `run` up to `max_steps` on batches in the data order (batch_rows), the learning rate warmed up linearly
+    then decayed on a cosine to 0 (lr_factor). on_checkpoint(run) runs every `checkpoint_every` steps, at the end, and
+    when `stop.name` is set (StopSignal), which ends the run."""
     start, start_step = time.perf_counter(), run.step
     while run.step < max_steps:
         rows = batch_rows(len(data.vectors), batch_size, seed, run.step * batch_size)

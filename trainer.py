@@ -51,7 +51,8 @@ from checkpoints import (
     save_state_dir,
 )
 from training_loop import (
-    LogWindow, StopSignal, append_log, due, epoch_order, read_log, seed_everything, set_rng_state, start_log,
+    LogWindow, StopSignal, append_log, batch_rows, due, ema_decay, lr_factor, read_log, seed_everything, set_rng_state,
+    start_log, stream_position, update_ema,
 )
 from images import ImageSource, make_grid, save_png, tensor_to_images
 from devices import autocast, native_bf16
@@ -103,29 +104,6 @@ def repa_loss(projected, targets):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data order: the run is one stream of samples, a fresh permutation of the cache each epoch, a pure function of
-# (seed, epoch). Micro-batch m of optimizer step s on rank r starts at a fixed position, so a resumed run (or one
-# with another number of steps between checkpoints) sees exactly the samples a straight run would.
-
-
-def stream_position(step, micro, rank, world_size, batch_size, grad_accum):
-    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`
-    (`batch_size` samples per micro-batch, `grad_accum` micro-batches per step on each of `world_size` ranks)."""
-    return ((step * grad_accum + micro) * world_size + rank) * batch_size
-
-
-def batch_rows(num_rows, batch_size, seed, position):
-    """Cache rows of the `batch_size` samples from `position` on in the sample stream."""
-    positions = torch.arange(position, position + batch_size)
-    epochs, offsets = positions // num_rows, positions % num_rows
-    rows = torch.empty(batch_size, dtype=torch.long)
-    for epoch in epochs.unique().tolist():
-        here = epochs == epoch
-        rows[here] = epoch_order(num_rows, seed, epoch)[offsets[here]]
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
 # Model, optimizer, EMA
 
 
@@ -163,34 +141,6 @@ def init_from_checkpoint(unet, path):
             zero_module(module.to_out)
     training = config.get("training") or {}
     return new, max(1, int(training.get("total_steps") or training.get("step") or 0))
-
-
-def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
-    """Multiplier of the peak learning rate at optimizer step `step` (from 0): linear warm-up (step + 1) / warmup
-    over `warmup_steps`, then 1 ("constant"), or ("cosine") a half cosine from 1 down to `floor` (= min_lr / lr)
-    at `max_steps`: floor + (1 - floor) * (1 + cos(pi * progress)) / 2."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def ema_decay(step, max_decay, warm_start=False):
-    """EMA decay at optimizer step `step` (from 0) of a run. A fresh run warms up, min(max_decay, (1 + step) /
-    (10 + step)), so the early average forgets the random initialisation quickly. A run started from a trained
-    model (`warm_start`, --init_from) averages at `max_decay` from its first step: its EMA starts as that model's
-    own and stays an average over about 1 / (1 - max_decay) steps, the decay its config states."""
-    return max_decay if warm_start else min(max_decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
 
 
 @dataclasses.dataclass

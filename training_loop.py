@@ -1,10 +1,11 @@
 """What every training loop shares besides its step (vqgan.py, trainer.py, prior.py): its log.jsonl and the
-window one log line averages, when to log or save, stopping cleanly on a signal, the order of the data, and the
-random state a checkpoint records.
+window one log line averages, when to log or save, stopping cleanly on a signal, the order of the data, the
+learning-rate and EMA schedules, and the random state a checkpoint records.
 """
 import contextlib
 import functools
 import json
+import math
 import random
 import signal
 import time
@@ -121,13 +122,64 @@ class StopSignal:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data order
+# Data order: the run is one stream of samples, a fresh permutation of the data each epoch, a pure function of
+# (seed, epoch). Micro-batch m of optimizer step s on rank r starts at a fixed position, so a resumed run (or one
+# with another number of steps between checkpoints) sees exactly the samples a straight run would.
 
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(num_items, seed, epoch):
     """The order of the data in `epoch`: a permutation of range(num_items), a pure function of (seed, epoch)."""
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def stream_position(step, micro, rank, world_size, batch_size, grad_accum):
+    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`
+    (`batch_size` samples per micro-batch, `grad_accum` micro-batches per step on each of `world_size` ranks)."""
+    return ((step * grad_accum + micro) * world_size + rank) * batch_size
+
+
+def batch_rows(num_rows, batch_size, seed, position):
+    """Cache rows of the `batch_size` samples from `position` on in the sample stream."""
+    positions = torch.arange(position, position + batch_size)
+    epochs, offsets = positions // num_rows, positions % num_rows
+    rows = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        here = epochs == epoch
+        rows[here] = epoch_order(num_rows, seed, epoch)[offsets[here]]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The learning rate and the EMA: their schedules, and the EMA's update
+
+
+def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
+    """Multiplier of the peak learning rate at optimizer step `step` (from 0): linear warm-up (step + 1) / warmup
+    over `warmup_steps`, then 1 ("constant"), or ("cosine") a half cosine from 1 down to `floor` (= min_lr / lr)
+    at `max_steps`: floor + (1 - floor) * (1 + cos(pi * progress)) / 2."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay(step, max_decay, warm_start=False):
+    """EMA decay at optimizer step `step` (from 0) of a run. A fresh run warms up, min(max_decay, (1 + step) /
+    (10 + step)), so the early average forgets the random initialisation quickly. A run started from a trained
+    model (`warm_start`, --init_from) averages at `max_decay` from its first step: its EMA starts as that model's
+    own and stays an average over about 1 / (1 - max_decay) steps, the decay its config states."""
+    return max_decay if warm_start else min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
 
 
 # ----------------------------------------------------------------------------------------------

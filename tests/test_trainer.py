@@ -16,9 +16,10 @@ from PIL import Image
 import diffusion
 import latent_cache
 import trainer
+import training_loop
 from cli import UserError
 from checkpoints import load_state_dir, save_state_dir
-from training_loop import seed_everything
+from training_loop import ema_decay, lr_factor, seed_everything, update_ema
 from images import image_to_tensor
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
@@ -64,25 +65,14 @@ def test_lr_warmup_then_cosine_and_ema_warmup():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert factors[14] == factors[15] == pytest.approx(0.1)  # min_lr / lr at the end and after
-    assert [trainer.lr_factor(step, 4, 14, "constant") for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
-    assert trainer.ema_decay(0, 0.9999) == pytest.approx(0.1) and trainer.ema_decay(90, 0.9999) == pytest.approx(0.91)
-    assert trainer.ema_decay(10**6, 0.9999) == 0.9999
-    assert trainer.ema_decay(0, 0.999, warm_start=True) == trainer.ema_decay(500, 0.999, warm_start=True) == 0.999
+    assert [lr_factor(step, 4, 14, "constant") for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
+    assert ema_decay(0, 0.9999) == pytest.approx(0.1) and ema_decay(90, 0.9999) == pytest.approx(0.91)
+    assert ema_decay(10**6, 0.9999) == 0.9999
+    assert ema_decay(0, 0.999, warm_start=True) == ema_decay(500, 0.999, warm_start=True) == 0.999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     expected = 0.9 * ema.weight.detach() + 0.1 * model.weight.detach()
-    trainer.update_ema(ema, model, 0.9)
+    update_ema(ema, model, 0.9)
     assert torch.allclose(ema.weight, expected)
-
-
-def test_data_order_is_a_permutation_per_epoch_and_shards_ranks():
-    num_rows, world_size = 10, 2  # micro-batches of 3, 2 per step
-    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, world_size, 3, 2))
-                      for step in range(5) for micro in range(2) for rank in range(world_size)])  # 60 samples
-    for epoch in range(6):  # every epoch is a permutation, each a different one
-        assert sorted(seen[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
-    assert not torch.equal(seen[:10], seen[10:20])
-    assert torch.equal(trainer.batch_rows(num_rows, 60, 7, 0), seen)  # a pure function of (seed, position)
-    assert not torch.equal(trainer.batch_rows(num_rows, 60, 8, 0), seen)
 
 
 def test_help_lists_every_option_with_its_default(capsys):
@@ -533,7 +523,7 @@ def test_a_continued_model_averages_at_its_stated_decay_and_counts_its_total_ste
     """A fresh run's EMA warms up; a run from --init_from averages at --ema_decay from its first step, on resume
     too, and its export counts the steps of both runs."""
     decays = []
-    update_ema = trainer.update_ema
+    update_ema = training_loop.update_ema
     monkeypatch.setattr(trainer, "update_ema", lambda ema, model, decay: decays.append(decay) or
                         update_ema(ema, model, decay))
     assert train(image_folder, vqgan, tmp_path / "fresh", "--max_steps", 3, "--ema_decay", 0.99) == 0
@@ -593,9 +583,9 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
     def lever(*_, **__):
         raise AssertionError("a lever's code ran on the default path")
 
-    for module, name in ((latent_cache, "build_repa_cache"), (trainer, "make_projector"), (trainer, "repa_loss"),
-                         (diffusion, "sample_log_snr")):
-        monkeypatch.setattr(module, name, lever)
+    for target in ("latent_cache.build_repa_cache", "trainer.make_projector", "trainer.repa_loss",
+                   "schedule.sample_log_snr"):
+        monkeypatch.setattr(target, lever)
     flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(image_folder, vqgan, straight, *flags) == 0
@@ -616,7 +606,7 @@ def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path
     plain, out = tmp_path / "plain", tmp_path / "channels_last"
     assert train(image_folder, vqgan, plain, "--max_steps", 4) == 0
     layouts = []
-    lerp = trainer.update_ema
+    lerp = training_loop.update_ema
 
     def update_ema(ema, model, *rest):  # the EMA lerps into the training's layout, in-training sampling or not
         layouts.append(all(p.is_contiguous(memory_format=torch.channels_last)
