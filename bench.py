@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import latent_cache
 import trainer
+import unet_training
 import training_loop
 from cli import ArgumentParser, UserError, positive_int, run_cli
 from checkpoints import atomic_write_json
@@ -199,9 +200,9 @@ def bench_train(args, device):
         train_args = trainer.parse_args([
             "--dataset_path", str(images_path), "--vqgan_ckpt", "unused", "--unet_size", args.unet_size,
             "--batch_size", str(args.batch_size), "--bf16" if args.bf16 else "--no-bf16"])
-        unet = trainer.make_unet(args.unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
+        unet = unet_training.make_unet(args.unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
                                  None)
-        run = trainer.build_training(unet, device, trainer.noise_schedule(train_args), train_args.lr,
+        run = unet_training.build_training(unet, device, trainer.noise_schedule(train_args), train_args.lr,
                                      trainer.lr_schedule_of(train_args), train_args.weight_decay)
         step_args = (trainer.loss_settings(train_args), train_args.bf16, train_args.grad_clip, train_args.ema_decay)
         n_params = count_parameters(unet) / 1e6
@@ -211,7 +212,7 @@ def bench_train(args, device):
 
         def step_with_cache():
             rows_now = training_loop.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
-            trainer.train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], *step_args)
+            unet_training.train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], *step_args)
 
         images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
         batches = itertools.cycle([rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)])
@@ -220,7 +221,7 @@ def bench_train(args, device):
             pixels = collate_skip_none([images[row] for row in next(batches)]).to(device)
             with torch.no_grad(), autocast(device, args.bf16):
                 latents = vqgan.encode(pixels).float() * cache["latent_scale"]
-            trainer.train_step(run, [(latents, None, None, None, None)], *step_args)
+            unet_training.train_step(run, [(latents, None, None, None, None)], *step_args)
 
         with_cache_s = timed(step_with_cache, args.repeats)
         without_cache_s = timed(step_without_cache, args.repeats)

@@ -11,6 +11,7 @@ from PIL import Image
 import diffusion
 import image_embedding
 import trainer
+import unet_training
 from cli import UserError
 from conftest import write_image_folder
 from diffusion import load_diffusion_model
@@ -61,8 +62,8 @@ def test_a_model_grown_an_embedding_starts_where_it_was_and_learns_to_use_it(tmp
     cache = ["--latent_cache", tmp_path / "latents"]
     assert train(folder, vqgan, tmp_path / "plain", "--max_steps", 2, *cache) == 0
     init = ["--init_from", tmp_path / "plain" / "unet", "--image_embeddings", embeddings, *cache]
-    grown = trainer.make_unet("tiny", 4, 8, None, image_embed_dim=4).eval()
-    new, _ = trainer.init_from_checkpoint(grown, tmp_path / "plain" / "unet")
+    grown = unet_training.make_unet("tiny", 4, 8, None, image_embed_dim=4).eval()
+    new, _ = unet_training.init_from_checkpoint(grown, tmp_path / "plain" / "unet")
     assert sorted(new) == ["image_embed_proj.bias", "image_embed_proj.weight", "null_image_embed"]
     plain = load_diffusion_model(tmp_path / "plain" / "unet").unet
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])

@@ -16,6 +16,7 @@ from PIL import Image
 import diffusion
 import latent_cache
 import trainer
+import unet_training
 import training_loop
 from cli import UserError
 from checkpoints import load_state_dir, save_state_dir
@@ -211,7 +212,7 @@ def test_conditional_training_with_template_captions_samples_with_a_prompt(tmp_p
     assert export["unet"]["context_dim"] == 384 and export["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER
     # the null embedding only learns from dropped captions: it moved, so --cond_drop dropped some
     seed_everything(0)
-    initial = trainer.make_unet("tiny", 4, 8, 384)
+    initial = unet_training.make_unet("tiny", 4, 8, 384)
     trained = load_state_dir(out / "checkpoints" / "step_0000004")["model"]
     assert not torch.equal(initial.null_context.detach(), trained["null_context"])
 
@@ -493,8 +494,8 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     monkeypatch.undo()
 
     uncond = load_diffusion_model(tmp_path / "uncond" / "unet").unet
-    cond = trainer.make_unet("tiny", 4, 8, 384).eval()
-    new, steps_before = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
+    cond = unet_training.make_unet("tiny", 4, 8, 384).eval()
+    new, steps_before = unet_training.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
     assert steps_before == 2 and "null_context" in new
     assert all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
     state = cond.state_dict()
@@ -505,8 +506,8 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         assert torch.allclose(cond(latents, t, context, mask), uncond(latents, t), atol=1e-6)
 
     diffusion.export_diffusion_model(tmp_path / "uncond" / "unet", tmp_path / "export")  # EMA alone, fp16
-    from_export = trainer.make_unet("tiny", 4, 8, 384).eval()
-    trainer.init_from_checkpoint(from_export, tmp_path / "export")
+    from_export = unet_training.make_unet("tiny", 4, 8, 384).eval()
+    unet_training.init_from_checkpoint(from_export, tmp_path / "export")
     assert all(torch.equal(from_export.state_dict()[k], v.half().float()) for k, v in uncond.state_dict().items())
 
     init = ["--init_from", tmp_path / "uncond" / "unet"]
@@ -524,7 +525,7 @@ def test_a_continued_model_averages_at_its_stated_decay_and_counts_its_total_ste
     too, and its export counts the steps of both runs."""
     decays = []
     update_ema = training_loop.update_ema
-    monkeypatch.setattr(trainer, "update_ema", lambda ema, model, decay: decays.append(decay) or
+    monkeypatch.setattr(unet_training, "update_ema", lambda ema, model, decay: decays.append(decay) or
                         update_ema(ema, model, decay))
     assert train(image_folder, vqgan, tmp_path / "fresh", "--max_steps", 3, "--ema_decay", 0.99) == 0
     assert decays == pytest.approx([0.1, 2 / 11, 3 / 12])
@@ -583,7 +584,7 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
     def lever(*_, **__):
         raise AssertionError("a lever's code ran on the default path")
 
-    for target in ("latent_cache.build_repa_cache", "trainer.make_projector", "trainer.repa_loss",
+    for target in ("latent_cache.build_repa_cache", "trainer.make_projector", "unet_training.repa_loss",
                    "schedule.sample_log_snr"):
         monkeypatch.setattr(target, lever)
     flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5]
@@ -599,7 +600,7 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
 
 
 def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan, monkeypatch):
-    run = trainer.build_training(trainer.make_unet("small", 4, 8, None), torch.device("cpu"),
+    run = unet_training.build_training(unet_training.make_unet("small", 4, 8, None), torch.device("cpu"),
                                  NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
     for unet in (run.unet, run.ema):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
@@ -613,7 +614,7 @@ def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path
                            for p in ema.parameters() if p.dim() == 4))
         return lerp(ema, model, *rest)
 
-    monkeypatch.setattr(trainer, "update_ema", update_ema)
+    monkeypatch.setattr(unet_training, "update_ema", update_ema)
     assert train(image_folder, vqgan, out, "--max_steps", 4, "--channels_last", "--sample_every", 2,
                  "--num_samples", 1, "--sample_steps", 2) == 0
     assert layouts == [True] * 4
