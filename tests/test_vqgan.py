@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import vqgan
+import vqgan_training
 import vqgan_losses
 from conftest import ROOT, sigterm_after_log_lines
 from metrics import psnr
 from cli import UserError
 from checkpoints import list_checkpoints, load_state_dir, save_model, save_state_dir
 from images import ImageSource, ImageTensorDataset, image_to_tensor
-from vqgan import CONFIGS, VQModel, load_init, load_vqgan, save_vqgan
+from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
+from vqgan_training import load_init
 from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
 
 # Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
@@ -345,7 +347,7 @@ def test_dead_codes_restart_from_encoder_outputs():
     codebook = torch.zeros(6, 4)
     last_used = torch.tensor([10, 10, 0, 0, 9, 3])
     latents = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).view(2, 4, 2, 2) + 1
-    assert vqgan.restart_dead_codes(codebook, last_used, latents, step=10, patience=5) == 3
+    assert vqgan_training.restart_dead_codes(codebook, last_used, latents, step=10, patience=5) == 3
     vectors = latents.permute(0, 2, 3, 1).reshape(-1, 4)
     for code in (2, 3, 5):
         assert any(torch.equal(codebook[code], v) for v in vectors) and last_used[code] == 10
@@ -355,8 +357,8 @@ def test_dead_codes_restart_from_encoder_outputs():
 
 
 def test_batch_plan_is_a_function_of_the_step():
-    full = list(vqgan.batch_plan(10, 4, seed=3, start_step=0, end_step=6))
-    assert list(vqgan.batch_plan(10, 4, seed=3, start_step=4, end_step=6)) == full[4:]
+    full = list(vqgan_training.batch_plan(10, 4, seed=3, start_step=0, end_step=6))
+    assert list(vqgan_training.batch_plan(10, 4, seed=3, start_step=4, end_step=6)) == full[4:]
     first_epoch = [index for batch in full[:5] for index, _ in batch][:10]
     assert sorted(first_epoch) == list(range(10))
 
@@ -447,7 +449,7 @@ def test_disc_r1_enters_the_discriminator_update_only():
         m, d = copy.deepcopy(model), copy.deepcopy(disc)
         opt_ae, opt_disc = torch.optim.Adam(m.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
         weights = vqgan_losses.LossWeights(perceptual=0.0, disc_start=0, disc_warmup=1, disc_r1=gamma)
-        metrics, _, _ = vqgan.train_step(m, d, None, opt_ae, opt_disc, images, 0, weights, "cpu")
+        metrics, _, _ = vqgan_training.train_step(m, d, None, opt_ae, opt_disc, images, 0, weights, "cpu")
         results[gamma] = (m, d, metrics)
     (m0, d0, metrics0), (m1, d1, metrics1) = results[0.0], results[10.0]
     assert "r1" not in metrics0 and metrics1["r1"] > 0 and metrics0["d_loss"] == pytest.approx(metrics1["d_loss"])
@@ -487,7 +489,7 @@ def test_data_and_out_alone_give_the_shipped_recipe_of_each_stage(flags, recipe)
     assert {name: getattr(args, name) for name in recipe} == recipe  # bf16 None: on where it pays, found at run time
     if not args.finetune_decoder:  # 128 px; 4e-4 to step 1,652, 1e-4 from step 1,653 (where the run was resumed)
         assert CONFIGS[args.config]["resolution"] == 128
-        assert [vqgan.learning_rate(step, args.lr, args.lr_drop_step, args.lr_drop_factor)
+        assert [vqgan_training.learning_rate(step, args.lr, args.lr_drop_step, args.lr_drop_factor)
                 for step in (0, 1652, 1653, 2426)] == [4e-4, 4e-4, 1e-4, 1e-4]
 
 
