@@ -14,7 +14,7 @@ import vqgan
 import vqgan_training
 import vqgan_losses
 from conftest import ROOT, sigterm_after_log_lines
-from metrics import psnr
+from metrics import code_statistics, psnr
 from cli import UserError
 from checkpoints import list_checkpoints, load_state_dir, save_model, save_state_dir
 from images import ImageSource, ImageTensorDataset, image_to_tensor
@@ -352,7 +352,7 @@ def test_dead_codes_restart_from_encoder_outputs():
     for code in (2, 3, 5):
         assert any(torch.equal(codebook[code], v) for v in vectors) and last_used[code] == 10
     assert codebook[[0, 1, 4]].abs().sum() == 0
-    usage, perplexity = vqgan.code_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+    usage, perplexity = code_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
     assert usage == 0.5 and perplexity == pytest.approx(2.0)
 
 
