@@ -204,7 +204,8 @@ def prepare(args, rank, world_size, device):
         raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's downsampling factor "
                         f"{vqgan.downsample_factor}")
     vqgan_digest = latents_digest(args.vqgan_ckpt)
-    identity = run_identity(args, vqgan_digest, resolution)
+    embeddings_digest = args.image_embeddings and file_digest(Path(args.image_embeddings) / "cache.safetensors")
+    identity = run_identity(args, vqgan_digest, resolution, embeddings_digest)
     text_encoder = None
     if args.conditional:
         text_encoder = load_text_encoder(args.text_encoder, args.max_text_length, device, args.text_embeddings)
@@ -518,11 +519,12 @@ def loss_settings(args):
             "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
 
 
-def run_identity(args, vqgan_digest, resolution):
+def run_identity(args, vqgan_digest, resolution, embeddings_digest=None):
     """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
     under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
-    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
-    on resume; the UNet's architecture is checked by check_same_architecture."""
+    range); the VQGAN is its weights' digest, the --image_embeddings cache `embeddings_digest` (None without one).
+    Settings missing here (--lr, --max_steps, intervals, ...) may change on resume; the UNet's architecture is
+    checked by check_same_architecture."""
     beta_range = [None, None]
     if args.schedule != "cosine":
         betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
@@ -534,8 +536,7 @@ def run_identity(args, vqgan_digest, resolution):
                 prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
                 **{name: getattr(args, name) if args.conditional else None for name in captions},
-                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
-                                                                        "cache.safetensors")[:16],
+                image_embeddings=embeddings_digest and embeddings_digest[:16],
                 **lever_identity(args))
 
 
