@@ -97,6 +97,5 @@ def test_diffusers_section(tmp_path, capsys, monkeypatch):
 def test_cli_section_arithmetic(monkeypatch):
     """Per image with start-up = time(FEW) / FEW; without it = (time(MANY) - time(FEW)) / (MANY - FEW)."""
     monkeypatch.setattr(bench, "cli_seconds", lambda n, checkpoint, device: {16: 20.0, 48: 36.0}[n])
-    args = bench.argparse.Namespace(cli_images=[16, 48], cli_checkpoint=None)
-    with_start_up, without = bench.bench_cli(args, "cpu")
+    with_start_up, without = bench.bench_cli("cpu", images=[16, 48], checkpoint=None)
     assert with_start_up["s_per_image"] == pytest.approx(20.0 / 16) and without["s_per_image"] == pytest.approx(0.5)
