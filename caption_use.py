@@ -24,11 +24,11 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, check_output_file, positive_int, run_cli
 from checkpoints import atomic_write_json
-from images import ImageSource, ImageTensorDataset, collate_skip_none
+from cli import ArgumentParser, UserError, check_output_file, positive_int, run_cli
 from devices import pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
+from images import ImageSource, ImageTensorDataset, collate_skip_none
 from schedule import predicted_x0
 from text_encoder import dataset_captions
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import UserError
-from training_loop import rng_state
 from devices import pick_device
+from training_loop import rng_state
 
 
 def say(message):

@@ -47,11 +47,11 @@ import requests
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from checkpoints import atomic_write
 from cli import (
     ArgumentParser, UserError, check_output_folder, non_negative_float, non_negative_int, positive_float, positive_int,
     run_cli,
 )
-from checkpoints import atomic_write
 from images import class_label_names, load_hf_dataset
 
 METADATA = "metadata.jsonl"

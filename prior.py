@@ -26,20 +26,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from cli import (
-    ArgumentParser, UserError, at_least, check_output_file, non_negative_float, non_negative_int, positive_float,
-    positive_int, run_cli,
-)
 from checkpoints import (
     check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
     prune_checkpoints, save_model, save_state_dir,
 )
-from training_loop import StopSignal, batch_rows, ema_decay, lr_factor, update_ema
+from cli import (
+    ArgumentParser, UserError, at_least, check_output_file, non_negative_float, non_negative_int, positive_float,
+    positive_int, run_cli,
+)
 from devices import pick_device
-from samplers import DEFAULT_KARRAS, SAMPLERS, guided_model_fn, make_denoiser, randn, sampling_timesteps
-from schedule import NoiseSchedule, check_prediction_type
 from image_embedding import load_embedding_cache
 from metrics import frechet_distance, kid, mean_and_covariance
+from samplers import DEFAULT_KARRAS, SAMPLERS, guided_model_fn, make_denoiser, randn, sampling_timesteps
+from schedule import NoiseSchedule, check_prediction_type
+from training_loop import StopSignal, batch_rows, ema_decay, lr_factor, update_ema
 from unet import mean_token, timestep_embedding, zero_module
 
 MODEL_NAME = "noise2art-embedding-prior"

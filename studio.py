@@ -26,8 +26,8 @@ import gradio as gr
 from PIL import Image
 
 import diffusion
-from cli import ArgumentParser, UserError, check_output_folder, positive_int, run_cli
 from checkpoints import atomic_write
+from cli import ArgumentParser, UserError, check_output_folder, positive_int, run_cli
 from devices import pick_device
 
 # The seven WikiArt-mini styles the bundled conditional model was trained on (its captions: "a {style} painting").

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, UserError, positive_int, run_cli
 from checkpoints import load_model, save_model
+from cli import ArgumentParser, UserError, positive_int, run_cli
 from images import ImageSource
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"

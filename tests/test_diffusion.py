@@ -12,15 +12,15 @@ from PIL import Image
 
 import diffusion
 from cli import UserError
-from images import ImageSource, image_to_tensor
 from devices import native_bf16
 from diffusion import UNPROMPTED_STEPS, Pipeline, load_diffusion_model, save_diffusion_model
+from gaussian_oracle import MU, STD, exact_flow, gaussian_oracle, sample_gaussian
+from images import ImageSource, image_to_tensor
 from samplers import (
     DEFAULT_STEPS, SAMPLERS, guidance_scales, guided_model_fn, img2img_timesteps, make_denoiser, randn,
     sampling_timesteps, slerp,
 )
 from schedule import NoiseSchedule, loss_weight, make_betas, predicted_eps, predicted_x0, prediction_target, q_sample
-from gaussian_oracle import MU, STD, exact_flow, gaussian_oracle, sample_gaussian
 from unet import UNET_CONFIGS, UNet, mean_token
 from vqgan import CONFIGS, VQModel, save_vqgan
 

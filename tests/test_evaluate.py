@@ -14,15 +14,15 @@ from torchvision.models import inception
 
 import evaluate
 from cli import UserError
-from images import ImageSource, ImageTensorDataset
 from conftest import make_painting
 from diffusion import save_diffusion_model
-from schedule import NoiseSchedule
 from evaluate import (
     FIDInceptionA, FIDInceptionE, FIDInceptionV3, extract_features, load_feature_network, real_stats_key,
     stats_cache_path,
 )
+from images import ImageSource, ImageTensorDataset
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
+from schedule import NoiseSchedule
 from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
 

@@ -16,15 +16,15 @@ from PIL import Image
 import diffusion
 import latent_cache
 import trainer
-import unet_training
 import training_loop
-from cli import UserError
+import unet_training
 from checkpoints import load_state_dir, save_state_dir
-from training_loop import ema_decay, lr_factor, seed_everything, update_ema
-from images import image_to_tensor
+from cli import UserError
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
+from images import image_to_tensor
 from schedule import NoiseSchedule
+from training_loop import ema_decay, lr_factor, seed_everything, update_ema
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 
 FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",

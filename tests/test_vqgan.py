@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import vqgan
-import vqgan_training
 import vqgan_losses
-from conftest import ROOT, sigterm_after_log_lines
-from metrics import code_statistics, psnr
-from cli import UserError
+import vqgan_training
 from checkpoints import list_checkpoints, load_state_dir, save_model, save_state_dir
+from cli import UserError
+from conftest import ROOT, sigterm_after_log_lines
 from images import ImageSource, ImageTensorDataset, image_to_tensor
+from metrics import code_statistics, psnr
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
-from vqgan_training import load_init
 from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
+from vqgan_training import load_init
 
 # Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
 # from the reference architecture rather than from our model.
