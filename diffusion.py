@@ -34,6 +34,9 @@ BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
 # the bundled unconditional model in half the time; guided sampling loses at 10 (docs/sampler-steps.md), and
 # evaluate.py and caption_use.py measure at DEFAULT_STEPS.
 UNPROMPTED_STEPS = {**DEFAULT_STEPS, "dpmpp-2m": 10}
+# --like's start: the painting noised to timestep 0.8 (T - 1). From pure noise the bundled embedding model's variations
+# are no closer to their source than to other paintings (docs/embedding-prior.md, experiments/variation_strength.py)
+LIKE_STRENGTH = 0.8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +338,8 @@ class SamplingRequest:
     """What one sampling command draws and how its PNGs record it: sample_to_folder's input, read once from
     diffusion.py's flags by sampling_request (studio.py parses the command lines its widgets make the same way).
     options: Pipeline.sample_latents' sampling keywords (sampling_options; steps resolved, per sampler without
-    --steps); prompts: one grid row each (None: unprompted); strength: 0.75 with an init_image where none is given;
+    --steps); prompts: one grid row each (None: unprompted); strength: the noise level images start from
+    (start_strength: 0.75 with an init_image, LIKE_STRENGTH with `like` where none is given; None from pure noise);
     mix: as given (two `like` paintings blend at 0.5 without it); unet_ckpt_path None: the bundled model (named
     relative to the repository); vqgan, device, precision, no_ema: how the model was loaded, for the command."""
     num_images: int
@@ -400,6 +404,12 @@ def like_embedding(paths, mix, pipeline):
     return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
 
 
+def like_start(paths, mix, size):
+    """Where --like variations start below strength 1: the painting, or two cross-faded at `mix` (1 x 3 x S x S)."""
+    images = torch.cat([load_image(path, size, "--like image") for path in paths])
+    return images[:1] if len(paths) == 1 else torch.lerp(images[:1], images[1:], mix)
+
+
 def run_parameters(request, checkpoint, pipeline, seed, num_images, prompts):
     """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
     for an unconditional model) that `request` draws with `pipeline` (loaded from `checkpoint`), and the command
@@ -433,8 +443,11 @@ def run_parameters(request, checkpoint, pipeline, seed, num_images, prompts):
         if request.negative_prompt is not None:
             command += ["--negative_prompt", request.negative_prompt]
     if request.init_image is not None:
-        params.update(init_image=str(request.init_image), strength=request.strength)
-        command += ["--init_image", str(request.init_image), "--strength", str(request.strength)]
+        params.update(init_image=str(request.init_image))
+        command += ["--init_image", str(request.init_image)]
+    if request.strength is not None:
+        params.update(strength=request.strength)
+        command += ["--strength", str(request.strength)]
     if request.prior is not None:
         params.update(prior=request.prior)
         command += ["--prior", str(request.prior)]
@@ -463,9 +476,12 @@ def sample_to_folder(request, checkpoint, pipeline, outdir):
     """The sampling command's work once its model is loaded: the images `request` asks of `pipeline` (loaded from
     `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image paths, grid
     path). studio.py calls it with the requests its widgets make, so both write the same files."""
+    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
     init_image = None
     if request.init_image is not None:
-        init_image = load_image(request.init_image, pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor)
+        init_image = load_image(request.init_image, size)
+    elif request.like is not None and request.strength < 1:
+        init_image = like_start(request.like, request.like_mix(), size)
     if request.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
                 for seed in request.interpolation_seeds()]
@@ -478,7 +494,7 @@ def sample_to_folder(request, checkpoint, pipeline, outdir):
             n = min(request.batch_size, request.num_images - start)
             images = pipeline.generate(
                 n, request.seed + start, **request.options, prompt=prompt, negative_prompt=request.negative_prompt,
-                eta=request.eta, strength=request.strength,
+                eta=request.eta, strength=None if init_image is None else request.strength,
                 init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
                 noise=frames[start:start + n] if request.interpolate else None,
                 image_embeds=None if like is None else like.expand(n, -1))
@@ -497,7 +513,7 @@ def sample_to_folder(request, checkpoint, pipeline, outdir):
 
 # ----------------------------------------------------------------------------------------------
 # Command line: parse_args, then the readers that turn its flags into the explicit arguments above (sampling_options,
-# use_bf16, sampling_request); only they and main see `args`.
+# use_bf16, start_strength, sampling_request); only they and main see `args`.
 
 
 def add_sampling_arguments(parser, unprompted_steps=None):
@@ -567,7 +583,9 @@ def parse_args(argv):
     parser.add_argument("--init_image", default=None, help="img2img: start from this image (SDEdit)")
     parser.add_argument("--strength", type=float, default=None,
                         help="img2img: how far to noise the init image, in (0, 1]: to the noise level of timestep "
-                             "strength x (T - 1), whatever the sampler and spacing; 1 = pure noise (default 0.75)")
+                             "strength x (T - 1), whatever the sampler and spacing; 1 = pure noise (default 0.75). "
+                             "With --like: variations start from the painting (two: their cross-fade) noised so "
+                             f"far, 1 = from pure noise, the embedding alone (default {LIKE_STRENGTH})")
     parser.add_argument("--like", action="append", default=None, metavar="IMAGE",
                         help="variations of a painting (any size; JPEG, PNG, WebP): a model trained with "
                              "--image_embeddings draws fresh paintings of its image embedding; give it twice to "
@@ -598,8 +616,8 @@ def parse_args(argv):
 
 
 def check_args(args):
-    if args.strength is not None and args.init_image is None:
-        raise UserError("--strength needs an --init_image")
+    if args.strength is not None and args.init_image is None and args.like is None:
+        raise UserError("--strength needs an --init_image or --like")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.interpolate and args.num_images < 2:
@@ -616,15 +634,22 @@ def check_args(args):
         raise UserError(f"--mix must be in [0, 1], got {args.mix}")
 
 
+def start_strength(args):
+    """The noise level images start from: --strength, else 0.75 with --init_image, LIKE_STRENGTH with --like; None
+    (pure noise) without either."""
+    if args.strength is not None or (args.init_image is None and args.like is None):
+        return args.strength
+    return 0.75 if args.init_image is not None else LIKE_STRENGTH
+
+
 def sampling_request(args):
     """The SamplingRequest of parsed (and checked: check_args) flags `args`; a bad sampling flag is a UserError
     here, before any model loads."""
-    strength = 0.75 if args.init_image is not None and args.strength is None else args.strength
     return SamplingRequest(
         num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
         options=sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS), spacing=args.spacing,
         eta=args.eta, prompts=args.prompt, negative_prompt=args.negative_prompt, init_image=args.init_image,
-        strength=strength, like=args.like, mix=args.mix, prior=args.prior, interpolate=args.interpolate,
+        strength=start_strength(args), like=args.like, mix=args.mix, prior=args.prior, interpolate=args.interpolate,
         interpolate_to=args.interpolate_to, unet_ckpt_path=args.unet_ckpt_path, vqgan=args.vqgan,
         device=args.device, precision=args.precision, no_ema=args.no_ema)
 

@@ -243,13 +243,15 @@ def make_callbacks(models, outdir):
         animation = save_animation(paths, Path(outdir) / f"interpolation-{paths[0].stem}.webp")
         return gallery(paths), str(strip), str(animation)
 
-    def variations(image, image_b, mix, prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
-                   progress=gr.Progress(track_tqdm=True)):
-        """Paintings like `image`, or like a blend of it and `image_b` (mix 0: the first, 1: the second)."""
+    def variations(image, image_b, mix, strength, prompt, negative_prompt, seed, count, steps, guidance_scale,
+                   sampler, progress=gr.Progress(track_tqdm=True)):
+        """Paintings like `image`, or like a blend of it and `image_b` (mix 0: the first, 1: the second), started
+        from the painting (their cross-fade) noised to `strength` (1: pure noise, the embedding alone)."""
         flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
         uploads = [image] if image_b is None else [image, image_b]
         likes = [upload_path(outdir, kind) for kind in ("like", "like-b")[:len(uploads)]]
         flags += [arg for path in likes for arg in ("--like", str(path))] + (["--mix", str(mix)] if image_b else [])
+        flags += ["--strength", str(strength)]
         request = parse_command([*flags, "--num_images", str(int(count))], outdir)
         for upload, path in zip(uploads, likes):
             keep_upload(upload, path)
@@ -361,14 +363,16 @@ def variations_tab(callback, template, max_steps, max_images):
         image = painting_upload("painting to vary (or pick one in a gallery: More like this)")
         image_b = painting_upload("optional second painting, to blend")
     mix = gr.Slider(0, 1, value=0.5, step=0.05, label="mix (with two paintings: 0 = the first, 1 = the second)")
+    strength = gr.Slider(0.01, 1, value=diffusion.LIKE_STRENGTH, step=0.01,
+                         label="strength (lower keeps more of the painting; 1 = from pure noise, its embedding alone)")
     prompt, negative = prompt_widgets(template, "prompt (optional)")
     count = gr.Slider(1, max_images, value=4, step=1, label="count")
     seed = seed_widget()
     steps, guidance, sampler = sampler_widgets(max_steps)
     button = gr.Button("Variations", variant="primary")
     output = paintings_gallery(elem_id="variations-gallery")
-    button.click(callback, [image, image_b, mix, prompt, negative, seed, count, steps, guidance, sampler], output,
-                 api_name="variations", **QUEUE)
+    button.click(callback, [image, image_b, mix, strength, prompt, negative, seed, count, steps, guidance, sampler],
+                 output, api_name="variations", **QUEUE)
     return image, output
 
 

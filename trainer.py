@@ -82,8 +82,8 @@ def check_same_architecture(state, unet, path):
                         "--unet_size, overrides, --resolution and VQGAN, or start a new --output_dir")
 
 
-def restore(run, state, path, rank, world_size, lr):
-    """Continue checkpoint `path` at peak learning rate `lr` (--lr may change on resume)."""
+def restore(run, state, path, rank, world_size):
+    """Continue checkpoint `path` at the peak learning rates the run was built with (--lr may change on resume)."""
     if ("repa_projector" in state) != (run.projector is not None):
         raise UserError(f"{path} was trained {'with' if 'repa_projector' in state else 'without'} REPA: resume it "
                         "with the --repa_weight it had (switch REPA off with --repa_until), or start a new run")
@@ -91,13 +91,14 @@ def restore(run, state, path, rank, world_size, lr):
     load_weights(run.ema, state["ema"], f"EMA weights of {path}")
     if run.projector is not None:
         load_weights(run.projector, state["repa_projector"], f"REPA projector of {path}")
+    peaks = list(run.lr_scheduler.base_lrs)
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.step = state["step"]
     run.steps_before = state.get("steps_before", 0)
-    run.lr_scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
-    for group, factor in zip(run.optimizer.param_groups, run.lr_scheduler.lr_lambdas):
-        group["lr"] = lr * factor(run.lr_scheduler.last_epoch)
+    run.lr_scheduler.base_lrs = peaks
+    for group, peak, factor in zip(run.optimizer.param_groups, peaks, run.lr_scheduler.lr_lambdas):
+        group["lr"] = peak * factor(run.lr_scheduler.last_epoch)
     if len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
     else:
@@ -241,10 +242,10 @@ def prepare(args, rank, world_size, device):
     seed_everything(args.seed + rank)  # each process draws its own timesteps, noise, flips and caption drops
     projector = make_projector(unet, args.repa_layer, cache["repa"].shape[2:], args.seed) if args.repa_weight else None
     run = build_training(unet, device, noise_schedule(args), args.lr, lr_schedule_of(args), args.weight_decay,
-                         args.channels_last, projector)
+                         args.channels_last, projector, args.image_embed_lr_scale)
     run.steps_before = steps_before
     if state is not None:
-        restore(run, state, resume_path, rank, world_size, args.lr)
+        restore(run, state, resume_path, rank, world_size)
         say(f"resumed from {resume_path} at step {run.step}")
     return run, cache, vqgan, text_encoder, resume_path, identity
 
@@ -452,6 +453,9 @@ def parse_args(argv=None):
                    help="condition the UNet on the image embeddings image_embedding.py wrote to FOLDER (each "
                         "painting's own, dropped with --cond_drop for guidance); a zero-initialised projection, so "
                         "--init_from a model without it starts where that model was")
+    g.add_argument("--image_embed_lr_scale", type=positive_float, default=1.0,
+                   help="learning rate of the image-embedding projection as a multiple of --lr: a projection that "
+                        "starts at zero learns slowly at the UNet's rate (docs/embedding-prior.md)")
     g = p.add_argument_group("checkpoints and feedback")
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
     g.add_argument("--save_every", type=positive_int, default=1000, help="steps between checkpoints (and at the end)")
@@ -537,6 +541,7 @@ def run_identity(args, vqgan_digest, resolution, embeddings_digest=None):
                 batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
                 **{name: getattr(args, name) if args.conditional else None for name in captions},
                 image_embeddings=embeddings_digest and embeddings_digest[:16],
+                image_embed_lr_scale=args.image_embed_lr_scale if args.image_embeddings else None,
                 **lever_identity(args))
 
 

@@ -141,11 +141,26 @@ def check_repa_layer(layer, unet):
         raise UserError(f"--repa_layer {layer}: no such UNet stage (choose from {', '.join(unet.feature_shapes)})")
 
 
-def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None):
+def parameter_groups(trained, weight_decay, lr, embed_params=(), embed_lr_scale=1.0):
+    """AdamW's parameter groups: `weight_decay` on matrices and convolutions only; `embed_params` (the image-embedding
+    projection) at `embed_lr_scale` times `lr` in groups of their own when the scale is not 1."""
+    embed_ids = {id(p) for p in embed_params} if embed_lr_scale != 1 else set()
+    groups = []
+    for scale, members in ((1.0, [p for p in trained if id(p) not in embed_ids]),
+                           (embed_lr_scale, [p for p in trained if id(p) in embed_ids])):
+        for decay, params in ((weight_decay, [p for p in members if p.dim() >= 2]),
+                              (0.0, [p for p in members if p.dim() < 2])):
+            if params:
+                groups.append({"params": params, "weight_decay": decay, "lr": lr * scale})
+    return groups
+
+
+def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None,
+                   embed_lr_scale=1.0):
     """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
     (in eval mode, what sampling uses), the REPA `projector` (None: no REPA), AdamW at peak `lr` (`weight_decay` on
-    matrices and convolutions only), the LR schedule (`lr_multiplier`: step -> factor of `lr`), the noise
-    `schedule` and the optimizer step count."""
+    matrices and convolutions only; the image-embedding projection at `embed_lr_scale` x `lr`), the LR schedule
+    (`lr_multiplier`: step -> factor of each group's peak), the noise `schedule` and the optimizer step count."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(device, memory_format=layout).train()  # the batches follow the weights' layout
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -153,9 +168,8 @@ def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, 
     model = unet
     if dist.is_initialized():
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    trained = trained_parameters(unet, projector)
-    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+    embed_params = list(unet.image_embed_proj.parameters()) + [unet.null_image_embed] if unet.image_embed_dim else []
+    groups = parameter_groups(trained_parameters(unet, projector), weight_decay, lr, embed_params, embed_lr_scale)
     # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)

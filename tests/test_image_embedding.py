@@ -12,6 +12,7 @@ import diffusion
 import image_embedding
 import trainer
 import unet_training
+from checkpoints import checkpoint_path, load_state_dir
 from cli import UserError
 from conftest import write_image_folder
 from diffusion import load_diffusion_model
@@ -81,6 +82,29 @@ def test_a_model_grown_an_embedding_starts_where_it_was_and_learns_to_use_it(tmp
               "--latent_cache", tmp_path / "latents6", "--image_embeddings", embeddings)
 
 
+def test_the_embedding_projection_learns_at_its_own_rate_and_keeps_it_on_resume(tmp_path, embedded):
+    folder, embeddings, vqgan = embedded
+    flags = ["--image_embeddings", embeddings, "--latent_cache", tmp_path / "latents", "--lr", "1e-3"]
+    moved = {}
+    for scale in (1, 10):
+        out = tmp_path / f"scale{scale}"
+        assert train(folder, vqgan, out, "--max_steps", 1, "--image_embed_lr_scale", scale, *flags) == 0
+        weights = load_diffusion_model(out / "unet", use_ema=False).unet.state_dict()
+        moved[scale] = {name: weights[name].abs().mean().item()  # from zero, and the first Adam step is lr x sign
+                        for name in ("image_embed_proj.weight", "conv_in.weight")}
+    assert moved[10]["image_embed_proj.weight"] == pytest.approx(10 * moved[1]["image_embed_proj.weight"], rel=0.05)
+    assert moved[10]["conv_in.weight"] == pytest.approx(moved[1]["conv_in.weight"], rel=1e-3)
+
+    out = tmp_path / "resumed"
+    resumed = ["--image_embed_lr_scale", 10, "--save_every", 1, "--lr_schedule", "constant", *flags]
+    assert train(folder, vqgan, out, "--max_steps", 1, *resumed) == 0
+    assert train(folder, vqgan, out, "--max_steps", 2, "--resume", "auto", *resumed) == 0
+    groups = load_state_dir(checkpoint_path(out / "checkpoints", 2))["optimizer"]["param_groups"]
+    assert sorted({group["lr"] for group in groups}) == pytest.approx([1e-3, 1e-2])
+    with pytest.raises(UserError, match="image_embed_lr_scale"):
+        train(folder, vqgan, out, "--max_steps", 3, "--resume", "auto", *resumed[:1], 5, *resumed[2:])
+
+
 def test_embedding_guidance_pushes_away_from_the_null_embedding():
     """With image embeddings, the unconditional branch gets the null embedding: out = uncond + s (cond - uncond)."""
     torch.manual_seed(0)
@@ -140,8 +164,32 @@ def test_like_draws_variations_and_a_blend_recorded_in_the_png(tmp_path, embedde
     assert (redone - drawn).abs().max() <= 1  # alone or in a batch of 2: convolution rounding only
 
 
+def test_like_starts_from_the_painting_noised_to_its_strength(tmp_path, embedded, like_model):
+    """Below strength 1 a variation starts from its painting (SDEdit) under the painting's embedding; a blend from
+    the two paintings' cross-fade; at strength 1 from pure noise, the embedding alone."""
+    folder, _, _ = embedded
+    a, b = folder / "00000001.png", folder / "00000002.png"
+    run = ["--unet_ckpt_path", str(like_model), "--num_images", "2", "--steps", "4", "--precision", "fp32"]
+
+    def draw(name, *flags):
+        assert diffusion.main([*run, *map(str, flags), "--outdir", str(tmp_path / name)]) == 0
+        return pixels(tmp_path / name / "00000.png")
+
+    default = draw("default", "--like", a)
+    assert torch.equal(default, draw("started", "--like", a, "--init_image", a, "--strength", diffusion.LIKE_STRENGTH))
+    assert not torch.equal(default, draw("from_b", "--like", a, "--init_image", b, "--strength",
+                                         diffusion.LIKE_STRENGTH))
+    assert not torch.equal(default, draw("noise", "--like", a, "--strength", 1))
+    with Image.open(tmp_path / "default" / "00000.png") as img:
+        assert f"--strength {diffusion.LIKE_STRENGTH}" in img.text["command"]
+        assert json.loads(img.text["parameters"])["strength"] == diffusion.LIKE_STRENGTH
+    crossfade = diffusion.like_start([a, b], 0.25, 32)
+    assert torch.allclose(crossfade, 0.75 * diffusion.load_image(a, 32) + 0.25 * diffusion.load_image(b, 32))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--like", "{text}"], "cannot read --like image"),
+    (["--like", "{a}", "--strength", "0"], r"--strength must be in \(0, 1\], got 0"),
     (["--like", "{a}", "--like", "{a}", "--mix", "1.5"], r"--mix must be in \[0, 1\], got 1.5"),
     (["--like", "{a}", "--mix", "0.5"], "--mix needs two --like paintings"),
     (["--like", "{a}", "--like", "{a}", "--like", "{a}"], "--like takes one painting"),

@@ -36,8 +36,9 @@ ENDPOINTS = {
 }
 # fixtures: a tiny model trained with --image_embeddings, and the paintings it was trained on
 embedded, like_model = test_image_embedding.embedded, test_image_embedding.like_model
-VARIATIONS = ["image Image", "image_b Image", "mix Slider", "prompt Textbox", "negative_prompt Textbox", "seed Number",
-              "count Slider", "steps Slider", "guidance_scale Number", "sampler Dropdown"]
+VARIATIONS = ["image Image", "image_b Image", "mix Slider", "strength Slider", "prompt Textbox",
+              "negative_prompt Textbox", "seed Number", "count Slider", "steps Slider", "guidance_scale Number",
+              "sampler Dropdown"]
 
 
 def start_studio(folder, *flags, timeout=120):
@@ -341,7 +342,8 @@ def test_browser_more_like_this_sends_a_painting_to_variations(like_studio):
         page.get_by_role("button", name="Variations", exact=True).click()  # found only on the Variations tab
         expect(page.locator("#variations-gallery img")).to_have_count(4, timeout=120_000)
     assert same_painting(outdir / f"like-{first + 4:05d}.png", outdir / f"{first + 1:05d}.png")
-    assert len(json.loads(png_text(outdir / f"{first + 4:05d}.png")["parameters"])["like"]) == 1
+    params = json.loads(png_text(outdir / f"{first + 4:05d}.png")["parameters"])
+    assert len(params["like"]) == 1 and params["strength"] == diffusion.LIKE_STRENGTH  # the page's default is -h's
 
 
 def test_variations_of_one_painting_and_a_blend_regenerate_from_their_pngs(like_studio, embedded, tmp_path,
@@ -351,13 +353,13 @@ def test_variations_of_one_painting_and_a_blend_regenerate_from_their_pngs(like_
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [f"{p['parameter_name']} {p['component']}" for p in named["/variations"]["parameters"]] == VARIATIONS
     a, b = (gradio_client.handle_file(str(embedded[0] / f"{i:08d}.png")) for i in (1, 2))
-    one = images_of(client.predict(a, None, 0.5, "", "", 7, 1, 3, 3.0, "ddim", api_name="/variations"))
-    blend = images_of(client.predict(a, b, 0.3, "", "", 7, 1, 3, 3.0, "ddim", api_name="/variations"))
+    one = images_of(client.predict(a, None, 0.5, 0.6, "", "", 7, 1, 3, 3.0, "ddim", api_name="/variations"))
+    blend = images_of(client.predict(a, b, 0.3, 1, "", "", 7, 1, 3, 3.0, "ddim", api_name="/variations"))
     assert not np.array_equal(pixels(one[0]), pixels(blend[0]))  # the tiny model's embedding has a small say
     monkeypatch.chdir(outdir.parent)  # the commands name the kept paintings relative to where the studio runs
-    for (path,), likes, mix in ((one, 1, None), (blend, 2, 0.3)):
+    for (path,), likes, mix, strength in ((one, 1, None, 0.6), (blend, 2, 0.3, 1)):
         params = json.loads(png_text(path)["parameters"])
-        assert len(params["like"]) == likes and params["mix"] == mix
+        assert len(params["like"]) == likes and params["mix"] == mix and params["strength"] == strength
         assert all(Path(like).parent == Path(outdir.name) and Path(like).is_file() for like in params["like"])
         (again,) = regenerate(png_text(path)["command"], tmp_path / f"again{likes}")
         assert same_painting(again, path)
