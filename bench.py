@@ -6,11 +6,11 @@
 Sections:
   vqgan      VQGAN encode and decode, images/s.
   unet       UNet forward and plain training step (loss, backward, AdamW), samples/s, in NCHW and channels-last
-             layout, fp32 and (where bf16 pays, common.native_bf16, or with --bf16) bf16.
-  train      trainer.py's training step (its own make_unet, build_training, train_step) with the latent cache
-             (latents read from a cache built once by build_latent_cache; only the steps are timed) versus without
-             it (each step decodes a batch of JPEG/PNG images from --images and encodes it with the frozen VQGAN,
-             then the same step), samples/s, and the cache's speed-up.
+             layout, fp32 and (where bf16 pays, devices.native_bf16, or with --bf16) bf16.
+  train      trainer.py's training step (unet_training.py's make_unet, build_training, train_step, at trainer.py's
+             defaults) with the latent cache (latents read from a cache built once by build_latent_cache; only the
+             steps are timed) versus without it (each step decodes a batch of JPEG/PNG images from --images and
+             encodes it with the frozen VQGAN, then the same step), samples/s, and the cache's speed-up.
   diffusers  our UNet versus diffusers.UNet2DModel configured to match it (same widths, blocks per level,
              attention at the same feature-map sizes, scale-shift time conditioning, head width), forward and
              training step; our DDIM-50 versus diffusers' DDIMScheduler at 50 steps (our schedule and timesteps),
@@ -53,12 +53,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import latent_cache
 import trainer
-from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, autocast, collate_skip_none,
-    native_bf16, pick_device, positive_int, run_cli,
-)
-from diffusion import DEFAULT_STEPS, SAMPLERS, NoiseSchedule, make_denoiser, randn, sampling_timesteps
+from checkpoints import atomic_write_json
+from cli import ArgumentParser, UserError, positive_int, run_cli
+from devices import autocast, native_bf16, pick_device
+from images import ImageSource, ImageTensorDataset, collate_skip_none
+from samplers import DEFAULT_STEPS, SAMPLERS, make_denoiser, randn, sampling_timesteps
+from schedule import NoiseSchedule
+from training_loop import batch_rows
 from unet import UNET_CONFIGS, build_unet, count_parameters
+from unet_training import build_training, make_unet, train_step
 from vqgan import CONFIGS, VQModel
 
 WIKIART_MINI = Path(__file__).resolve().parent.parent / "shared" / "wikiart-mini"
@@ -118,18 +121,18 @@ def ratio_row(section, what, fast, slow):
 # Sections: each returns rows {section, what, one figure (images_per_s, samples_per_s, s_per_image, ratio), peak_mb}
 
 
-def bench_vqgan(args, device):
+def bench_vqgan(device, config, resolutions, batch_size, bf16, repeats):
     rows = []
-    model = VQModel(CONFIGS[args.vqgan_config]).to(device).eval()
-    for resolution in args.vqgan_resolutions:
-        images = torch.rand(args.batch_size, 3, resolution, resolution, device=device) * 2 - 1
-        with torch.no_grad(), autocast(device, args.bf16):
+    model = VQModel(CONFIGS[config]).to(device).eval()
+    for resolution in resolutions:
+        images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+        with torch.no_grad(), autocast(device, bf16):
             latents = model.encode(images)
-            encode_s = timed(lambda: model.encode(images), args.repeats)
-            decode_s = timed(lambda: model.decode(latents), args.repeats)
+            encode_s = timed(lambda: model.encode(images), repeats)
+            decode_s = timed(lambda: model.decode(latents), repeats)
         for what, seconds in (("encode", encode_s), ("decode", decode_s)):
-            label = f"{args.vqgan_config} {what} {resolution}px {precision(args.bf16)}"
-            rows.append({"section": "vqgan", "what": label, "images_per_s": args.batch_size / seconds,
+            label = f"{config} {what} {resolution}px {precision(bf16)}"
+            rows.append({"section": "vqgan", "what": label, "images_per_s": batch_size / seconds,
                          "peak_mb": peak_memory_mb(device)})
     return rows
 
@@ -157,19 +160,19 @@ def time_unet(model, forward, batch_size, bf16, device, repeats):
     return forward_s, train_s
 
 
-def bench_unet(args, device):
+def bench_unet(device, unet_size, batch_size, bf16, repeats):
     rows = []
-    unet = build_unet(args.unet_size).to(device)
+    unet = build_unet(unet_size).to(device)
     n_params = count_parameters(unet) / 1e6
-    precisions = (False, True) if args.bf16 or native_bf16(device) else (False,)  # emulated bf16: ~100x slower
-    for layout, bf16 in itertools.product((torch.contiguous_format, torch.channels_last), precisions):
+    precisions = (False, True) if bf16 or native_bf16(device) else (False,)  # emulated bf16: ~100x slower
+    for layout, in_bf16 in itertools.product((torch.contiguous_format, torch.channels_last), precisions):
         unet.to(memory_format=layout)  # trainer.py --channels_last, diffusion.py's default
-        forward_s, train_s = time_unet(unet, unet, args.batch_size, bf16, device, args.repeats)
+        forward_s, train_s = time_unet(unet, unet, batch_size, in_bf16, device, repeats)
         suffix = ", channels-last" if layout == torch.channels_last else ""
         for what, seconds in (("forward", forward_s), ("train step", train_s)):
             rows.append({"section": "unet",
-                         "what": f"{args.unet_size} ({n_params:.1f}M) {what} {precision(bf16)}{suffix}",
-                         "samples_per_s": args.batch_size / seconds, "peak_mb": peak_memory_mb(device)})
+                         "what": f"{unet_size} ({n_params:.1f}M) {what} {precision(in_bf16)}{suffix}",
+                         "samples_per_s": batch_size / seconds, "peak_mb": peak_memory_mb(device)})
     return rows
 
 
@@ -181,53 +184,49 @@ def write_synthetic_images(folder, count):
         coarse.resize((224, 168), Image.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
 
 
-def bench_train(args, device):
-    """trainer.py's training step on cached latents versus on images decoded and encoded at every step."""
+def bench_train(device, unet_size, vqgan_config, batch_size, bf16, repeats, images, training, step, seed):
+    """trainer.py's training step on cached latents versus on images decoded and encoded at every step. images: what
+    to decode (None: ../shared/wikiart-mini where it is, else synthetic JPEGs); training, step, seed: build_training's
+    and train_step's keywords and the data order's seed as trainer.py's defaults make them (trainer_settings)."""
     with tempfile.TemporaryDirectory() as tmp:
-        images_path, images_name = args.images, args.images
+        images_path, images_name = images, images
         if images_path is None and (WIKIART_MINI / "data").is_dir():
             images_path, images_name = WIKIART_MINI, "wikiart-mini"
         elif images_path is None:
             images_path, images_name = tmp, "synthetic JPEGs"
-            write_synthetic_images(Path(tmp), 2 * args.batch_size)
+            write_synthetic_images(Path(tmp), 2 * batch_size)
         source = ImageSource(images_path)
-        rows = [i % len(source) for i in range(2 * args.batch_size)]  # two full batches, repeating a small source
-        vqgan = VQModel(CONFIGS[args.vqgan_config]).to(device).eval().requires_grad_(False)
+        rows = [i % len(source) for i in range(2 * batch_size)]  # two full batches, repeating a small source
+        vqgan = VQModel(CONFIGS[vqgan_config]).to(device).eval().requires_grad_(False)
         resolution = vqgan.config["resolution"]
-        train_args = trainer.parse_args([
-            "--dataset_path", str(images_path), "--vqgan_ckpt", "unused", "--unet_size", args.unet_size,
-            "--batch_size", str(args.batch_size), "--bf16" if args.bf16 else "--no-bf16"])
-        unet = trainer.make_unet(args.unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor,
-                                 None)
-        run = trainer.build_training(unet, device, trainer.noise_schedule(train_args), train_args.lr,
-                                     trainer.lr_schedule_of(train_args), train_args.weight_decay)
-        step_args = (trainer.loss_settings(train_args), train_args.bf16, train_args.grad_clip, train_args.ema_decay)
+        unet = make_unet(unet_size, vqgan.config["embed_dim"], resolution // vqgan.downsample_factor, None)
+        run = build_training(unet, device, **training)
         n_params = count_parameters(unet) / 1e6
-        cache = latent_cache.build_latent_cache(source, rows, vqgan, resolution, args.batch_size, device, args.bf16,
-                                           progress=False)
-        num_rows, positions = len(cache["latents"]), itertools.count(0, args.batch_size)
+        cache = latent_cache.build_latent_cache(source, rows, vqgan, resolution, batch_size, device, bf16,
+                                                progress=False)
+        num_rows, positions = len(cache["latents"]), itertools.count(0, batch_size)
 
         def step_with_cache():
-            rows_now = trainer.batch_rows(num_rows, args.batch_size, train_args.seed, next(positions))
-            trainer.train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], *step_args)
+            rows_now = batch_rows(num_rows, batch_size, seed, next(positions))
+            train_step(run, [latent_cache.cache_batch(cache, rows_now, device)], **step)
 
-        images = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
-        batches = itertools.cycle([rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)])
+        dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=True)  # the cache's crop and flips
+        batches = itertools.cycle([rows[i:i + batch_size] for i in range(0, len(rows), batch_size)])
 
         def step_without_cache():
-            pixels = collate_skip_none([images[row] for row in next(batches)]).to(device)
-            with torch.no_grad(), autocast(device, args.bf16):
+            pixels = collate_skip_none([dataset[row] for row in next(batches)]).to(device)
+            with torch.no_grad(), autocast(device, bf16):
                 latents = vqgan.encode(pixels).float() * cache["latent_scale"]
-            trainer.train_step(run, [(latents, None, None, None, None)], *step_args)
+            train_step(run, [(latents, None, None, None, None)], **step)
 
-        with_cache_s = timed(step_with_cache, args.repeats)
-        without_cache_s = timed(step_without_cache, args.repeats)
-    what = f"{args.unet_size} ({n_params:.1f}M) train_step {precision(args.bf16)}"
-    with_cache = args.batch_size / with_cache_s
-    without_cache = args.batch_size / without_cache_s
+        with_cache_s = timed(step_with_cache, repeats)
+        without_cache_s = timed(step_without_cache, repeats)
+    what = f"{unet_size} ({n_params:.1f}M) train_step {precision(bf16)}"
+    with_cache = batch_size / with_cache_s
+    without_cache = batch_size / without_cache_s
     peak = peak_memory_mb(device)
     return [{"section": "train", "what": f"{what}, latent cache", "samples_per_s": with_cache, "peak_mb": peak},
-            {"section": "train", "what": f"{what}, decode {images_name} + {args.vqgan_config} encode {resolution}px",
+            {"section": "train", "what": f"{what}, decode {images_name} + {vqgan_config} encode {resolution}px",
              "samples_per_s": without_cache, "peak_mb": peak},
             ratio_row("train", "latent cache speed-up (target >= 3x)", with_cache, without_cache)]
 
@@ -248,11 +247,6 @@ def sampler_seconds(unet, name, steps, device, bf16=False, sample_batch=1, max_s
     seconds = timed(lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps), max(1, repeats // 3),
                     warmup=lambda: SAMPLERS[name](denoiser, noise, schedule, timesteps[:2]))
     return seconds * steps / len(timesteps) / sample_batch, len(timesteps)
-
-
-def sampler_timing(args):
-    """sampler_seconds' settings from the command line: (bf16, --sample_batch, --max_sampler_steps, --repeats)."""
-    return args.bf16, args.sample_batch, args.max_sampler_steps, args.repeats
 
 
 def forward_gflop(forward, device):
@@ -281,25 +275,26 @@ def diffusers_unet(config):
         dropout=config["dropout"])
 
 
-def bench_diffusers(args, device):
+def bench_diffusers(device, unet_size, batch_size, bf16, repeats, timing):
+    """Our UNet and DDIM against diffusers'; timing: sampler_seconds' keywords (sampler_timing)."""
     try:
         import diffusers
     except ImportError:
         print("diffusers: not installed, section skipped (pip install diffusers to compare with it)")
         return []
-    ours = build_unet(args.unet_size).to(device)
+    ours = build_unet(unet_size).to(device)
     theirs = diffusers_unet(ours.config).to(device)
-    names = {"ours": f"ours {args.unet_size} ({count_parameters(ours) / 1e6:.1f}M)",
+    names = {"ours": f"ours {unet_size} ({count_parameters(ours) / 1e6:.1f}M)",
              "theirs": f"diffusers {diffusers.__version__} UNet2DModel ({count_parameters(theirs) / 1e6:.1f}M)"}
     forwards = {"ours": ours, "theirs": lambda x, t: theirs(x, t).sample}
     models = {"ours": ours, "theirs": theirs}
     rates = {}
     rows = []
     for who in ("ours", "theirs"):
-        forward_s, train_s = time_unet(models[who], forwards[who], args.batch_size, args.bf16, device, args.repeats)
+        forward_s, train_s = time_unet(models[who], forwards[who], batch_size, bf16, device, repeats)
         for what, seconds in (("forward", forward_s), ("train step", train_s)):
-            rates[who, what] = args.batch_size / seconds
-            rows.append({"section": "diffusers", "what": f"{names[who]} {what} {precision(args.bf16)}",
+            rates[who, what] = batch_size / seconds
+            rows.append({"section": "diffusers", "what": f"{names[who]} {what} {precision(bf16)}",
                          "samples_per_s": rates[who, what], "peak_mb": peak_memory_mb(device)})
     rows += [ratio_row("diffusers", f"{what} speed-up ours/diffusers", rates["ours", what], rates["theirs", what])
              for what in ("forward", "train step")]
@@ -307,7 +302,7 @@ def bench_diffusers(args, device):
         gflop = forward_gflop(forwards[who], device)
         rows += [{"section": "diffusers", "what": f"{names[who]} forward work (convolutions + matmuls)",
                   "gflop_per_sample": gflop, "peak_mb": None},
-                 {"section": "diffusers", "what": f"{names[who]} forward rate {precision(args.bf16)}",
+                 {"section": "diffusers", "what": f"{names[who]} forward rate {precision(bf16)}",
                   "gflop_per_s": gflop * rates[who, "forward"], "peak_mb": None}]
 
     steps = DEFAULT_STEPS["ddim"]
@@ -315,39 +310,40 @@ def bench_diffusers(args, device):
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=schedule.num_train_timesteps,
                                         trained_betas=schedule.betas.numpy(), clip_sample=False,
                                         timestep_spacing="linspace")  # our schedule and timesteps
-    noise = randn((args.sample_batch, *LATENT_SHAPE), device=device)
+    noise = randn((timing["sample_batch"], *LATENT_SHAPE), device=device)
 
     @torch.no_grad()
     def diffusers_ddim(num_steps):
         scheduler.set_timesteps(num_steps)
         x = noise
         for t in scheduler.timesteps:
-            with autocast(device, args.bf16):
+            with autocast(device, bf16):
                 eps = theirs(x, t.to(device)).sample
             x = scheduler.step(eps.float(), t, x).prev_sample
         return x
 
     theirs.eval()
-    seconds = {"ours": sampler_seconds(ours, "ddim", steps, device, *sampler_timing(args))[0],
-               "theirs": timed(lambda: diffusers_ddim(steps), max(1, args.repeats // 3),
-                               warmup=lambda: diffusers_ddim(2)) / args.sample_batch}
+    seconds = {"ours": sampler_seconds(ours, "ddim", steps, device, **timing)[0],
+               "theirs": timed(lambda: diffusers_ddim(steps), max(1, repeats // 3),
+                               warmup=lambda: diffusers_ddim(2)) / timing["sample_batch"]}
     for who, label in (("ours", f"our ddim-{steps}"), ("theirs", f"DDIMScheduler-{steps}")):
-        rows.append({"section": "diffusers", "what": f"{label}, {names[who]} {precision(args.bf16)}",
+        rows.append({"section": "diffusers", "what": f"{label}, {names[who]} {precision(bf16)}",
                      "s_per_image": seconds[who], "peak_mb": peak_memory_mb(device)})
     rows.append(ratio_row("diffusers", f"ddim-{steps} speed-up ours/diffusers", 1 / seconds["ours"],
                           1 / seconds["theirs"]))
     return rows
 
 
-def bench_samplers(args, device):
+def bench_samplers(device, unet_size, samplers, timing):
+    """Each of `samplers` at its default steps; timing: sampler_seconds' keywords (sampler_timing)."""
     rows = []
-    unet = build_unet(args.unet_size).to(device).eval()
+    unet = build_unet(unet_size).to(device).eval()
     seconds = {}
-    for name in args.samplers:
+    for name in samplers:
         steps = DEFAULT_STEPS[name]
-        seconds[name], timed_steps = sampler_seconds(unet, name, steps, device, *sampler_timing(args))
+        seconds[name], timed_steps = sampler_seconds(unet, name, steps, device, **timing)
         scaled = f" (timed on {timed_steps} steps, scaled)" if timed_steps < steps else ""
-        rows.append({"section": "sampler", "what": f"{name}-{steps} {args.unet_size} {precision(args.bf16)}{scaled}",
+        rows.append({"section": "sampler", "what": f"{name}-{steps} {unet_size} {precision(timing['bf16'])}{scaled}",
                      "s_per_image": seconds[name], "peak_mb": peak_memory_mb(device)})
     if {"dpmpp-2m", "ddpm"} <= set(seconds):
         rows.append(ratio_row("sampler", f"dpmpp-2m-{DEFAULT_STEPS['dpmpp-2m']} speed-up over "
@@ -371,12 +367,13 @@ def cli_seconds(num_images, checkpoint, device):
     return seconds
 
 
-def bench_cli(args, device):
-    """The default command end to end: per image with start-up (FEW images), and without it:
-    (time for MANY images - time for FEW) / (MANY - FEW)."""
-    few, many = args.cli_images
-    few_seconds, many_seconds = (cli_seconds(n, args.cli_checkpoint, device) for n in (few, many))
-    label = "python diffusion.py" + (f" --unet_ckpt_path {args.cli_checkpoint}" if args.cli_checkpoint else "")
+def bench_cli(device, images, checkpoint):
+    """The default command end to end (`checkpoint`: its --unet_ckpt_path, None for the bundled model): per image
+    with start-up (FEW images), and without it: (time for MANY images - time for FEW) / (MANY - FEW), images = (FEW,
+    MANY)."""
+    few, many = images
+    few_seconds, many_seconds = (cli_seconds(n, checkpoint, device) for n in (few, many))
+    label = "python diffusion.py" + (f" --unet_ckpt_path {checkpoint}" if checkpoint else "")
     return [{"section": "cli", "what": f"{label}: {few} images, start-up included", "s_per_image": few_seconds / few,
              "peak_mb": None},
             {"section": "cli", "what": f"{label}: per image, start-up excluded (({many} - {few} images) / "
@@ -384,9 +381,10 @@ def bench_cli(args, device):
              "s_per_image": (many_seconds - few_seconds) / (many - few), "peak_mb": None}]
 
 
-def bench_studio(args, device):
-    """`python studio.py` (bundled models, or --studio_unet) started in the background: seconds to the page answering,
-    then seconds per click on Generate at the page's defaults, as gradio_client sees them."""
+def bench_studio(device, unet, repeats):
+    """`python studio.py` (bundled models, or `unet`: its --unet) started in the background: seconds to the page
+    answering, then seconds per click on Generate at the page's defaults (the median of `repeats` after the first),
+    as gradio_client sees them."""
     import studio  # gradio: imported only for this section
     from gradio_client import Client
 
@@ -394,7 +392,7 @@ def bench_studio(args, device):
         port = studio.free_port()
         url = f"http://127.0.0.1:{port}/"
         command = [sys.executable, str(Path(studio.__file__)), "--port", str(port), "--outdir", f"{tmp}/out",
-                   "--device", str(device)] + (["--unet", args.studio_unet] if args.studio_unet else [])
+                   "--device", str(device)] + (["--unet", unet] if unet else [])
         start = time.perf_counter()
         server = subprocess.Popen(command, env={**os.environ, "GRADIO_TEMP_DIR": f"{tmp}/gradio"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -403,15 +401,15 @@ def bench_studio(args, device):
             start_up = time.perf_counter() - start
             client = Client(url, download_files=f"{tmp}/downloads", verbose=False)
             first = timed(lambda: client.predict(api_name="/generate"), 1, warmup=lambda: None)
-            later = timed(lambda: client.predict(api_name="/generate"), args.repeats, warmup=lambda: None)
+            later = timed(lambda: client.predict(api_name="/generate"), repeats, warmup=lambda: None)
         finally:
             server.terminate()
             server.wait(timeout=60)
-    label = "python studio.py" + (f" --unet {args.studio_unet}" if args.studio_unet else "")
+    label = "python studio.py" + (f" --unet {unet}" if unet else "")
     return [{"section": "studio", "what": f"{label}: start to page served", "seconds": start_up, "peak_mb": None},
             {"section": "studio", "what": f"{label}: first Generate click to 4 images (defaults)", "seconds": first,
              "peak_mb": None},
-            {"section": "studio", "what": f"{label}: later clicks to 4 images, median of {args.repeats}",
+            {"section": "studio", "what": f"{label}: later clicks to 4 images, median of {repeats}",
              "seconds": later, "peak_mb": None}]
 
 
@@ -430,7 +428,11 @@ def print_table(rows, memory):
         print(f"{row['section']:9s} {row['what']:78s} {row[key]:10.3f} {FIGURES[key]:>9s} {peak:>8s}")
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------------------------
+# Command line: parse_args, then the readers that turn its flags into each section's explicit arguments
+
+
+def parse_args(argv):
     parser = ArgumentParser(__file__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s not in ON_REQUEST],
                         choices=list(SECTIONS), help=f"what to time (default: all but {', '.join(ON_REQUEST)})")
@@ -466,11 +468,55 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.cli_images[0] < args.cli_images[1]:
         raise UserError(f"--cli_images needs FEW < MANY, got {args.cli_images}")
+    return args
+
+
+def sampler_timing(args):
+    """sampler_seconds' keywords from the command line: bf16, --sample_batch, --max_sampler_steps, --repeats."""
+    return dict(bf16=args.bf16, sample_batch=args.sample_batch, max_steps=args.max_sampler_steps, repeats=args.repeats)
+
+
+def trainer_settings(unet_size, batch_size, bf16):
+    """What trainer.py's defaults make of a run of `unet_size` at `batch_size`, read through its own parser and
+    readers, so the train section times the step a default run takes: (build_training's keywords after the UNet and
+    device, train_step's keywords after the run and batches, the data order's seed)."""
+    args = trainer.parse_args(["--dataset_path", "unused", "--vqgan_ckpt", "unused", "--unet_size", unet_size,
+                               "--batch_size", str(batch_size), "--bf16" if bf16 else "--no-bf16"])
+    training = dict(schedule=trainer.noise_schedule(args), lr=args.lr, lr_multiplier=trainer.lr_schedule_of(args),
+                    weight_decay=args.weight_decay)
+    step = dict(loss_settings=trainer.loss_settings(args), bf16=args.bf16, grad_clip=args.grad_clip,
+                max_ema_decay=args.ema_decay)
+    return training, step, args.seed
+
+
+def section_arguments(args, section):
+    """The explicit arguments of `section` (SECTIONS) from the command line, its device apart."""
+    if section == "vqgan":
+        return dict(config=args.vqgan_config, resolutions=args.vqgan_resolutions, batch_size=args.batch_size,
+                    bf16=args.bf16, repeats=args.repeats)
+    if section == "unet":
+        return dict(unet_size=args.unet_size, batch_size=args.batch_size, bf16=args.bf16, repeats=args.repeats)
+    if section == "train":
+        training, step, seed = trainer_settings(args.unet_size, args.batch_size, args.bf16)
+        return dict(unet_size=args.unet_size, vqgan_config=args.vqgan_config, batch_size=args.batch_size,
+                    bf16=args.bf16, repeats=args.repeats, images=args.images, training=training, step=step, seed=seed)
+    if section == "diffusers":
+        return dict(unet_size=args.unet_size, batch_size=args.batch_size, bf16=args.bf16, repeats=args.repeats,
+                    timing=sampler_timing(args))
+    if section == "sampler":
+        return dict(unet_size=args.unet_size, samplers=args.samplers, timing=sampler_timing(args))
+    if section == "cli":
+        return dict(images=args.cli_images, checkpoint=args.cli_checkpoint)
+    return dict(unet=args.studio_unet, repeats=args.repeats)  # studio
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = pick_device(args.device)
     rows, resettable = [], True
     for section in args.sections:
         resettable &= reset_peak_memory(device)
-        rows += SECTIONS[section](args, device)
+        rows += SECTIONS[section](device, **section_arguments(args, section))
     memory = "peak per section" if resettable else "process peak so far"
     print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print_table(rows, memory)

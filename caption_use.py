@@ -24,11 +24,12 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, atomic_write_json, check_output_file,
-    collate_skip_none, pick_device, positive_int, run_cli,
-)
-from diffusion import add_sampling_arguments, load_diffusion_model, predicted_x0, sampling_options, use_bf16
+from checkpoints import atomic_write_json
+from cli import ArgumentParser, UserError, check_output_file, positive_int, run_cli
+from devices import pick_device
+from diffusion import add_sampling_arguments, load_diffusion_model, sampling_options, use_bf16
+from images import ImageSource, ImageTensorDataset, collate_skip_none
+from schedule import predicted_x0
 from text_encoder import dataset_captions
 
 MAX_CAPTIONS = 64

@@ -1,10 +1,6 @@
-"""Diffusion: noise schedules, the training loss, samplers, classifier-free guidance, the checkpoint format and
-the sampling command.
-
-Notation (Ho et al. 2020): alpha_bar = prod(1 - beta) over the first t+1 steps; x_t = sqrt(alpha_bar) x0 +
-sqrt(1 - alpha_bar) eps. A model predicts eps or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans &
-Ho 2022). Samplers (k-diffusion style) take a `denoiser(x_t, t) -> x0` and a descending list of timesteps, and
-step to alpha_bar = 1 (clean) after the last one.
+"""A trained latent-diffusion model and the sampling command: the Pipeline (UNet, noise schedule and VQGAN, with
+the text encoder, image embedder and prior a model may take), its checkpoint format, and `python diffusion.py`.
+The maths is in schedule.py (the forward process) and samplers.py (the samplers and guidance).
 
     python diffusion.py --unet_ckpt_path runs/unet/unet --num_images 16 --sampler dpmpp-2m --steps 20
     python diffusion.py --prompt "an Impressionism painting of a harbour" --guidance_scale 5
@@ -12,345 +8,28 @@ step to alpha_bar = 1 (clean) after the last one.
     python diffusion.py --interpolate --num_images 8              # slerp from the noise of --seed to --seed + 1
 """
 import argparse
-import math
+import dataclasses
 import os
 import re
 import shlex
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from tqdm import trange
 
-from common import (
-    EXPORT_DTYPES, GRID_NAME, ArgumentParser, UserError, autocast, check_output_folder, image_to_tensor, load_model,
-    load_weights, make_grid, model_paths, native_bf16, non_negative_float, pick_device, positive_int, run_cli,
-    save_model, save_png, tensor_to_images,
+from checkpoints import EXPORT_DTYPES, load_model, load_weights, model_paths, save_model
+from cli import ArgumentParser, UserError, check_output_folder, non_negative_float, positive_int, run_cli
+from devices import autocast, native_bf16, pick_device
+from images import GRID_NAME, image_to_tensor, make_grid, save_png, tensor_to_images
+from samplers import (
+    DEFAULT_GUIDANCE_INTERVAL, DEFAULT_GUIDANCE_SCALE, DEFAULT_KARRAS, DEFAULT_STEPS, SAMPLERS, guidance_scales,
+    guided_model_fn, img2img_timesteps, make_denoiser, randn, sampling_timesteps, slerp,
 )
+from schedule import NoiseSchedule, check_prediction_type
 from unet import UNet
 from vqgan import VQModel, load_vqgan
 
-PREDICTION_TYPES = ("epsilon", "v")
-DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # DDPM; latent diffusion
 BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
-
-# ----------------------------------------------------------------------------------------------
-# Noise schedules
-
-
-def make_betas(kind, num_train_timesteps, beta_start=None, beta_end=None):
-    """betas (float64, length T) of a named schedule:
-    linear (Ho et al. 2020):               beta_t = linspace(beta_start, beta_end)
-    scaled_linear (Rombach et al. 2022):   beta_t = linspace(sqrt(beta_start), sqrt(beta_end)) ** 2
-    cosine (Nichol & Dhariwal 2021):       alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2) ** 2, s = 0.008,
-                                           beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999)
-    beta_start and beta_end (linear kinds only; None = the kind's default) must lie in (0, 1)."""
-    T = num_train_timesteps
-    if kind == "cosine":
-        s = 0.008
-        alpha_bar = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    if kind not in DEFAULT_BETAS:
-        raise UserError(f"unknown noise schedule {kind!r} (choose linear, scaled_linear or cosine)")
-    start, end = beta_range(kind, beta_start, beta_end)
-    if kind == "linear":
-        return torch.linspace(start, end, T, dtype=torch.float64)
-    return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
-
-
-def beta_range(kind, beta_start=None, beta_end=None):
-    """(beta_start, beta_end) of a linear kind: the given values (0.0 included), the kind's defaults for None.
-    A beta outside (0, 1) is a UserError here: later it would be a NaN in alpha_bar or the loss."""
-    start = DEFAULT_BETAS[kind][0] if beta_start is None else beta_start
-    end = DEFAULT_BETAS[kind][1] if beta_end is None else beta_end
-    for name, value in (("beta_start", start), ("beta_end", end)):
-        if not 0 < value < 1:
-            raise UserError(f"{name} must be in (0, 1), got {value}")
-    return start, end
-
-
-def rescale_zero_terminal_snr(betas):
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so it ends at exactly 0 (the last training
-    step sees pure noise, as sampling starts from) with its first value unchanged."""
-    sqrt_alpha_bar = torch.cumprod(1 - betas, 0).sqrt()
-    first, last = sqrt_alpha_bar[0].item(), sqrt_alpha_bar[-1].item()
-    alpha_bar = ((sqrt_alpha_bar - last) * first / (first - last)) ** 2
-    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1 - alphas
-
-
-# Training timesteps: the distribution of the log-SNR, lambda = log(alpha_bar / (1 - alpha_bar)), the loss sees.
-# name -> default (loc, scale) of sample_log_snr; "uniform" is the DDPM default, t ~ U{0..T-1}.
-TIMESTEP_SAMPLINGS = {"uniform": None, "logit-normal": (0.0, 1.0), "laplace": (0.0, 0.5)}
-
-
-def sample_log_snr(kind, n, loc, scale):
-    """n log-SNRs (float64) from the global torch RNG:
-    logit-normal (Esser et al. 2024, SD3, Sec. 3.1): the rectified-flow noise level t = sigmoid(u),
-        u ~ N(loc, scale^2), density 1 / (scale sqrt(2 pi)) / (t (1 - t)) exp(-(logit(t) - loc)^2 / (2 scale^2));
-        its SNR is ((1 - t) / t)^2, so lambda = -2 u ~ N(-2 loc, (2 scale)^2);
-    laplace (Hang et al. 2024, "Improved noise schedule for diffusion training"): lambda ~ Laplace(loc, scale),
-        p(lambda) = exp(-|lambda - loc| / scale) / (2 scale), drawn through its inverse CDF:
-        lambda = loc - scale sgn(a - 1/2) log(1 - 2 |a - 1/2|), a ~ U(0, 1)."""
-    if kind == "logit-normal":
-        return -2 * (loc + scale * torch.randn(n, dtype=torch.float64))
-    if kind == "laplace":
-        a = torch.rand(n, dtype=torch.float64) - 0.5
-        return loc - scale * a.sign() * torch.log1p(-2 * a.abs())
-    raise UserError(f"unknown timestep sampling {kind!r} (choose {', '.join(TIMESTEP_SAMPLINGS)})")
-
-
-class NoiseSchedule:
-    """The forward process q(x_t | x0) over T discrete steps: betas and alphas_cumprod (= alpha_bar), float64."""
-
-    def __init__(self, kind="linear", num_train_timesteps=1000, beta_start=None, beta_end=None,
-                 zero_terminal_snr=False):
-        self.config = dict(kind=kind, num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                           beta_end=beta_end, zero_terminal_snr=zero_terminal_snr)
-        self.num_train_timesteps = num_train_timesteps
-        self.betas = make_betas(kind, num_train_timesteps, beta_start, beta_end)
-        if zero_terminal_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
-
-    def alpha_bar(self, t):
-        """alpha_bar at timesteps t (any shape; fractional t interpolates linearly between the integers)."""
-        t = torch.as_tensor(t).detach().to("cpu", torch.float64).clamp(0, self.num_train_timesteps - 1)
-        low = t.floor().long()
-        high = (low + 1).clamp(max=self.num_train_timesteps - 1)
-        w = t - low
-        return (1 - w) * self.alphas_cumprod[low] + w * self.alphas_cumprod[high]
-
-    def timestep(self, alpha_bar):
-        """The (fractional) timestep at which alpha_bar takes the given values: the inverse of `alpha_bar`."""
-        ascending = self.alphas_cumprod.flip(0).numpy()
-        t = np.interp(np.asarray(alpha_bar, dtype=np.float64), ascending, np.arange(self.num_train_timesteps)[::-1])
-        return torch.from_numpy(t)
-
-    def training_timesteps(self, n, sampling="uniform", loc=None, scale=None, device="cpu"):
-        """n training timesteps: t ~ U{0..T-1} (uniform: integers, exactly as training_loss draws them), or
-        fractional timesteps at log-SNRs from sample_log_snr (loc, scale default: TIMESTEP_SAMPLINGS) mapped
-        through this schedule's inverse, t = timestep(sigmoid(lambda)). A log-SNR beyond the schedule's range
-        lands on its end (t = 0 or T - 1)."""
-        if sampling == "uniform":
-            return torch.randint(0, self.num_train_timesteps, (n,), device=device)
-        default_loc, default_scale = TIMESTEP_SAMPLINGS.get(sampling, (None, None))  # unknown: sample_log_snr says
-        log_snr = sample_log_snr(sampling, n, default_loc if loc is None else loc,
-                                 default_scale if scale is None else scale)
-        return self.timestep(torch.sigmoid(log_snr)).to(device, torch.float32)
-
-    def q_sample(self, x0, t, noise):
-        """x_t ~ q(x_t | x0) for timesteps t (B)."""
-        return q_sample(x0, noise, self.alpha_bar(t))
-
-    def training_loss(self, model_fn, x0, prediction_type="epsilon", min_snr_gamma=None, t=None, noise=None):
-        """The simplified DDPM loss E ||target - model_fn(x_t, t)||^2 with t ~ U{0..T-1} and eps ~ N(0, I)
-        (unless given), target = eps or v, each sample weighted by loss_weight (min-SNR)."""
-        check_prediction_type(prediction_type)
-        if t is None:
-            t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0) if noise is None else noise
-        alpha_bar = self.alpha_bar(t)  # B
-        x_t = q_sample(x0, noise, alpha_bar)
-        target = prediction_target(x0, noise, alpha_bar, prediction_type)
-        loss = (model_fn(x_t, t).float() - target.float()).pow(2).flatten(1).mean(1)  # B
-        if min_snr_gamma:
-            loss = loss * loss_weight(alpha_bar, prediction_type, min_snr_gamma).to(loss)
-        return loss.mean()
-
-
-def check_prediction_type(prediction_type):
-    if prediction_type not in PREDICTION_TYPES:
-        raise UserError(f"unknown prediction type {prediction_type!r} (choose {' or '.join(PREDICTION_TYPES)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# The maths between x0, eps, v and x_t: every formula once. alpha_bar is B (per sample) or a scalar.
-
-
-def _coef(values, x):
-    """float64 coefficients (scalar or B) -> broadcastable over x, in x's dtype and on its device."""
-    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1, *[1] * (x.ndim - 1))
-    return values.to(x.dtype).to(x.device)
-
-
-def q_sample(x0, noise, alpha_bar):
-    """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    return _coef(alpha_bar.sqrt(), x0) * x0 + _coef((1 - alpha_bar).sqrt(), x0) * noise
-
-
-def prediction_target(x0, noise, alpha_bar, prediction_type):
-    """What the model should output: eps itself, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0."""
-    if prediction_type == "epsilon":
-        return noise
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    return _coef(alpha_bar.sqrt(), x0) * noise - _coef((1 - alpha_bar).sqrt(), x0) * x0
-
-
-def predicted_x0(x_t, model_output, alpha_bar, prediction_type):
-    """x0 from a model output: (x_t - sqrt(1 - a) eps) / sqrt(a) for eps; sqrt(a) x_t - sqrt(1 - a) v for v
-    (which stays finite at alpha_bar = 0, the last step of a zero-terminal-SNR schedule)."""
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    if prediction_type == "epsilon":
-        return (x_t - _coef((1 - alpha_bar).sqrt(), x_t) * model_output) / _coef(alpha_bar.sqrt(), x_t)
-    return _coef(alpha_bar.sqrt(), x_t) * x_t - _coef((1 - alpha_bar).sqrt(), x_t) * model_output
-
-
-def predicted_eps(x_t, x0, alpha_bar):
-    """eps = (x_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar)."""
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    return (x_t - _coef(alpha_bar.sqrt(), x_t) * x0) / _coef((1 - alpha_bar).sqrt(), x_t)
-
-
-def loss_weight(alpha_bar, prediction_type, min_snr_gamma=None):
-    """Per-sample weights w that make w ||target - output||^2 = lambda ||x0 - x0_hat||^2, SNR = alpha_bar / (1 -
-    alpha_bar). Unweighted, lambda = SNR for eps targets and SNR + 1 for v. Min-SNR-gamma (Hang et al. 2023) caps it:
-    lambda = min(SNR, gamma)."""
-    snr = alpha_bar / (1 - alpha_bar)
-    unweighted = snr if prediction_type == "epsilon" else snr + 1
-    if not min_snr_gamma:
-        weight = torch.ones_like(snr)
-    elif prediction_type == "epsilon":
-        weight = (min_snr_gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, and 1 at SNR 0
-    else:
-        weight = snr.clamp(max=min_snr_gamma) / unweighted
-    return weight
-
-
-# ----------------------------------------------------------------------------------------------
-# Samplers: sample_xxx(denoiser, latents, schedule, timesteps, generator=None, progress=False, ...) -> x0.
-# `timesteps` descend (fractional values allowed); `generator` is a torch.Generator or a list with one per row.
-
-
-def sampling_timesteps(schedule, steps, karras=False, start=None):
-    """`steps` descending timesteps from `start` (default T-1, pure noise) to 0, evenly spaced integers (the
-    trained chain's own timesteps), or (karras) spaced evenly in sigma^(1/7) between sigma(start) and the
-    schedule's smallest sigma, sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022)."""
-    T = schedule.num_train_timesteps
-    start = T - 1 if start is None else start
-    if not 1 <= steps <= T:
-        raise UserError(f"steps must be between 1 and {T}, got {steps}")
-    if not karras:
-        return torch.linspace(start, 0, steps, dtype=torch.float64).round()
-    if schedule.alphas_cumprod[-1] == 0:
-        raise UserError("Karras spacing needs a finite largest sigma; a zero-terminal-SNR schedule has none")
-    sigmas = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
-    rho, ramp = 7.0, torch.linspace(0, 1, steps, dtype=torch.float64)
-    high, low = sigmas[start] ** (1 / rho), sigmas[0] ** (1 / rho)
-    karras_sigmas = (high + ramp * (low - high)) ** rho
-    return schedule.timestep(1 / (1 + karras_sigmas**2))
-
-
-def img2img_timesteps(schedule, steps, karras, strength):
-    """SDEdit's timesteps: strength in (0, 1] names a noise level, that of timestep round(strength * (T - 1)), so
-    it means the same under every sampler and spacing; the image is denoised from there in max(1, round(strength *
-    steps)) steps of the spacing asked for."""
-    if strength is None or not 0 < strength <= 1:
-        raise UserError(f"strength must be in (0, 1], got {strength}")
-    start = round(strength * (schedule.num_train_timesteps - 1))
-    return sampling_timesteps(schedule, max(1, round(strength * steps)), karras, start=start)
-
-
-def randn(shape, generator=None, device="cpu"):
-    """N(0, I) noise drawn on the CPU (the same numbers on every device). With a list of generators, row i
-    comes from generator i alone, so each image of a batch can be reproduced on its own."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator]).to(device)
-    return torch.randn(shape, generator=generator).to(device)
-
-
-def _alpha_bars(schedule, timesteps):
-    """alpha_bar at each step and at the step after it (1 = clean data after the last step), as float lists."""
-    alpha_bar = schedule.alpha_bar(timesteps)
-    return alpha_bar.tolist(), torch.cat([alpha_bar[1:], torch.ones(1, dtype=torch.float64)]).tolist()
-
-
-def _step_range(timesteps, progress, name):
-    return trange(len(timesteps), disable=not progress, desc=name, leave=False)
-
-
-def _timestep_batch(t, x):
-    return torch.full((x.shape[0],), float(t), device=x.device)
-
-
-@torch.no_grad()
-def sample_ddpm(denoiser, latents, schedule, timesteps, generator=None, progress=False):
-    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 6-7):
-    mean = sqrt(a_prev) beta / (1 - a) x0 + sqrt(1 - beta) (1 - a_prev) / (1 - a) x_t,
-    variance = beta (1 - a_prev) / (1 - a), with the respaced beta = 1 - a / a_prev between consecutive
-    timesteps (Nichol & Dhariwal 2021), so it runs the original 1000 steps or fewer."""
-    x = latents
-    alpha_bars, alpha_bars_prev = _alpha_bars(schedule, timesteps)
-    for i in _step_range(timesteps, progress, "ddpm"):
-        a, a_prev = alpha_bars[i], alpha_bars_prev[i]
-        beta = 1 - a / a_prev
-        x0 = denoiser(x, _timestep_batch(timesteps[i], x))
-        x = (a_prev**0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
-        variance = beta * (1 - a_prev) / (1 - a)
-        if variance > 0:
-            x = x + variance**0.5 * randn(x.shape, generator, x.device).to(x.dtype)
-    return x
-
-
-@torch.no_grad()
-def sample_ddim(denoiser, latents, schedule, timesteps, generator=None, progress=False, eta=0.0):
-    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev). eta = 0 is deterministic; eta = 1 is DDPM."""
-    x = latents
-    alpha_bars, alpha_bars_prev = _alpha_bars(schedule, timesteps)
-    for i in _step_range(timesteps, progress, "ddim"):
-        a, a_prev = alpha_bars[i], alpha_bars_prev[i]
-        x0 = denoiser(x, _timestep_batch(timesteps[i], x))
-        eps = predicted_eps(x, x0, a)
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * randn(x.shape, generator, x.device).to(x.dtype)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(denoiser, latents, schedule, timesteps, generator=None, progress=False, lower_order_final=False):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), in half-log-SNR lambda = log(alpha / sigma) with
-    alpha = sqrt(a), sigma = sqrt(1 - a), h = lambda_next - lambda:
-    x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) D, D = (1 + 1/2r) x0 - (1/2r) x0_prev, r = h_prev / h;
-    D = x0 (first order, = DDIM) on the first step and on the last one (to clean data).
-    lower_order_final: first order on the step into the last timestep too. With evenly spaced timesteps that
-    step is several times longer in lambda than the one before (r ~ 0.2 at 20 steps), and the second-order
-    extrapolation over it overshoots (diffusers' `lower_order_final`)."""
-    x = latents
-    alpha_bars, alpha_bars_next = _alpha_bars(schedule, timesteps)
-    x0_prev = h_prev = None
-    first_order_from = len(timesteps) - (2 if lower_order_final else 1)  # the last step (to clean data) always
-    for i in _step_range(timesteps, progress, "dpmpp-2m"):
-        a, a_next = alpha_bars[i], alpha_bars_next[i]
-        x0 = denoiser(x, _timestep_batch(timesteps[i], x))
-        h = _half_log_snr(a_next) - _half_log_snr(a)
-        if x0_prev is None or i >= first_order_from:
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = ((1 - a_next) / (1 - a)) ** 0.5 * x - a_next**0.5 * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x
-
-
-def _half_log_snr(alpha_bar):
-    """lambda = log(sqrt(a) / sqrt(1 - a)): -inf at a = 0 (pure noise), +inf at a = 1 (clean data)."""
-    if alpha_bar in (0, 1):
-        return math.inf if alpha_bar == 1 else -math.inf
-    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
-
-
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m}
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp-2m": 20}
-# Each sampler's own spacing, the one its accuracy test checks: ddpm is the ancestral chain on the integer timesteps
-# it was trained on, and ddim was derived and is run on evenly respaced ones (Song et al. 2021); the ODE solver
-# dpmpp-2m takes Karras steps, which measured better than even ones on the bundled model (docs/sampler-steps.md).
-DEFAULT_KARRAS = {"ddpm": False, "ddim": False, "dpmpp-2m": True}
 # diffusion.py without --prompt: 10 Karras-spaced dpmpp-2m steps score within the FD noise of 20 on 1,000 samples of
 # the bundled unconditional model in half the time; guided sampling loses at 10 (docs/sampler-steps.md), and
 # evaluate.py and caption_use.py measure at DEFAULT_STEPS.
@@ -358,87 +37,6 @@ UNPROMPTED_STEPS = {**DEFAULT_STEPS, "dpmpp-2m": 10}
 # --like's start: the painting noised to timestep 0.8 (T - 1). From pure noise the bundled embedding model's variations
 # are no closer to their source than to other paintings (docs/embedding-prior.md, experiments/variation_strength.py)
 LIKE_STRENGTH = 0.8
-
-
-def make_denoiser(model_fn, schedule, prediction_type):
-    """model_fn(x_t, t) -> eps or v  ==>  denoiser(x_t, t) -> x0, what every sampler consumes."""
-    check_prediction_type(prediction_type)
-    if prediction_type == "epsilon" and schedule.alphas_cumprod[-1] == 0:
-        raise UserError("an epsilon-prediction model cannot sample a zero-terminal-SNR schedule "
-                        "(x0 is undefined at the last step); train with v prediction")
-
-    def denoiser(x_t, t):
-        return predicted_x0(x_t, model_fn(x_t, t).float(), schedule.alpha_bar(t), prediction_type)
-
-    return denoiser
-
-
-def guided_model_fn(unet, context=None, context_mask=None, uncond_context=None, uncond_mask=None, guidance_scale=1.0,
-                    image_embed=None, uncond_image_embed=None):
-    """Classifier-free guidance (Ho & Salimans 2022): out = uncond + scale (cond - uncond), both branches in one
-    batched forward pass. The conditional branch sees `context` and `image_embed` (B x E), the unconditional one
-    `uncond_context` and `uncond_image_embed` (None where the model takes none). guidance_scale: a number, or t ->
-    the scale at timestep t (guidance_scales). Where the scale is 1 (or there is no unconditional branch) the
-    output is the conditional prediction alone: one forward pass."""
-    scale_at = guidance_scale if callable(guidance_scale) else lambda t: guidance_scale
-    guided = uncond_context is not None or uncond_image_embed is not None
-
-    def model_fn(x, t):
-        scale = scale_at(t)
-        if not guided or scale == 1:
-            return unet(x, t, context, context_mask, **_embed(image_embed))
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), _both(context, uncond_context),
-                   _both(context_mask, uncond_mask), **_embed(_both(image_embed, uncond_image_embed)))
-        cond, uncond = out.chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return model_fn
-
-
-def _embed(image_embed):
-    """The image_embed keyword for models that take one; a text-only model (or any callable) is called as before."""
-    return {} if image_embed is None else {"image_embed": image_embed}
-
-
-def _both(cond, uncond):
-    """The two branches' inputs stacked along the batch (None where the model takes none)."""
-    return None if cond is None else torch.cat([cond, uncond])
-
-
-# Classifier-free guidance at scale 3 wherever sigma > 0.28 (the low end of Kynkäänniemi et al. 2024's interval):
-# on the bundled style model it scores per style as well as scale 5 inside their (0.28, 5.42], and, guiding the
-# high noise levels where the layout is set, it lets a caption change a seed's composition more (README,
-# "Guidance"). 16 of 20 Karras steps are guided (6 in (0.28, 5.42]), so a prompted image costs 1.8 model
-# evaluations a step instead of 1.3.
-DEFAULT_GUIDANCE_SCALE = 3.0
-DEFAULT_GUIDANCE_INTERVAL = (0.28, float("inf"))
-
-
-def guidance_scales(schedule, scale, interval=None, high=None):
-    """t -> the guidance scale at the noise level sigma(t) = sqrt((1 - a) / a) (EDM's unit, the one Kynkäänniemi
-    et al. 2024 give their interval in): `scale` where sigma lies in the (low, high] of `interval` (None:
-    everywhere; pure noise, a = 0, counts as inside) and 1, the conditional prediction alone, outside it.
-    high = (high_scale, sigma_split): high_scale instead of `scale` where sigma > sigma_split, strong guidance where
-    the layout is set and milder where colour and detail are."""
-
-    def scale_at(t):
-        a = schedule.alpha_bar(t[:1]).item()  # every row of a batch is at the same timestep
-        sigma = float("inf") if a == 0 else ((1 - a) / a) ** 0.5
-        if interval is not None and a > 0 and not interval[0] < sigma <= interval[1]:
-            return 1.0
-        return high[0] if high is not None and sigma > high[1] else scale
-
-    return scale_at
-
-
-def slerp(a, b, fraction):
-    """Spherical interpolation from a to b: keeps the norm that Gaussian noise has, where a straight line
-    through the middle would shrink it (White 2016)."""
-    cos_omega = (a.flatten() @ b.flatten()) / (a.norm() * b.norm())
-    omega = torch.arccos(cos_omega.clamp(-1, 1)).item()
-    if omega < 1e-4:
-        return (1 - fraction) * a + fraction * b
-    return (math.sin((1 - fraction) * omega) * a + math.sin(fraction * omega) * b) / math.sin(omega)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -731,7 +329,47 @@ def export_diffusion_model(src, dst, dtype=torch.float16, prior=None, image_embe
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# The sampling command's work: a SamplingRequest drawn with a loaded model into a folder of PNGs, each recording the
+# command that redraws it
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRequest:
+    """What one sampling command draws and how its PNGs record it: sample_to_folder's input, read once from
+    diffusion.py's flags by sampling_request (studio.py parses the command lines its widgets make the same way).
+    options: Pipeline.sample_latents' sampling keywords (sampling_options; steps resolved, per sampler without
+    --steps); prompts: one grid row each (None: unprompted); strength: the noise level images start from
+    (start_strength: 0.75 with an init_image, LIKE_STRENGTH with `like` where none is given; None from pure noise);
+    mix: as given (two `like` paintings blend at 0.5 without it); unet_ckpt_path None: the bundled model (named
+    relative to the repository); vqgan, device, precision, no_ema: how the model was loaded, for the command."""
+    num_images: int
+    batch_size: int
+    seed: int
+    options: dict
+    spacing: str
+    eta: float = 0.0
+    prompts: list | None = None
+    negative_prompt: str | None = None
+    init_image: str | None = None
+    strength: float | None = None
+    like: list | None = None
+    mix: float | None = None
+    prior: str | None = None
+    interpolate: bool = False
+    interpolate_to: int | None = None
+    unet_ckpt_path: str | None = None
+    vqgan: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    no_ema: bool = False
+
+    def like_mix(self):
+        """The blend of two `like` paintings (0.5 unless `mix`); None for one painting."""
+        return None if self.like is None or len(self.like) < 2 else (0.5 if self.mix is None else self.mix)
+
+    def interpolation_seeds(self):
+        """The seeds of an interpolation's first and last frames."""
+        return [self.seed, self.seed + 1 if self.interpolate_to is None else self.interpolate_to]
 
 
 def default_checkpoint(conditional, like=False):
@@ -753,11 +391,129 @@ def load_image(path, resolution, what="init image"):
     return image_to_tensor(img, resolution)[None]  # 1 x 3 x R x R
 
 
-
 def next_image_index(outdir):
     """Files are numbered 00000.png, 00001.png, ... continuing after what is already in outdir."""
     numbers = [int(p.stem) for p in Path(outdir).glob("*.png") if re.fullmatch(r"\d{5}", p.stem)]
     return max(numbers, default=-1) + 1
+
+
+def like_embedding(paths, mix, pipeline):
+    """The image embedding 1 x E that --like asks for: one painting's, or the spherical blend of two's."""
+    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
+    embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
+    return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
+
+
+def like_start(paths, mix, size):
+    """Where --like variations start below strength 1: the painting, or two cross-faded at `mix` (1 x 3 x S x S)."""
+    images = torch.cat([load_image(path, size, "--like image") for path in paths])
+    return images[:1] if len(paths) == 1 else torch.lerp(images[:1], images[1:], mix)
+
+
+def run_parameters(request, checkpoint, pipeline, seed, num_images, prompts):
+    """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
+    for an unconditional model) that `request` draws with `pipeline` (loaded from `checkpoint`), and the command
+    that makes them."""
+    options = request.options
+    bundled = request.unet_ckpt_path is None  # named relative to the repository, and implied by the command
+    params = dict(checkpoint=f"{BUNDLED_MODELS.name}/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
+                  weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
+                  sampler=options["sampler"], steps=options["steps"], spacing=request.spacing,
+                  lower_order_final=options["lower_order_final"], eta=request.eta, bf16=pipeline.bf16)
+    command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
+    if request.vqgan is not None:
+        params["vqgan"] = str(request.vqgan)
+        command += ["--vqgan", str(request.vqgan)]
+    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", options["sampler"],
+                "--steps", str(options["steps"]), "--spacing", request.spacing, "--eta", str(request.eta),
+                "--device", request.device, "--precision", request.precision]
+    switches = {"lower_order_final": options["lower_order_final"], "no_ema": request.no_ema,
+                "interpolate": request.interpolate}
+    command += [f"--{flag}" for flag, on in switches.items() if on]
+    if request.interpolate_to is not None:
+        command += ["--interpolate_to", str(request.interpolate_to)]
+    if prompts is not None:
+        params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=request.negative_prompt,
+                      guidance_scale=options["guidance_scale"], guidance_interval=options["guidance_interval"],
+                      guidance_high=options["guidance_high"])
+        command += ["--prompt", *prompts, "--guidance_scale", str(options["guidance_scale"])]
+        for flag in ("guidance_interval", "guidance_high"):
+            if options[flag] is not None:
+                command += [f"--{flag}", *map(str, options[flag])]
+        if request.negative_prompt is not None:
+            command += ["--negative_prompt", request.negative_prompt]
+    if request.init_image is not None:
+        params.update(init_image=str(request.init_image))
+        command += ["--init_image", str(request.init_image)]
+    if request.strength is not None:
+        params.update(strength=request.strength)
+        command += ["--strength", str(request.strength)]
+    if request.prior is not None:
+        params.update(prior=request.prior)
+        command += ["--prior", str(request.prior)]
+    if request.like is not None:
+        params.update(like=request.like, mix=request.like_mix())
+        command += [arg for path in request.like for arg in ("--like", str(path))]
+        command += ["--mix", str(request.mix)] if request.mix is not None else []
+    if prompts is None and pipeline.unet.image_embed_dim is not None:  # guided against the null embedding
+        params.update(guidance_scale=options["guidance_scale"])
+        command += ["--guidance_scale", str(options["guidance_scale"])]
+    return {"parameters": params, "command": shlex.join(command)}
+
+
+def image_parameters(request, checkpoint, pipeline, index, prompt):
+    """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
+    row."""
+    prompts = None if prompt is None else [prompt]
+    if request.interpolate:
+        chunks = run_parameters(request, checkpoint, pipeline, request.seed, request.num_images, prompts)
+        chunks["parameters"].update(interpolate=dict(seeds=request.interpolation_seeds(), frame=index))
+        return chunks
+    return run_parameters(request, checkpoint, pipeline, request.seed + index, 1, prompts)
+
+
+def sample_to_folder(request, checkpoint, pipeline, outdir):
+    """The sampling command's work once its model is loaded: the images `request` asks of `pipeline` (loaded from
+    `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image paths, grid
+    path). studio.py calls it with the requests its widgets make, so both write the same files."""
+    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
+    init_image = None
+    if request.init_image is not None:
+        init_image = load_image(request.init_image, size)
+    elif request.like is not None and request.strength < 1:
+        init_image = like_start(request.like, request.like_mix(), size)
+    if request.interpolate:
+        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
+                for seed in request.interpolation_seeds()]
+        frames = torch.cat([slerp(*ends, i / (request.num_images - 1)) for i in range(request.num_images)])
+    like = None if request.like is None else like_embedding(request.like, request.like_mix(), pipeline)
+    first = next_image_index(outdir)
+    all_images, paths = [], []
+    for prompt in request.prompts or [None]:  # one grid row per caption, each over the same seeds
+        for start in range(0, request.num_images, request.batch_size):
+            n = min(request.batch_size, request.num_images - start)
+            images = pipeline.generate(
+                n, request.seed + start, **request.options, prompt=prompt, negative_prompt=request.negative_prompt,
+                eta=request.eta, strength=None if init_image is None else request.strength,
+                init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
+                noise=frames[start:start + n] if request.interpolate else None,
+                image_embeds=None if like is None else like.expand(n, -1))
+            for i, img in enumerate(tensor_to_images(images)):
+                path = outdir / f"{first + len(paths):05d}.png"
+                save_png(path, img, image_parameters(request, checkpoint, pipeline, start + i, prompt))
+                paths.append(path)
+                all_images.append(img)
+    grid_path = outdir / GRID_NAME.format(first)
+    grid_params = run_parameters(request, checkpoint, pipeline, request.seed, request.num_images, request.prompts)
+    grid_params["files"] = [p.name for p in paths]
+    row_each = request.interpolate or len(request.prompts or []) > 1  # a row per interpolation or per caption
+    save_png(grid_path, make_grid(all_images, ncols=request.num_images if row_each else None), grid_params)
+    return paths, grid_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: parse_args, then the readers that turn its flags into the explicit arguments above (sampling_options,
+# use_bf16, start_strength, sampling_request); only they and main see `args`.
 
 
 def add_sampling_arguments(parser, unprompted_steps=None):
@@ -878,53 +634,6 @@ def check_args(args):
         raise UserError(f"--mix must be in [0, 1], got {args.mix}")
 
 
-def run_parameters(args, checkpoint, pipeline, options, seed, num_images, prompts):
-    """PNG text chunks: the parameters of `num_images` images from `seed` per caption of `prompts` (a list, or None
-    for an unconditional model) and the command that makes them. `options` are sampling_options(args)."""
-    bundled = args.unet_ckpt_path is None  # named relative to the repository, and implied by the command
-    params = dict(checkpoint=f"{BUNDLED_MODELS.name}/{checkpoint.name} (bundled)" if bundled else str(checkpoint),
-                  weights=pipeline.config.get("weights", "model"), seed=seed, num_images=num_images,
-                  sampler=args.sampler, steps=options["steps"], spacing=args.spacing,
-                  lower_order_final=args.lower_order_final, eta=args.eta, bf16=pipeline.bf16)
-    command = ["python", "diffusion.py"] + ([] if bundled else ["--unet_ckpt_path", str(checkpoint)])
-    if args.vqgan is not None:
-        params["vqgan"] = str(args.vqgan)
-        command += ["--vqgan", str(args.vqgan)]
-    command += ["--seed", str(seed), "--num_images", str(num_images), "--sampler", args.sampler,
-                "--steps", str(options["steps"]), "--spacing", args.spacing, "--eta", str(args.eta),
-                "--device", args.device, "--precision", args.precision]
-    command += [f"--{flag}" for flag in ("lower_order_final", "no_ema", "interpolate") if getattr(args, flag)]
-    if args.interpolate_to is not None:
-        command += ["--interpolate_to", str(args.interpolate_to)]
-    if prompts is not None:
-        params.update(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=args.negative_prompt,
-                      guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
-                      guidance_high=args.guidance_high)
-        command += ["--prompt", *prompts, "--guidance_scale", str(args.guidance_scale)]
-        for flag in ("guidance_interval", "guidance_high"):
-            if getattr(args, flag) is not None:
-                command += [f"--{flag}", *map(str, getattr(args, flag))]
-        if args.negative_prompt is not None:
-            command += ["--negative_prompt", args.negative_prompt]
-    if args.init_image is not None:
-        params.update(init_image=str(args.init_image))
-        command += ["--init_image", str(args.init_image)]
-    if start_strength(args) is not None:
-        params.update(strength=start_strength(args))
-        command += ["--strength", str(start_strength(args))]
-    if args.prior is not None:
-        params.update(prior=args.prior)
-        command += ["--prior", str(args.prior)]
-    if args.like is not None:
-        params.update(like=args.like, mix=like_mix(args))
-        command += [arg for path in args.like for arg in ("--like", str(path))]
-        command += ["--mix", str(args.mix)] if args.mix is not None else []
-    if prompts is None and pipeline.unet.image_embed_dim is not None:  # guided against the null embedding
-        params.update(guidance_scale=args.guidance_scale)
-        command += ["--guidance_scale", str(args.guidance_scale)]
-    return {"parameters": params, "command": shlex.join(command)}
-
-
 def start_strength(args):
     """The noise level images start from: --strength, else 0.75 with --init_image, LIKE_STRENGTH with --like; None
     (pure noise) without either."""
@@ -933,44 +642,22 @@ def start_strength(args):
     return 0.75 if args.init_image is not None else LIKE_STRENGTH
 
 
-def like_mix(args):
-    """The blend of two --like paintings (0.5 unless --mix); None for one painting."""
-    return None if args.like is None or len(args.like) < 2 else (0.5 if args.mix is None else args.mix)
-
-
-def like_embedding(paths, mix, pipeline):
-    """The image embedding 1 x E that --like asks for: one painting's, or the spherical blend of two's."""
-    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
-    embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
-    return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
-
-
-def like_start(paths, mix, size):
-    """Where --like variations start below strength 1: the painting, or two cross-faded at `mix` (1 x 3 x S x S)."""
-    images = torch.cat([load_image(path, size, "--like image") for path in paths])
-    return images[:1] if len(paths) == 1 else torch.lerp(images[:1], images[1:], mix)
-
-
-def interpolation_seeds(args):
-    """The seeds of an interpolation's first and last frames."""
-    return [args.seed, args.seed + 1 if args.interpolate_to is None else args.interpolate_to]
-
-
-def image_parameters(args, checkpoint, pipeline, options, index, prompt):
-    """Image `index` of a caption's row: alone it is seed + index with one image; an interpolation frame needs its
-    row."""
-    prompts = None if prompt is None else [prompt]
-    if args.interpolate:
-        chunks = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, prompts)
-        chunks["parameters"].update(interpolate=dict(seeds=interpolation_seeds(args), frame=index))
-        return chunks
-    return run_parameters(args, checkpoint, pipeline, options, args.seed + index, 1, prompts)
+def sampling_request(args):
+    """The SamplingRequest of parsed (and checked: check_args) flags `args`; a bad sampling flag is a UserError
+    here, before any model loads."""
+    return SamplingRequest(
+        num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
+        options=sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS), spacing=args.spacing,
+        eta=args.eta, prompts=args.prompt, negative_prompt=args.negative_prompt, init_image=args.init_image,
+        strength=start_strength(args), like=args.like, mix=args.mix, prior=args.prior, interpolate=args.interpolate,
+        interpolate_to=args.interpolate_to, unet_ckpt_path=args.unet_ckpt_path, vqgan=args.vqgan,
+        device=args.device, precision=args.precision, no_ema=args.no_ema)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    sampling_options(args)  # refuses bad sampling flags before the model loads
+    request = sampling_request(args)  # refuses bad sampling flags before the model loads
     checkpoint = args.unet_ckpt_path or default_checkpoint(args.prompt is not None, like=args.like is not None)
     if args.export:
         if args.prior == "none":
@@ -984,49 +671,9 @@ def main(argv=None):
     pipeline = load_diffusion_model(checkpoint, device, use_ema=not args.no_ema, vqgan_path=args.vqgan,
                                     bf16=use_bf16(args.precision, device), channels_last=args.channels_last,
                                     compile=args.compile, **prior)
-    paths, grid_path = sample_to_folder(args, checkpoint, pipeline, outdir)
+    paths, grid_path = sample_to_folder(request, checkpoint, pipeline, outdir)
     print(f"wrote {len(paths)} images {paths[0].name}..{paths[-1].name} and {grid_path.name} to {outdir}")
     return 0
-
-
-def sample_to_folder(args, checkpoint, pipeline, outdir):
-    """The sampling command's work once its model is loaded: the images parsed flags `args` ask of `pipeline`
-    (loaded from `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image
-    paths, grid path). studio.py calls it with the command line its widgets make, so both write the same files."""
-    options = sampling_options(args, DEFAULT_STEPS if args.prompt else UNPROMPTED_STEPS)
-    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
-    strength, init_image = start_strength(args), None
-    if args.init_image is not None:
-        init_image = load_image(args.init_image, size)
-    elif args.like is not None and strength < 1:
-        init_image = like_start(args.like, like_mix(args), size)
-    if args.interpolate:
-        ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
-                for seed in interpolation_seeds(args)]
-        frames = torch.cat([slerp(*ends, i / (args.num_images - 1)) for i in range(args.num_images)])
-    like = None if args.like is None else like_embedding(args.like, like_mix(args), pipeline)
-    first = next_image_index(outdir)
-    all_images, paths = [], []
-    for prompt in args.prompt or [None]:  # one grid row per caption, each over the same seeds
-        for start in range(0, args.num_images, args.batch_size):
-            n = min(args.batch_size, args.num_images - start)
-            images = pipeline.generate(
-                n, args.seed + start, **options, prompt=prompt, negative_prompt=args.negative_prompt, eta=args.eta,
-                strength=None if init_image is None else strength,
-                init_images=None if init_image is None else init_image.expand(n, -1, -1, -1),
-                noise=frames[start:start + n] if args.interpolate else None,
-                image_embeds=None if like is None else like.expand(n, -1))
-            for i, img in enumerate(tensor_to_images(images)):
-                path = outdir / f"{first + len(paths):05d}.png"
-                save_png(path, img, image_parameters(args, checkpoint, pipeline, options, start + i, prompt))
-                paths.append(path)
-                all_images.append(img)
-    grid_path = outdir / GRID_NAME.format(first)
-    grid_params = run_parameters(args, checkpoint, pipeline, options, args.seed, args.num_images, args.prompt)
-    grid_params["files"] = [p.name for p in paths]
-    row_each = args.interpolate or len(args.prompt or []) > 1  # a row per interpolation or per caption
-    save_png(grid_path, make_grid(all_images, ncols=args.num_images if row_each else None), grid_params)
-    return paths, grid_path
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import UserError, pick_device, rng_state
+from cli import UserError
+from devices import pick_device
+from training_loop import rng_state
 
 
 def say(message):

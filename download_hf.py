@@ -1,6 +1,6 @@
 """Download an image dataset into an ImageFolder for training: one image file per row, named by
 its row index (00000042.jpg), plus metadata.jsonl with `file_name` and the chosen metadata columns.
-`datasets.load_dataset("imagefolder", data_dir=OUTPUT_DIR)` and common.ImageSource read it back.
+`datasets.load_dataset("imagefolder", data_dir=OUTPUT_DIR)` and images.ImageSource read it back.
 
     python download_hf.py --dataset_name huggan/wikiart --image_bytes_key image \\
         --metadata_columns artist genre style --rows 1000 --output_dir wikiart_images --workers 8
@@ -47,10 +47,12 @@ import requests
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, UserError, atomic_write, check_output_folder, class_label_names, load_hf_dataset,
-    non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
+from checkpoints import atomic_write
+from cli import (
+    ArgumentParser, UserError, check_output_folder, non_negative_float, non_negative_int, positive_float, positive_int,
+    run_cli,
 )
+from images import class_label_names, load_hf_dataset
 
 METADATA = "metadata.jsonl"
 SAVE_OPTIONS = {"jpg": {"format": "JPEG", "quality": 95, "subsampling": 0}, "png": {"format": "PNG"}}

@@ -25,14 +25,17 @@ import torch.nn.functional as F
 from torchvision.models import inception
 from tqdm import tqdm, trange
 
-from common import (
-    ArgumentParser, ImageSource, ImageTensorDataset, UserError, at_least, atomic_write, atomic_write_json, autocast,
-    check_output_file, check_output_folder, collate_skip_none, file_digest, image_to_tensor, load_weights,
-    model_paths, non_negative_int, pick_device, positive_int, read_json, require_file, run_cli, safe_torch_load,
-    save_png, tensor_to_images,
+from checkpoints import (
+    atomic_write, atomic_write_json, file_digest, load_weights, model_paths, read_json, safe_torch_load,
 )
+from cli import (
+    ArgumentParser, UserError, at_least, check_output_file, check_output_folder, non_negative_int, positive_int,
+    require_file, run_cli,
+)
+from devices import autocast, pick_device
 from diffusion import add_sampling_arguments, load_diffusion_model, referenced_vqgan, sampling_options, use_bf16
 from features import EFFNET_IMAGE_SIZE, JUDGE, EfficientNetLiteFeatures
+from images import ImageSource, ImageTensorDataset, collate_skip_none, image_to_tensor, save_png, tensor_to_images
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
 from vqgan import load_vqgan, reconstruction_grid
 

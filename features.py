@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
+from cli import UserError
 
 EFFNET_FEATURE_DIM = 1280
 EFFNET_IMAGE_SIZE = 224

@@ -6,7 +6,8 @@ samplers with it; experiments/sampler_oracle.py tabulates step spacings with it.
 """
 import torch
 
-from diffusion import SAMPLERS, NoiseSchedule, make_denoiser, prediction_target, sampling_timesteps
+from samplers import SAMPLERS, make_denoiser, sampling_timesteps
+from schedule import NoiseSchedule, prediction_target
 
 MU, STD = 0.5, 0.3  # the default Gaussian "data set"
 

@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, ImageSource, IndexedImages, UserError, check_output_folder, collate_skip_none, load_model,
-    non_negative_int, positive_int, run_cli, save_model,
-)
+from checkpoints import load_model, save_model
+from cli import ArgumentParser, UserError, check_output_folder, non_negative_int, positive_int, run_cli
 from features import TEACHER, EfficientNetLiteFeatures, fit_pca
+from images import ImageSource, IndexedImages, collate_skip_none
 from text_encoder import caption_function
 
 EMBED_DIM = 64        # principal components kept

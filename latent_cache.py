@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (
-    CorruptCheckpoint, IndexedImages, UserError, autocast, collate_skip_none, file_digest, load_state_dir, read_json,
-    save_state_dir,
-)
+from checkpoints import CorruptCheckpoint, file_digest, load_state_dir, read_json, save_state_dir
+from cli import UserError
+from devices import autocast
 from distributed import barrier, is_main, say
 from features import TEACHER, EfficientNetLiteFeatures, fit_pca
 from image_embedding import load_embedding_cache
+from images import IndexedImages, collate_skip_none
 from packing import read_packed_latents
 from text_encoder import caption_function
 

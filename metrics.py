@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------

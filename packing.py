@@ -26,18 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (
-    ArgumentParser,
-    UserError,
-    atomic_write_bytes,
-    atomic_write_json,
-    load_state_dir,
-    positive_float,
-    positive_int,
-    read_json,
-    run_cli,
-    save_state_dir,
-)
+from checkpoints import atomic_write_bytes, atomic_write_json, load_state_dir, read_json, save_state_dir
+from cli import ArgumentParser, UserError, positive_float, positive_int, run_cli
 
 PACK_FORMAT = 1
 MIB = 1 << 20

@@ -4,7 +4,7 @@ al. 2022, unCLIP's prior), so that a UNet conditioned on an image embedding can 
 It reads an embedding cache (image_embedding.py): NAME.safetensors with "embeddings", N x D (one per painting), and
 NAME.json with {"dim": D, "captions": N strings or null}. The prior is a residual MLP
 denoiser (v prediction), optionally conditioned on a caption's mean token embedding (with a learned null vector for
-classifier-free guidance), that samples with diffusion.py's samplers. The non-parametric prior it is measured
+classifier-free guidance), that samples with samplers.py's samplers. The non-parametric prior it is measured
 against draws a random training embedding and adds Gaussian noise (--evaluate prints both, with a Gaussian baseline:
 on whitened embeddings FD alone cannot tell a Gaussian from the data).
 
@@ -15,7 +15,7 @@ on whitened embeddings FD alone cannot tell a Gaussian from the data).
 Checkpoint: OUT.safetensors (EMA weights) + OUT.json {"model": "noise2art-embedding-prior", "prior": the config
 EmbeddingPrior(**config) rebuilds it from (dim, width, depth, context_dim, text_encoder, schedule, prediction_type),
 "conditional", "weights": "ema", "embeddings": {path, sha256, paintings, holdout, holdout_seed}, "training": {flags,
-steps, loss, seconds}}. Training state for --resume: OUT-checkpoints/step_NNNNNNN (common.save_state_dir).
+steps, loss, seconds}}. Training state for --resume: OUT-checkpoints/step_NNNNNNN (checkpoints.save_state_dir).
 """
 import collections
 import copy
@@ -26,17 +26,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (
-    ArgumentParser, StopSignal, UserError, at_least, check_output_file, check_run_identity, checkpoint_path,
-    file_digest, load_model, load_resume, load_weights, model_paths, non_negative_float, non_negative_int,
-    pick_device, positive_float, positive_int, prune_checkpoints, run_cli, save_model, save_state_dir,
+from checkpoints import (
+    check_run_identity, checkpoint_path, file_digest, load_model, load_resume, load_weights, model_paths,
+    prune_checkpoints, save_model, save_state_dir,
 )
-from diffusion import (
-    DEFAULT_KARRAS, SAMPLERS, NoiseSchedule, check_prediction_type, guided_model_fn, make_denoiser, randn,
-    sampling_timesteps,
+from cli import (
+    ArgumentParser, UserError, at_least, check_output_file, non_negative_float, non_negative_int, positive_float,
+    positive_int, run_cli,
 )
+from devices import pick_device
 from image_embedding import load_embedding_cache
 from metrics import frechet_distance, kid, mean_and_covariance
+from samplers import DEFAULT_KARRAS, SAMPLERS, guided_model_fn, make_denoiser, randn, sampling_timesteps
+from schedule import NoiseSchedule, check_prediction_type
+from training_loop import StopSignal, batch_rows, ema_decay, lr_factor, update_ema
 from unet import mean_token, timestep_embedding, zero_module
 
 MODEL_NAME = "noise2art-embedding-prior"
@@ -184,7 +187,7 @@ def load_prior(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: the learned prior through diffusion.py's samplers, and the non-parametric one
+# Sampling: the learned prior through samplers.py's samplers, and the non-parametric one
 
 
 @torch.no_grad()
@@ -266,7 +269,7 @@ def prior_loss(prior, x0, t, noise, context=None, context_mask=None, drop=None):
 
 class PriorTraining:
     """Everything a training step changes: the prior, its EMA copy, AdamW and the generator that draws each step's
-    timesteps, noise and caption drops (the batch rows come from common.epoch_order)."""
+    timesteps, noise and caption drops (the batch rows come from training_loop.epoch_order)."""
 
     def __init__(self, prior, lr, weight_decay, seed):
         self.prior, self.step = prior, 0
@@ -322,8 +325,6 @@ def training_data(vectors, captions, text_encoder, device):
 
 def train_step(run, data, rows, lr, cond_drop, max_ema_decay):
     """One AdamW step at learning rate `lr` on `rows` of `data`, then the EMA update. Returns the loss."""
-    from trainer import ema_decay, update_ema  # training only: sampling needs none of trainer.py's imports
-
     prior = run.prior
     vectors, context, mask = data.batch(rows)
     x0 = prior.normalize(vectors)
@@ -344,11 +345,9 @@ def train_step(run, data, rows, lr, cond_drop, max_ema_decay):
 
 def train(run, data, max_steps, batch_size, lr, warmup_steps, cond_drop=0.1, ema_decay=0.999, seed=0,
           on_checkpoint=None, checkpoint_every=0, log_every=0, stop=None, say=print):
-    """Train `run` up to `max_steps` on batches in common.epoch_order (trainer.batch_rows), the learning rate warmed
-    up linearly then decayed on a cosine to 0 (trainer.lr_factor). on_checkpoint(run) runs every `checkpoint_every`
-    steps, at the end, and when `stop.name` is set (common.StopSignal), which ends the run."""
-    from trainer import batch_rows, lr_factor
-
+    """Train `run` up to `max_steps` on batches in the data order (batch_rows), the learning rate warmed up linearly
+    then decayed on a cosine to 0 (lr_factor). on_checkpoint(run) runs every `checkpoint_every` steps, at the end, and
+    when `stop.name` is set (StopSignal), which ends the run."""
     start, start_step = time.perf_counter(), run.step
     while run.step < max_steps:
         rows = batch_rows(len(data.vectors), batch_size, seed, run.step * batch_size)

@@ -8,9 +8,10 @@
 Tabs Generate, Img2img and Interpolate, and Variations where the model takes image embeddings (trainer.py
 --image_embeddings); each is also an API endpoint (/generate, /img2img, /interpolate, /variations) that
 gradio_client can call. A callback is thin: it turns its widgets into a diffusion.py command line, parses that with
-diffusion.py's own parser (the page refuses what `diffusion.py -h` refuses, with the same message) and runs
-diffusion.sample_to_folder on the models loaded at start. So every image lands in --outdir with the PNG text chunks
-diffusion.py writes, the command that regenerates it among them, and closing the browser loses nothing.
+diffusion.py's own parser (the page refuses what `diffusion.py -h` refuses, with the same message) into the
+SamplingRequest the command would draw, and runs diffusion.sample_to_folder on it with the models loaded at start.
+So every image lands in --outdir with the PNG text chunks diffusion.py writes, the command that regenerates it among
+them, and closing the browser loses nothing.
 """
 import argparse
 import math
@@ -25,7 +26,9 @@ import gradio as gr
 from PIL import Image
 
 import diffusion
-from common import ArgumentParser, UserError, atomic_write, check_output_folder, pick_device, positive_int, run_cli
+from checkpoints import atomic_write
+from cli import ArgumentParser, UserError, check_output_folder, positive_int, run_cli
+from devices import pick_device
 
 # The seven WikiArt-mini styles the bundled conditional model was trained on (its captions: "a {style} painting").
 STYLES = ("Art Nouveau Modern", "Baroque", "Expressionism", "Impressionism", "Post-Impressionism", "Romanticism",
@@ -148,22 +151,21 @@ def friendly_preprocess(component, message):
 
 
 def parse_command(flags, outdir):
-    """diffusion.py's parsed flags for `flags`, checked as the command line checks them: a value it refuses
-    becomes a message on the page, before any work."""
+    """The SamplingRequest diffusion.py makes of the command line `flags`, checked as the command line checks them:
+    a value it refuses becomes a message on the page, before any work."""
     try:
         args = diffusion.parse_args([*flags, "--outdir", str(outdir)])
         diffusion.check_args(args)
-        diffusion.sampling_options(args)
+        return diffusion.sampling_request(args)
     except UserError as err:
         raise gr.Error(str(err).removesuffix(" (see diffusion.py -h)")) from None
-    return args
 
 
-def sample(models, args, outdir):
+def sample(models, request, outdir):
     """diffusion.py's sampling and saving with the loaded model: (image paths, grid path)."""
-    checkpoint, pipeline = models.pick(args.prompt and args.prompt[0], like=args.like is not None)
+    checkpoint, pipeline = models.pick(request.prompts and request.prompts[0], like=request.like is not None)
     try:
-        return diffusion.sample_to_folder(args, checkpoint, pipeline, outdir)
+        return diffusion.sample_to_folder(request, checkpoint, pipeline, outdir)
     except UserError as err:
         raise gr.Error(str(err)) from None
 
@@ -220,24 +222,24 @@ def make_callbacks(models, outdir):
     def generate(prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
                  progress=gr.Progress(track_tqdm=True)):
         flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
-        args = parse_command([*flags, "--num_images", str(int(count))], outdir)
-        return gallery(sample(models, args, outdir)[0])
+        request = parse_command([*flags, "--num_images", str(int(count))], outdir)
+        return gallery(sample(models, request, outdir)[0])
 
     def img2img(image, strength, prompt, negative_prompt, seed, count, steps, guidance_scale, sampler,
                 progress=gr.Progress(track_tqdm=True)):
         flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
         init = upload_path(outdir)
-        args = parse_command([*flags, "--num_images", str(int(count)), "--init_image", str(init),
-                              "--strength", str(strength)], outdir)
+        request = parse_command([*flags, "--num_images", str(int(count)), "--init_image", str(init),
+                                 "--strength", str(strength)], outdir)
         keep_upload(image, init)
-        return gallery(sample(models, args, outdir)[0])
+        return gallery(sample(models, request, outdir)[0])
 
     def interpolate(seed, seed_to, frames, prompt, negative_prompt, steps, guidance_scale, sampler,
                     progress=gr.Progress(track_tqdm=True)):
         flags = sampling_flags(models, prompt, negative_prompt, seed, steps, guidance_scale, sampler)
-        args = parse_command([*flags, "--num_images", str(int(frames)), "--interpolate",
-                              "--interpolate_to", str(check_seed(seed_to))], outdir)
-        paths, strip = sample(models, args, outdir)
+        request = parse_command([*flags, "--num_images", str(int(frames)), "--interpolate",
+                                 "--interpolate_to", str(check_seed(seed_to))], outdir)
+        paths, strip = sample(models, request, outdir)
         animation = save_animation(paths, Path(outdir) / f"interpolation-{paths[0].stem}.webp")
         return gallery(paths), str(strip), str(animation)
 
@@ -250,10 +252,10 @@ def make_callbacks(models, outdir):
         likes = [upload_path(outdir, kind) for kind in ("like", "like-b")[:len(uploads)]]
         flags += [arg for path in likes for arg in ("--like", str(path))] + (["--mix", str(mix)] if image_b else [])
         flags += ["--strength", str(strength)]
-        args = parse_command([*flags, "--num_images", str(int(count))], outdir)
+        request = parse_command([*flags, "--num_images", str(int(count))], outdir)
         for upload, path in zip(uploads, likes):
             keep_upload(upload, path)
-        return gallery(sample(models, args, outdir)[0])
+        return gallery(sample(models, request, outdir)[0])
 
     return {"generate": generate, "img2img": img2img, "interpolate": interpolate, "variations": variations}
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from common import ArgumentParser, ImageSource, UserError, load_model, positive_int, run_cli, save_model
+from checkpoints import load_model, save_model
+from cli import ArgumentParser, UserError, positive_int, run_cli
+from images import ImageSource
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}

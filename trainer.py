@@ -9,10 +9,13 @@ column or a template over columns) are encoded once by the frozen text encoder a
 are dropped with probability --cond_drop during training so that one model serves classifier-free guidance.
 
 Two training levers, both off by default (docs/ablation.md): --timestep_sampling logit-normal|laplace spends the loss
-where the log-SNR is middling (diffusion.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
+where the log-SNR is middling (schedule.py, sample_log_snr); --repa_weight W aligns a UNet stage (--repa_layer) with
 frozen EfficientNet-Lite2 feature maps of every cached image and its mirror (REPA, Yu et al. 2024), computed once
 into a second cache beside the latent cache (LATENT_CACHE-repa), through a training-only projector that is saved in
 the checkpoints but never exported.
+
+This file is the command: it prepares a run (caches, models, resume), loops, checkpoints, draws sample grids and
+reads the flags. The optimizer step it loops over (the loss, EMA, the REPA projector) is unet_training.py's.
 
     python trainer.py --dataset_path ../shared/wikiart-mini --vqgan_ckpt runs/vq/vqgan --output_dir runs/unet
     python trainer.py ... --conditional --caption_template "a {style} painting"      # text conditioning
@@ -29,324 +32,38 @@ diffusion.py reads, EMA weights included), samples/step_NNNNNNN.png (EMA samples
 log.jsonl (with REPA also repa_loss), loss.png.
 """
 import argparse
-import contextlib
-import copy
-import dataclasses
 import functools
 import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser, ImageSource, LogWindow, StopSignal, UserError, append_log, atomic_write, autocast,
-    check_run_identity, checkpoint_path, due, epoch_order, file_digest, int_list, load_resume, load_weights, make_grid,
-    native_bf16, non_negative_float, non_negative_int, positive_float, positive_int, prune_checkpoints, read_log,
-    run_cli, save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
+from checkpoints import (
+    atomic_write, check_run_identity, checkpoint_path, file_digest, load_resume, load_weights, prune_checkpoints,
+    save_state_dir,
 )
-from diffusion import (
-    DEFAULT_GUIDANCE_SCALE, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SAMPLINGS, NoiseSchedule, Pipeline, make_betas,
-    read_diffusion_model, save_diffusion_model, unet_weights,
+from cli import (
+    ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
 )
-from distributed import any_rank, gather_rng_states, is_main, mean_over_ranks, say, setup_distributed
+from devices import native_bf16
+from diffusion import Pipeline, save_diffusion_model
+from distributed import any_rank, gather_rng_states, is_main, say, setup_distributed
+from images import ImageSource, make_grid, save_png, tensor_to_images
 from latent_cache import cache_batch, cache_on, dataset_cache, image_embed_dim, packed_cache, read_image_embeds
+from samplers import DEFAULT_GUIDANCE_SCALE, SAMPLERS
+from schedule import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, NoiseSchedule, make_betas
 from text_encoder import DEFAULT_TEXT_ENCODER
-from unet import UNET_CONFIGS, build_unet, complete_config, zero_module
+from training_loop import (
+    LogWindow, StopSignal, append_log, batch_rows, due, lr_factor, read_log, seed_everything, set_rng_state, start_log,
+    stream_position,
+)
+from unet import UNET_CONFIGS, complete_config
+from unet_training import (
+    UNET_OVERRIDES, build_training, check_repa_layer, init_from_checkpoint, make_projector, make_unet, train_step,
+)
 from vqgan import latents_digest, load_vqgan
-
-UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout")
-
-
-# ----------------------------------------------------------------------------------------------
-# Representation alignment (REPA, Yu et al. 2024): the training side. A UNet stage, through a small convolutional
-# projector, is pulled towards the frozen teacher's targets that latent_cache.py computes once.
-
-
-class RepaProjector(nn.Module):
-    """UNet stage output B x C x h x w -> B x K x g x g: two 3x3 convolutions (a convolutional projector keeps
-    spatial structure; Singh et al. 2025, iREPA), then resized to the target grid (area mean down, bilinear up)."""
-
-    def __init__(self, in_channels, out_channels, grid):
-        super().__init__()
-        hidden = max(in_channels, out_channels)
-        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(hidden, out_channels, 3, padding=1))
-        self.grid = grid
-
-    def forward(self, features):
-        x = self.net(features)
-        if x.shape[-1] > self.grid:
-            return F.adaptive_avg_pool2d(x, self.grid)
-        return F.interpolate(x, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-
-
-def spatially_normalised(targets):
-    """iREPA's per-image spatial normalisation of the targets: y <- (y - mean_hw y) / std_hw y per image and
-    channel, so the alignment transfers where things are rather than the global mean feature."""
-    mean = targets.mean(dim=(2, 3), keepdim=True)
-    return (targets - mean) / (targets.std(dim=(2, 3), keepdim=True) + 1e-6)
-
-
-def repa_loss(projected, targets):
-    """REPA's alignment loss: -1/(B g^2) sum over images and positions of cos(projected, normalised target)."""
-    return -F.cosine_similarity(projected.float(), spatially_normalised(targets.float()), dim=1).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# Data order: the run is one stream of samples, a fresh permutation of the cache each epoch, a pure function of
-# (seed, epoch). Micro-batch m of optimizer step s on rank r starts at a fixed position, so a resumed run (or one
-# with another number of steps between checkpoints) sees exactly the samples a straight run would.
-
-
-def stream_position(step, micro, rank, world_size, batch_size, grad_accum):
-    """Index in the sample stream of the first sample of micro-batch `micro` of optimizer step `step` on `rank`
-    (`batch_size` samples per micro-batch, `grad_accum` micro-batches per step on each of `world_size` ranks)."""
-    return ((step * grad_accum + micro) * world_size + rank) * batch_size
-
-
-def batch_rows(num_rows, batch_size, seed, position):
-    """Cache rows of the `batch_size` samples from `position` on in the sample stream."""
-    positions = torch.arange(position, position + batch_size)
-    epochs, offsets = positions // num_rows, positions % num_rows
-    rows = torch.empty(batch_size, dtype=torch.long)
-    for epoch in epochs.unique().tolist():
-        here = epochs == epoch
-        rows[here] = epoch_order(num_rows, seed, epoch)[offsets[here]]
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Model, optimizer, EMA
-
-
-def make_unet(unet_size, latent_channels, latent_size, context_dim, overrides=None, pooled_text_embed=False,
-              image_embed_dim=None):
-    """The UNet of size `unet_size` (UNET_CONFIGS) with `overrides` (a dict of UNET_OVERRIDES), for latents
-    C x h x h."""
-    overrides = overrides or {}
-    channel_mult = overrides.get("channel_mult", UNET_CONFIGS[unet_size]["channel_mult"])
-    if latent_size % 2 ** (len(channel_mult) - 1):
-        raise UserError(f"latents of {latent_size}x{latent_size} cannot be halved {len(channel_mult) - 1} times by "
-                        f"the UNet (channel_mult {channel_mult}): change --resolution or --channel_mult")
-    try:
-        return build_unet(unet_size, **overrides, in_channels=latent_channels, out_channels=latent_channels,
-                          sample_size=latent_size, context_dim=context_dim, pooled_text_embed=pooled_text_embed,
-                          image_embed_dim=image_embed_dim)
-    except ValueError as err:
-        raise UserError(f"bad UNet configuration: {err}") from None
-
-
-def init_from_checkpoint(unet, path):
-    """Copy the UNet weights of a diffusion checkpoint (EMA where it has them) into a fresh `unet` (--init_from):
-    fine-tuning, or a conditional model grown from an unconditional one. Every checkpoint tensor must fit one of
-    `unet` by name and shape; those only `unet` has (the cross-attention, null embedding and pooled text projection
-    of a conditional model) keep their initialisation, but each new cross-attention starts with a zero output
-    projection (as the pooled text projection always does), so the UNet starts out computing what the checkpoint
-    did. Returns (the names of the new tensors, the optimizer steps the checkpoint's model was trained for: its
-    config's total_steps, or at least its last run's steps for a checkpoint that predates the count)."""
-    tensors, config = read_diffusion_model(path)
-    weights, _ = unet_weights(tensors, path)
-    new = load_weights(unet, weights, f"--init_from {path} (pass its --unet_size, overrides and VQGAN)",
-                       allow_missing=True)
-    for name, module in unet.named_modules():
-        if name.endswith("cross_attn") and f"{name}.to_out.weight" in new:
-            zero_module(module.to_out)
-    training = config.get("training") or {}
-    return new, max(1, int(training.get("total_steps") or training.get("step") or 0))
-
-
-def lr_factor(step, warmup_steps, max_steps, lr_schedule="constant", floor=0.0):
-    """Multiplier of the peak learning rate at optimizer step `step` (from 0): linear warm-up (step + 1) / warmup
-    over `warmup_steps`, then 1 ("constant"), or ("cosine") a half cosine from 1 down to `floor` (= min_lr / lr)
-    at `max_steps`: floor + (1 - floor) * (1 + cos(pi * progress)) / 2."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def ema_decay(step, max_decay, warm_start=False):
-    """EMA decay at optimizer step `step` (from 0) of a run. A fresh run warms up, min(max_decay, (1 + step) /
-    (10 + step)), so the early average forgets the random initialisation quickly. A run started from a trained
-    model (`warm_start`, --init_from) averages at `max_decay` from its first step: its EMA starts as that model's
-    own and stays an average over about 1 / (1 - max_decay) steps, the decay its config states."""
-    return max_decay if warm_start else min(max_decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
-
-
-@dataclasses.dataclass
-class RunState:
-    """What a training step reads and changes: the UNet, `model` (the UNet, or its DDP wrapper under torchrun),
-    its EMA copy (eval mode; what sampling uses), AdamW, the LR scheduler, the noise schedule, the device, the
-    number of optimizer steps taken, those its --init_from model had taken before (0 for fresh weights; the EMA
-    does not warm up after a trained model) and the REPA projector (None without REPA)."""
-    unet: torch.nn.Module
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    schedule: NoiseSchedule
-    device: torch.device
-    step: int = 0
-    steps_before: int = 0
-    projector: torch.nn.Module | None = None  # REPA's, training-only
-
-    def trained_parameters(self):
-        return trained_parameters(self.unet, self.projector)
-
-
-def trained_parameters(unet, projector=None):
-    """The UNet's parameters, then the REPA projector's (if any): what AdamW updates and clipping bounds."""
-    return list(unet.parameters()) + (list(projector.parameters()) if projector else [])
-
-
-def make_projector(unet, layer, repa_shape, seed):
-    """The REPA projector from the UNet stage `layer` onto targets K x g x g, initialised from `seed` alone (the
-    same on every process) without moving the global random stream."""
-    channels, grid = repa_shape[0], repa_shape[-1]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return RepaProjector(unet.feature_shapes[layer][0], channels, grid)
-
-
-def check_repa_layer(layer, unet):
-    if layer not in unet.feature_shapes:
-        raise UserError(f"--repa_layer {layer}: no such UNet stage (choose from {', '.join(unet.feature_shapes)})")
-
-
-def parameter_groups(trained, weight_decay, lr, embed_params=(), embed_lr_scale=1.0):
-    """AdamW's parameter groups: `weight_decay` on matrices and convolutions only; `embed_params` (the image-embedding
-    projection) at `embed_lr_scale` times `lr` in groups of their own when the scale is not 1."""
-    embed_ids = {id(p) for p in embed_params} if embed_lr_scale != 1 else set()
-    groups = []
-    for scale, members in ((1.0, [p for p in trained if id(p) not in embed_ids]),
-                           (embed_lr_scale, [p for p in trained if id(p) in embed_ids])):
-        for decay, params in ((weight_decay, [p for p in members if p.dim() >= 2]),
-                              (0.0, [p for p in members if p.dim() < 2])):
-            if params:
-                groups.append({"params": params, "weight_decay": decay, "lr": lr * scale})
-    return groups
-
-
-def build_training(unet, device, schedule, lr, lr_multiplier, weight_decay=0.0, channels_last=False, projector=None,
-                   embed_lr_scale=1.0):
-    """Everything a training step changes: the UNet (and its DDP wrapper `model` under torchrun), its EMA copy
-    (in eval mode, what sampling uses), the REPA `projector` (None: no REPA), AdamW at peak `lr` (`weight_decay` on
-    matrices and convolutions only; the image-embedding projection at `embed_lr_scale` x `lr`), the LR schedule
-    (`lr_multiplier`: step -> factor of each group's peak), the noise `schedule` and the optimizer step count."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    unet = unet.to(device, memory_format=layout).train()  # the batches follow the weights' layout
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    projector = None if projector is None else projector.to(device).train()
-    model = unet
-    if dist.is_initialized():
-        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    embed_params = list(unet.image_embed_proj.parameters()) + [unet.null_image_embed] if unet.image_embed_dim else []
-    groups = parameter_groups(trained_parameters(unet, projector), weight_decay, lr, embed_params, embed_lr_scale)
-    # fused: one kernel for all parameters; on CPU far faster than the per-parameter loop (bench.py, train section)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
-    return RunState(unet=unet, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                    schedule=schedule, device=device, projector=projector)
-
-
-def diffusion_loss(run, latents, context, context_mask, prediction_type="epsilon", min_snr_gamma=None,
-                   cond_drop=0.0, timestep_sampling="uniform", timestep_loc=None, timestep_scale=None,
-                   repa_layer="middle", repa_targets=None, image_embeds=None):
-    """(The DDPM loss of one micro-batch of scaled latents B x C x h x w (NoiseSchedule.training_loss), the REPA
-    loss or None). Timesteps come from NoiseSchedule.training_timesteps(timestep_sampling, loc, scale); captions
-    B x L x D are swapped for the null embedding with probability `cond_drop` (classifier-free guidance training).
-    With `repa_targets` (B x K x g x g) the same forward pass also returns stage `repa_layer`, which the projector
-    aligns with them. Image embeddings B x E (or None) are swapped for the null embedding with the same
-    probability, drawn apart from the captions'."""
-    if context is not None:
-        drop = torch.rand(latents.shape[0], device=latents.device) < cond_drop
-        context, context_mask = run.unet.drop_context(context, context_mask, drop)
-    if image_embeds is not None:
-        image_embeds = run.unet.drop_image_embed(image_embeds, torch.rand(len(latents), device=latents.device)
-                                                 < cond_drop)
-    t = run.schedule.training_timesteps(latents.shape[0], timestep_sampling, timestep_loc, timestep_scale,
-                                        latents.device)
-    stage = {}
-
-    def model_fn(x_t, t):
-        if repa_targets is None:
-            return run.model(x_t, t, context, context_mask, image_embed=image_embeds)
-        prediction, stage["features"] = run.model(x_t, t, context, context_mask, feature_layer=repa_layer,
-                                                  image_embed=image_embeds)
-        return prediction
-
-    loss = run.schedule.training_loss(model_fn, latents, prediction_type, min_snr_gamma, t=t)
-    if repa_targets is None:
-        return loss, None
-    return loss, repa_loss(run.projector(stage["features"]), repa_targets)
-
-
-def repa_active(run, repa_until):
-    """REPA is on from the start until `repa_until` steps (None: always; alignment helps early, can hurt late)."""
-    return run.projector is not None and (repa_until is None or run.step < repa_until)
-
-
-def average_over_ranks(module):
-    """Average the gradients of a module that DDP does not wrap (the REPA projector) across processes."""
-    if dist.is_initialized():
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
-
-
-def train_step(run, micro_batches, loss_settings, bf16=False, grad_clip=0.0, max_ema_decay=0.9999, repa_weight=0.0,
-               repa_until=None):
-    """One optimizer step over micro-batches [(latents, context, mask, REPA targets)] (gradient accumulation;
-    under DDP the gradients are averaged across processes on the last one): bf16 autocast, the DDPM loss plus
-    `repa_weight` times the REPA loss while REPA is on (repa_active), clipping to `grad_clip` (0 = off), AdamW,
-    LR schedule, EMA (ema_decay up to `max_ema_decay`); `loss_settings` are diffusion_loss's keywords. Returns
-    (DDPM loss averaged over micro-batches and processes, gradient norm before clipping, REPA loss likewise or
-    None). A non-finite loss or gradient norm changes nothing and is returned as it is, for the caller to stop on."""
-    total, repa_total = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-    aligning = repa_active(run, repa_until)
-    for i, (latents, context, context_mask, targets, embeds) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or run.model is run.unet else run.model.no_sync()
-        with sync:
-            with autocast(run.device, bf16):
-                loss, alignment = diffusion_loss(run, latents, context, context_mask, **loss_settings,
-                                                 repa_targets=targets if aligning else None, image_embeds=embeds)
-            objective = loss if alignment is None else loss + repa_weight * alignment
-            (objective / len(micro_batches)).backward()
-        total += loss.detach()
-        repa_total += 0.0 if alignment is None else alignment.detach()
-    if aligning:
-        average_over_ranks(run.projector)
-    loss = mean_over_ranks(total / len(micro_batches))
-    repa = mean_over_ranks(repa_total / len(micro_batches)) if aligning else None
-    grad_norm = math.nan
-    if math.isfinite(loss) and (repa is None or math.isfinite(repa)):
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.trained_parameters(), grad_clip or math.inf).item()
-    if not math.isfinite(grad_norm):
-        run.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, repa
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.lr_scheduler.step()
-    update_ema(run.ema, run.unet, ema_decay(run.step, max_ema_decay, warm_start=run.steps_before > 0))
-    run.step += 1
-    return loss, grad_norm, repa
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +205,8 @@ def prepare(args, rank, world_size, device):
         raise UserError(f"--resolution {resolution} is not a multiple of the VQGAN's downsampling factor "
                         f"{vqgan.downsample_factor}")
     vqgan_digest = latents_digest(args.vqgan_ckpt)
-    identity = run_identity(args, vqgan_digest, resolution)
+    embeddings_digest = args.image_embeddings and file_digest(Path(args.image_embeddings) / "cache.safetensors")
+    identity = run_identity(args, vqgan_digest, resolution, embeddings_digest)
     text_encoder = None
     if args.conditional:
         text_encoder = load_text_encoder(args.text_encoder, args.max_text_length, device, args.text_embeddings)
@@ -659,7 +377,7 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=None, help="override: dropout in the ResNet blocks" + size)
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"],
-                   help="noise schedule (diffusion.py; the bundled models': scaled_linear)")
+                   help="noise schedule (schedule.py; the bundled models': scaled_linear)")
     g.add_argument("--num_train_timesteps", type=positive_int, default=1000, help="diffusion steps T")
     g.add_argument("--beta_start", type=float, default=0.0015,
                    help="first beta of a linear kind (the bundled models' and LDM's f4 models': 0.0015)")
@@ -805,11 +523,12 @@ def loss_settings(args):
             "timestep_scale": args.timestep_scale, "repa_layer": args.repa_layer}
 
 
-def run_identity(args, vqgan_digest, resolution):
+def run_identity(args, vqgan_digest, resolution, embeddings_digest=None):
     """The settings that give a checkpoint its meaning (flag name -> value): --resume refuses a checkpoint saved
     under others. The beta range is the one in effect (its default where unset; none for cosine, which has no
-    range); the VQGAN is its weights' digest. Settings missing here (--lr, --max_steps, intervals, ...) may change
-    on resume; the UNet's architecture is checked by check_same_architecture."""
+    range); the VQGAN is its weights' digest, the --image_embeddings cache `embeddings_digest` (None without one).
+    Settings missing here (--lr, --max_steps, intervals, ...) may change on resume; the UNet's architecture is
+    checked by check_same_architecture."""
     beta_range = [None, None]
     if args.schedule != "cosine":
         betas = make_betas(args.schedule, args.num_train_timesteps, args.beta_start, args.beta_end)
@@ -821,8 +540,7 @@ def run_identity(args, vqgan_digest, resolution):
                 prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma, seed=args.seed,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, conditional=args.conditional,
                 **{name: getattr(args, name) if args.conditional else None for name in captions},
-                image_embeddings=args.image_embeddings and file_digest(Path(args.image_embeddings) /
-                                                                        "cache.safetensors")[:16],
+                image_embeddings=embeddings_digest and embeddings_digest[:16],
                 image_embed_lr_scale=args.image_embed_lr_scale if args.image_embeddings else None,
                 **lever_identity(args))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import ArgumentParser, UserError, positive_int, run_cli
+from cli import ArgumentParser, UserError, positive_int, run_cli
 
 # Named sizes for 4x32x32 latents; "small" (11.7M) is the bundled models' size. Parameter counts (unconditional)
 # are printed by `python unet.py --size NAME`.

@@ -14,12 +14,15 @@ on a CPU.
     python vqgan.py --config vq-f8 --init_ckpt runs/f8/vqgan.safetensors --data art/ --out runs/f8-art --lr 2e-5
     # PSNR / SSIM / codebook usage on held-out images, and an original-vs-reconstruction grid: evaluate.py
     python evaluate.py --vqgan_ckpt runs/vq/vqgan --real ../shared/wikiart-mini --grid runs/vq/eval.png
+
+This file holds the model and its files, then the command that trains or converts one: its loop and its flags. The
+pieces of a training step (data, losses' use, codebook upkeep, latent scale) are vqgan_training.py's; the losses
+and the discriminator are vqgan_losses.py's.
 """
 import argparse
 import copy
 import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -28,16 +31,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (
-    EXPORT_DTYPES, ArgumentParser, ImageSource, ImageTensorDataset, LogWindow, StopSignal, UserError, append_log,
-    autocast, check_run_identity, checkpoint_path, collate_skip_none, due, epoch_order, int_list, load_model,
-    load_resume, load_weights, make_grid, model_paths, native_bf16, non_negative_float, non_negative_int, pick_device,
-    positive_float, positive_int, prune_checkpoints, read_checkpoint_tensors, read_json, rng_state, run_cli, save_model,
-    save_png, save_state_dir, seed_everything, set_rng_state, start_log, tensor_to_images,
+from checkpoints import (
+    EXPORT_DTYPES, check_run_identity, checkpoint_path, load_model, load_resume, load_weights, model_paths,
+    prune_checkpoints, read_checkpoint_tensors, read_json, save_model, save_state_dir,
 )
-from metrics import code_statistics
-from vqgan_losses import (
-    LossWeights, NLayerDiscriminator, adaptive_gan_weight, build_perceptual, hinge_d_loss, r1_penalty,
+from cli import (
+    ArgumentParser, UserError, int_list, non_negative_float, non_negative_int, positive_float, positive_int, run_cli,
+)
+from devices import native_bf16, pick_device
+from images import ImageSource, ImageTensorDataset, collate_skip_none, make_grid, save_png, tensor_to_images
+from training_loop import LogWindow, StopSignal, due, rng_state, seed_everything, set_rng_state, start_log
+from vqgan_losses import LossWeights, NLayerDiscriminator, build_perceptual
+from vqgan_training import (
+    SeededAugmentation, batch_plan, dead_code_patience, fixed_images, learning_rate, load_init, measure_latent_scale,
+    restart_dead_codes, train_step, write_log,
 )
 
 # Architecture of each named model. `vq-f8` is latent-diffusion's models/first_stage_models/vq-f8.
@@ -332,96 +339,6 @@ def load_vqgan(path, device="cpu"):
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints from elsewhere and our own files
-
-
-def load_init(model, disc, tensors, path):
-    """Autoencoder tensors load strictly; `loss.discriminator.*` go to `disc` where the shapes fit
-    (returns whether they did); other `loss.*` entries (LPIPS, ...) are not part of the autoencoder."""
-    load_weights(model, {k: v for k, v in tensors.items() if not k.startswith("loss.")}, f"--init_ckpt {path}")
-    disc_tensors = {k.removeprefix("loss.discriminator."): v for k, v in tensors.items()
-                    if k.startswith("loss.discriminator.")}
-    expected = disc.state_dict()
-    if disc_tensors.keys() != expected.keys() or any(v.shape != expected[k].shape for k, v in disc_tensors.items()):
-        return False
-    disc.load_state_dict(disc_tensors)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: every batch is a pure function of (seed, step), so a resumed run sees exactly the same images
-
-
-class SeededAugmentation(torch.utils.data.Dataset):
-    """`dataset[index]` with Python's RNG seeded per sample: random crops and flips depend only on the
-    (index, seed) key, whatever the number of workers and across resumes."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        saved = random.getstate()
-        random.seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            random.setstate(saved)
-
-
-def batch_plan(num_images, batch_size, seed, start_step, end_step):
-    """Yields, for steps start_step..end_step-1, a list of (image index, augmentation seed):
-    a fresh permutation of the data every epoch (common.epoch_order)."""
-    for step in range(start_step, end_step):
-        batch = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, num_images)
-            batch.append((int(epoch_order(num_images, seed, epoch)[offset]), seed * 1_000_003 + position))
-        yield batch
-
-
-def fixed_images(source, resolution, count):
-    """The first `count` readable images, centre-cropped: the same preview at every checkpoint."""
-    dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
-    images = []
-    for index in range(len(dataset)):
-        if len(images) == count:
-            break
-        image = dataset[index]
-        if image is not None:
-            images.append(image)
-    if not images:
-        raise UserError(f"no readable images in {source.path}")
-    return torch.stack(images)
-
-
-@torch.no_grad()
-def measure_latent_scale(model, source, resolution, num_images, batch_size, device):
-    """1 / std of the (unquantised) latents of up to `num_images` images spread over the data."""
-    dataset = ImageTensorDataset(source, resolution, random_crop=False, flip=False)
-    stride = max(1, len(dataset) // num_images)
-    subset = torch.utils.data.Subset(dataset, range(0, len(dataset), stride)[:num_images])
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_none)
-    was_training = model.training
-    model.eval()
-    total, total_sq, count = 0.0, 0.0, 0
-    for images in loader:
-        if images is None:
-            continue
-        latents = model.encode(images.to(device)).double()
-        total, total_sq = total + latents.sum().item(), total_sq + latents.pow(2).sum().item()
-        count += latents.numel()
-    model.train(was_training)
-    if count == 0:
-        raise UserError(f"no readable images in {source.path} to measure the latent scale")
-    std = max(total_sq / count - (total / count) ** 2, 1e-12) ** 0.5
-    return 1.0 / std
-
-
 def reconstruction_grid(originals, reconstructions, columns=8):
     """Rows of originals, each followed by the row of their reconstructions."""
     originals, reconstructions = tensor_to_images(originals), tensor_to_images(reconstructions)
@@ -434,64 +351,8 @@ def reconstruction_grid(originals, reconstructions, columns=8):
     return make_grid(tiles, ncols=columns)
 
 
-def restart_dead_codes(codebook, last_used, latents, step, patience):
-    """Codes unused for `patience` steps are moved onto random encoder outputs of this batch
-    (latents B x C x h x w), so the codebook does not collapse to a few entries. Returns how many."""
-    dead = (step - last_used) >= patience
-    num_dead = int(dead.sum())
-    if num_dead:
-        vectors = latents.detach().float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # N x C
-        picks = torch.randint(len(vectors), (num_dead,)).to(vectors.device)
-        with torch.no_grad():
-            codebook[dead] = vectors[picks]
-        last_used[dead] = step
-    return num_dead
-
-
 # ----------------------------------------------------------------------------------------------
-# Training (two optimizers stepped by hand, as taming-transformers' VQModel does under Lightning)
-
-
-def train_step(model, disc, perceptual, opt_ae, opt_disc, images, step, weights, device, bf16=False):
-    """One autoencoder update and, once step >= weights.disc_start, one discriminator update (LossWeights). The
-    generator's adversarial term waits `disc_warmup` more steps, so it starts against a discriminator that already
-    tells real from reconstructed. Returns (metrics, code indices B x h x w, latents before quantisation)."""
-    train_disc = weights.disc_start is not None and step >= weights.disc_start
-    use_gan = train_disc and step >= weights.disc_start + weights.disc_warmup
-    with autocast(device, bf16):
-        reconstructions, codebook_loss, indices, latents = model(images)
-        reconstructions = reconstructions.float()
-        l1 = (images - reconstructions).abs().mean()
-        p_loss = torch.zeros((), device=device)
-        if perceptual is not None:
-            p_loss = perceptual(images, reconstructions).float().mean()
-        nll_loss = l1 + weights.perceptual * p_loss
-        loss = nll_loss + weights.codebook * codebook_loss
-        metrics = {"l1": l1.item(), "perceptual": p_loss.item(), "codebook": codebook_loss.item()}
-        if use_gan:
-            g_loss = -disc(reconstructions).float().mean()
-            d_weight = weights.disc * adaptive_gan_weight(nll_loss, g_loss, model.last_layer())
-            loss = loss + d_weight * g_loss
-            metrics.update(g_loss=g_loss.item(), d_weight=d_weight.item())
-    opt_ae.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_ae.step()
-    metrics["loss"] = loss.item()
-    if train_disc:
-        with autocast(device, bf16):
-            if weights.disc_r1:
-                logits_real, r1 = r1_penalty(disc, images)
-                metrics["r1"] = r1.item()
-            else:
-                logits_real, r1 = disc(images).float(), 0.0
-            logits_fake = disc(reconstructions.detach()).float()
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-        opt_disc.zero_grad(set_to_none=True)
-        (d_loss + weights.disc_r1 / 2 * r1).backward()
-        opt_disc.step()
-        metrics.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(),
-                       logits_fake=logits_fake.mean().item())
-    return metrics, indices, latents
+# Training: the run's model, optimizers and loop (its data, step and log line are vqgan_training.py's)
 
 
 CONFIG_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
@@ -526,20 +387,6 @@ def freeze_encoder_side(model):
     for name in ENCODER_SIDE:
         getattr(model, name).requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def dead_code_patience(dead_code_steps, init_ckpt, finetune_decoder):
-    """--dead_code_steps, or its default: 20 from scratch, 0 (never) when fine-tuning --init_ckpt; always 0 with
-    --finetune_decoder (a frozen codebook keeps its codes)."""
-    if finetune_decoder:
-        return 0
-    return dead_code_steps if dead_code_steps is not None else (0 if init_ckpt else 20)
-
-
-def learning_rate(step, lr, drop_step=None, drop_factor=0.25):
-    """The learning rate of optimizer step `step` (from 0): `lr`, times `drop_factor` from step `drop_step` on
-    (None: never). The shipped first stage ran at 4e-4, then at 1e-4 from step 1,653."""
-    return lr * drop_factor if drop_step is not None and step >= drop_step else lr
 
 
 def export(model, out, export_dtype, training, latent_scale=None):
@@ -666,21 +513,6 @@ def train(args, device):
                 break
     bar.close()
     return 0
-
-
-def write_log(log_path, step, window, codes, bar):
-    """A log.jsonl line: the means of the LogWindow and the codebook's use since the last line (`codes`: each code's
-    count, codes restarted, images skipped), which then start again."""
-    usage, perplexity = code_statistics(codes["used"])
-    entry = {"step": step, **window.means(), "code_usage": usage, "perplexity": perplexity,
-             "codes_restarted": codes["restarted"], "skipped_images": codes["skipped"],
-             "steps_per_s": window.steps_per_s()}
-    append_log(log_path, entry)
-    shown = ("loss", "l1", "perceptual", "d_loss", "code_usage", "perplexity")
-    bar.set_postfix({k: f"{entry[k]:.3g}" for k in shown if k in entry})
-    window.reset()
-    codes.update(restarted=0, skipped=0)
-    codes["used"].zero_()
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, load_weights, read_checkpoint_tensors, safe_torch_load
+from checkpoints import load_weights, read_checkpoint_tensors, safe_torch_load
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ImageSource, atomic_write_json, image_to_tensor  # noqa: E402
-from diffusion import load_diffusion_model, q_sample, sampling_timesteps  # noqa: E402
+from checkpoints import atomic_write_json  # noqa: E402
+from diffusion import load_diffusion_model  # noqa: E402
+from images import ImageSource, image_to_tensor  # noqa: E402
+from samplers import sampling_timesteps  # noqa: E402
+from schedule import q_sample  # noqa: E402
 
 
 @torch.no_grad()

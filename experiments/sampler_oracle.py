@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion import NoiseSchedule  # noqa: E402
 from gaussian_oracle import exact_flow, sample_gaussian  # noqa: E402
+from schedule import NoiseSchedule  # noqa: E402
 
 VARIANTS = {"even": (False, False), "karras": (True, False), "even + lower_order_final": (False, True),
             "karras + lower_order_final": (True, True)}

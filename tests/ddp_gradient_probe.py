@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trainer  # noqa: E402
-from common import run_cli  # noqa: E402
+import unet_training  # noqa: E402
+from cli import run_cli  # noqa: E402
 from unet import UNet  # noqa: E402
 
 RECORD = Path(os.environ["GRADIENT_RECORD"])
-train_step = trainer.train_step
+train_step = unet_training.train_step
 
 
 def gradients_at_step(run, step):
@@ -60,6 +61,6 @@ def recording_train_step(run, micro_batches, *args):
 
 
 if __name__ == "__main__":
-    trainer.train_step = recording_train_step
+    trainer.train_step = recording_train_step  # where trainer.py's loop looks it up
     sys.argv = ["trainer.py", *sys.argv[1:]]
     run_cli(trainer.main)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench
-from common import native_bf16
+from devices import native_bf16
 
 TINY = ["--unet_size", "tiny", "--vqgan_config", "vq-f4-tiny", "--vqgan_resolutions", "32", "--batch_size", "2",
         "--repeats", "1", "--sample_batch", "1", "--max_sampler_steps", "2"]
@@ -97,6 +97,5 @@ def test_diffusers_section(tmp_path, capsys, monkeypatch):
 def test_cli_section_arithmetic(monkeypatch):
     """Per image with start-up = time(FEW) / FEW; without it = (time(MANY) - time(FEW)) / (MANY - FEW)."""
     monkeypatch.setattr(bench, "cli_seconds", lambda n, checkpoint, device: {16: 20.0, 48: 36.0}[n])
-    args = bench.argparse.Namespace(cli_images=[16, 48], cli_checkpoint=None)
-    with_start_up, without = bench.bench_cli(args, "cpu")
+    with_start_up, without = bench.bench_cli("cpu", images=[16, 48], checkpoint=None)
     assert with_start_up["s_per_image"] == pytest.approx(20.0 / 16) and without["s_per_image"] == pytest.approx(0.5)

@@ -7,7 +7,7 @@ import torch
 
 import caption_use
 from caption_use import caption_spread, optimal_spread, optimal_x0, shuffled_pools
-from common import UserError
+from cli import UserError
 from conftest import make_painting
 from diffusion import load_diffusion_model
 from test_diffusion import write_checkpoint

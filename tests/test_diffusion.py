@@ -11,13 +11,16 @@ import torch
 from PIL import Image
 
 import diffusion
-from common import ImageSource, UserError, image_to_tensor, native_bf16
-from diffusion import (
-    DEFAULT_STEPS, SAMPLERS, UNPROMPTED_STEPS, NoiseSchedule, Pipeline, guidance_scales, guided_model_fn,
-    load_diffusion_model, loss_weight, make_betas, make_denoiser, predicted_eps, predicted_x0, prediction_target,
-    img2img_timesteps, q_sample, sampling_timesteps, save_diffusion_model, slerp,
-)
+from cli import UserError
+from devices import native_bf16
+from diffusion import UNPROMPTED_STEPS, Pipeline, load_diffusion_model, save_diffusion_model
 from gaussian_oracle import MU, STD, exact_flow, gaussian_oracle, sample_gaussian
+from images import ImageSource, image_to_tensor
+from samplers import (
+    DEFAULT_STEPS, SAMPLERS, guidance_scales, guided_model_fn, img2img_timesteps, make_denoiser, randn,
+    sampling_timesteps, slerp,
+)
+from schedule import NoiseSchedule, loss_weight, make_betas, predicted_eps, predicted_x0, prediction_target, q_sample
 from unet import UNET_CONFIGS, UNet, mean_token
 from vqgan import CONFIGS, VQModel, save_vqgan
 
@@ -341,7 +344,7 @@ def test_per_row_generators_make_rows_independent_of_the_batch():
 
     def run(seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        latents = diffusion.randn((len(seeds), 4, 2, 2), generators)
+        latents = randn((len(seeds), 4, 2, 2), generators)
         return SAMPLERS["ddpm"](denoiser, latents, schedule, timesteps, generators)
 
     batch = run([7, 8, 9])
@@ -665,7 +668,7 @@ def test_each_sampler_defaults_to_the_spacing_its_accuracy_test_checks(sampler, 
     """Without --spacing, Pipeline gives each sampler the timesteps its accuracy test above uses (ddpm's 1000-step
     ancestral chain on the trained integer timesteps, not fractional Karras ones), for text-to-image and img2img."""
     seen = []
-    monkeypatch.setitem(diffusion.SAMPLERS, sampler,
+    monkeypatch.setitem(SAMPLERS, sampler,
                         lambda denoiser, latents, schedule, timesteps, *_, **__: seen.append(timesteps) or latents)
     pipeline = load_diffusion_model(checkpoint, "cpu")
     pipeline.sample_latents(1, sampler=sampler, steps=10, progress=False)

@@ -345,7 +345,7 @@ def check_one_line_error(status, stderr, expected):
 def test_bad_input_is_one_line_error(case, bytes_dataset, image_folder, tmp_path, capfd):
     """Each case through run_cli in this process (what `python download_hf.py` runs), for speed."""
     import download_hf
-    from common import run_cli
+    from cli import run_cli
 
     args, expected = bad_input_args(case, bytes_dataset, image_folder, tmp_path), BAD_INPUT[case][1]
     old_metadata = (image_folder / "metadata.jsonl").read_text()

@@ -13,14 +13,16 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torchvision.models import inception
 
 import evaluate
-from common import ImageSource, ImageTensorDataset, UserError
+from cli import UserError
 from conftest import make_painting
-from diffusion import NoiseSchedule, save_diffusion_model
+from diffusion import save_diffusion_model
 from evaluate import (
     FIDInceptionA, FIDInceptionE, FIDInceptionV3, extract_features, load_feature_network, real_stats_key,
     stats_cache_path,
 )
+from images import ImageSource, ImageTensorDataset
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, psnr, ssim
+from schedule import NoiseSchedule
 from unet import UNET_CONFIGS, UNet
 from vqgan import CONFIGS, VQModel, save_vqgan
 
@@ -169,7 +171,7 @@ def test_thumbnail_features_are_the_pixels_of_16px_thumbnails(tmp_path, capsys, 
     """The judge that shares nothing with ImageNet networks: FD of 768-d thumbnail pixels, exactly as computed here."""
     import numpy as np
 
-    from common import ImageSource, image_to_tensor
+    from images import ImageSource, image_to_tensor
     from metrics import frechet_distance, mean_and_covariance
 
     fake = write_images(tmp_path / "fake", range(100, 112), degrade)

@@ -11,9 +11,12 @@ from PIL import Image
 import diffusion
 import image_embedding
 import trainer
-from common import UserError, checkpoint_path, load_state_dir
+import unet_training
+from checkpoints import checkpoint_path, load_state_dir
+from cli import UserError
 from conftest import write_image_folder
 from diffusion import load_diffusion_model
+from samplers import guided_model_fn
 from vqgan import CONFIGS, VQModel, save_vqgan
 
 FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",
@@ -60,8 +63,8 @@ def test_a_model_grown_an_embedding_starts_where_it_was_and_learns_to_use_it(tmp
     cache = ["--latent_cache", tmp_path / "latents"]
     assert train(folder, vqgan, tmp_path / "plain", "--max_steps", 2, *cache) == 0
     init = ["--init_from", tmp_path / "plain" / "unet", "--image_embeddings", embeddings, *cache]
-    grown = trainer.make_unet("tiny", 4, 8, None, image_embed_dim=4).eval()
-    new, _ = trainer.init_from_checkpoint(grown, tmp_path / "plain" / "unet")
+    grown = unet_training.make_unet("tiny", 4, 8, None, image_embed_dim=4).eval()
+    new, _ = unet_training.init_from_checkpoint(grown, tmp_path / "plain" / "unet")
     assert sorted(new) == ["image_embed_proj.bias", "image_embed_proj.weight", "null_image_embed"]
     plain = load_diffusion_model(tmp_path / "plain" / "unet").unet
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
@@ -114,7 +117,7 @@ def test_embedding_guidance_pushes_away_from_the_null_embedding():
     null = unet.null_image_embed.detach().expand_as(embed)
     with torch.no_grad():
         cond, uncond = unet(x, t, image_embed=embed), unet(x, t, image_embed=null)
-        guided = diffusion.guided_model_fn(unet, guidance_scale=2.5, image_embed=embed, uncond_image_embed=null)(x, t)
+        guided = guided_model_fn(unet, guidance_scale=2.5, image_embed=embed, uncond_image_embed=null)(x, t)
     assert not torch.allclose(cond, uncond)
     assert torch.allclose(guided, uncond + 2.5 * (cond - uncond), atol=1e-5)
 

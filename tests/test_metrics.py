@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from common import UserError
+from cli import UserError
 from conftest import ROOT, make_painting
 from metrics import code_statistics, frechet_distance, kid, mean_and_covariance, mmd2_unbiased, psnr, ssim
 
@@ -171,6 +171,6 @@ def project_imports(path):
 
 def test_metrics_and_models_import_no_driver():
     """Metrics live low and models stay unaware of drivers: no vqgan.py -> evaluate.py -> vqgan.py cycle."""
-    assert project_imports(ROOT / "metrics.py") == {"common"}
+    assert project_imports(ROOT / "metrics.py") == {"cli"}
     for model in ("vqgan.py", "unet.py", "features.py"):
         assert not project_imports(ROOT / model) & {"evaluate", "trainer", "diffusion", "bench"}, model

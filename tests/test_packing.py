@@ -16,7 +16,8 @@ import diffusion
 import latent_cache
 import packing
 import trainer
-from common import UserError, load_state_dir
+from checkpoints import load_state_dir
+from cli import UserError
 from diffusion import load_diffusion_model
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 

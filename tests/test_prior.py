@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import prior
-from common import UserError, save_model
+from checkpoints import save_model
+from cli import UserError
 from conftest import ROOT
 
 def mixture(num, dim, centres, spread, seed):

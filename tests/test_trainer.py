@@ -16,9 +16,15 @@ from PIL import Image
 import diffusion
 import latent_cache
 import trainer
-from common import UserError, image_to_tensor, load_state_dir, save_state_dir, seed_everything
+import training_loop
+import unet_training
+from checkpoints import load_state_dir, save_state_dir
+from cli import UserError
 from conftest import ROOT, sigterm_after_log_lines
 from diffusion import load_diffusion_model
+from images import image_to_tensor
+from schedule import NoiseSchedule
+from training_loop import ema_decay, lr_factor, seed_everything, update_ema
 from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 
 FAST = ["--unet_size", "tiny", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no-bf16",
@@ -60,25 +66,14 @@ def test_lr_warmup_then_cosine_and_ema_warmup():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert factors[14] == factors[15] == pytest.approx(0.1)  # min_lr / lr at the end and after
-    assert [trainer.lr_factor(step, 4, 14, "constant") for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
-    assert trainer.ema_decay(0, 0.9999) == pytest.approx(0.1) and trainer.ema_decay(90, 0.9999) == pytest.approx(0.91)
-    assert trainer.ema_decay(10**6, 0.9999) == 0.9999
-    assert trainer.ema_decay(0, 0.999, warm_start=True) == trainer.ema_decay(500, 0.999, warm_start=True) == 0.999
+    assert [lr_factor(step, 4, 14, "constant") for step in (3, 4, 100)] == [1.0, 1.0, 1.0]
+    assert ema_decay(0, 0.9999) == pytest.approx(0.1) and ema_decay(90, 0.9999) == pytest.approx(0.91)
+    assert ema_decay(10**6, 0.9999) == 0.9999
+    assert ema_decay(0, 0.999, warm_start=True) == ema_decay(500, 0.999, warm_start=True) == 0.999
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     expected = 0.9 * ema.weight.detach() + 0.1 * model.weight.detach()
-    trainer.update_ema(ema, model, 0.9)
+    update_ema(ema, model, 0.9)
     assert torch.allclose(ema.weight, expected)
-
-
-def test_data_order_is_a_permutation_per_epoch_and_shards_ranks():
-    num_rows, world_size = 10, 2  # micro-batches of 3, 2 per step
-    seen = torch.cat([trainer.batch_rows(num_rows, 3, 7, trainer.stream_position(step, micro, rank, world_size, 3, 2))
-                      for step in range(5) for micro in range(2) for rank in range(world_size)])  # 60 samples
-    for epoch in range(6):  # every epoch is a permutation, each a different one
-        assert sorted(seen[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
-    assert not torch.equal(seen[:10], seen[10:20])
-    assert torch.equal(trainer.batch_rows(num_rows, 60, 7, 0), seen)  # a pure function of (seed, position)
-    assert not torch.equal(trainer.batch_rows(num_rows, 60, 8, 0), seen)
 
 
 def test_help_lists_every_option_with_its_default(capsys):
@@ -217,7 +212,7 @@ def test_conditional_training_with_template_captions_samples_with_a_prompt(tmp_p
     assert export["unet"]["context_dim"] == 384 and export["text_encoder"] == trainer.DEFAULT_TEXT_ENCODER
     # the null embedding only learns from dropped captions: it moved, so --cond_drop dropped some
     seed_everything(0)
-    initial = trainer.make_unet("tiny", 4, 8, 384)
+    initial = unet_training.make_unet("tiny", 4, 8, 384)
     trained = load_state_dir(out / "checkpoints" / "step_0000004")["model"]
     assert not torch.equal(initial.null_context.detach(), trained["null_context"])
 
@@ -499,8 +494,8 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
     monkeypatch.undo()
 
     uncond = load_diffusion_model(tmp_path / "uncond" / "unet").unet
-    cond = trainer.make_unet("tiny", 4, 8, 384).eval()
-    new, steps_before = trainer.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
+    cond = unet_training.make_unet("tiny", 4, 8, 384).eval()
+    new, steps_before = unet_training.init_from_checkpoint(cond, tmp_path / "uncond" / "unet")
     assert steps_before == 2 and "null_context" in new
     assert all(re.search(r"null_context|\.norm2\.|\.cross_attn\.", k) for k in new)
     state = cond.state_dict()
@@ -511,8 +506,8 @@ def test_unconditional_run_shares_a_conditional_cache_and_init_from_grows_it_a_c
         assert torch.allclose(cond(latents, t, context, mask), uncond(latents, t), atol=1e-6)
 
     diffusion.export_diffusion_model(tmp_path / "uncond" / "unet", tmp_path / "export")  # EMA alone, fp16
-    from_export = trainer.make_unet("tiny", 4, 8, 384).eval()
-    trainer.init_from_checkpoint(from_export, tmp_path / "export")
+    from_export = unet_training.make_unet("tiny", 4, 8, 384).eval()
+    unet_training.init_from_checkpoint(from_export, tmp_path / "export")
     assert all(torch.equal(from_export.state_dict()[k], v.half().float()) for k, v in uncond.state_dict().items())
 
     init = ["--init_from", tmp_path / "uncond" / "unet"]
@@ -529,8 +524,8 @@ def test_a_continued_model_averages_at_its_stated_decay_and_counts_its_total_ste
     """A fresh run's EMA warms up; a run from --init_from averages at --ema_decay from its first step, on resume
     too, and its export counts the steps of both runs."""
     decays = []
-    update_ema = trainer.update_ema
-    monkeypatch.setattr(trainer, "update_ema", lambda ema, model, decay: decays.append(decay) or
+    update_ema = training_loop.update_ema
+    monkeypatch.setattr(unet_training, "update_ema", lambda ema, model, decay: decays.append(decay) or
                         update_ema(ema, model, decay))
     assert train(image_folder, vqgan, tmp_path / "fresh", "--max_steps", 3, "--ema_decay", 0.99) == 0
     assert decays == pytest.approx([0.1, 2 / 11, 3 / 12])
@@ -589,9 +584,9 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
     def lever(*_, **__):
         raise AssertionError("a lever's code ran on the default path")
 
-    for module, name in ((latent_cache, "build_repa_cache"), (trainer, "make_projector"), (trainer, "repa_loss"),
-                         (diffusion, "sample_log_snr")):
-        monkeypatch.setattr(module, name, lever)
+    for target in ("latent_cache.build_repa_cache", "trainer.make_projector", "unet_training.repa_loss",
+                   "schedule.sample_log_snr"):
+        monkeypatch.setattr(target, lever)
     flags = ["--max_steps", 6, "--save_every", 3, "--keep_last", 5]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(image_folder, vqgan, straight, *flags) == 0
@@ -605,21 +600,21 @@ def test_default_training_runs_no_lever_and_resumes_along_its_own_trajectory(tmp
 
 
 def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path, image_folder, vqgan, monkeypatch):
-    run = trainer.build_training(trainer.make_unet("small", 4, 8, None), torch.device("cpu"),
-                                 diffusion.NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
+    run = unet_training.build_training(unet_training.make_unet("small", 4, 8, None), torch.device("cpu"),
+                                 NoiseSchedule(), 1e-4, lambda step: 1.0, channels_last=True)
     for unet in (run.unet, run.ema):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
     plain, out = tmp_path / "plain", tmp_path / "channels_last"
     assert train(image_folder, vqgan, plain, "--max_steps", 4) == 0
     layouts = []
-    lerp = trainer.update_ema
+    lerp = training_loop.update_ema
 
     def update_ema(ema, model, *rest):  # the EMA lerps into the training's layout, in-training sampling or not
         layouts.append(all(p.is_contiguous(memory_format=torch.channels_last)
                            for p in ema.parameters() if p.dim() == 4))
         return lerp(ema, model, *rest)
 
-    monkeypatch.setattr(trainer, "update_ema", update_ema)
+    monkeypatch.setattr(unet_training, "update_ema", update_ema)
     assert train(image_folder, vqgan, out, "--max_steps", 4, "--channels_last", "--sample_every", 2,
                  "--num_samples", 1, "--sample_steps", 2) == 0
     assert layouts == [True] * 4
@@ -630,19 +625,19 @@ def test_channels_last_trains_as_the_plain_layout_and_resumes_in_either(tmp_path
 
 def test_focused_timesteps_train_at_fractional_timesteps_with_min_snr(tmp_path, image_folder, vqgan, monkeypatch):
     seen = []
-    training_loss = diffusion.NoiseSchedule.training_loss
+    training_loss = NoiseSchedule.training_loss
 
     def spy(self, model_fn, x0, prediction_type, min_snr_gamma, t=None, noise=None):
         seen.append((t, min_snr_gamma))
         return training_loss(self, model_fn, x0, prediction_type, min_snr_gamma, t, noise)
 
-    monkeypatch.setattr(diffusion.NoiseSchedule, "training_loss", spy)
+    monkeypatch.setattr(NoiseSchedule, "training_loss", spy)
     out = tmp_path / "laplace"
     assert train(image_folder, vqgan, out, "--max_steps", 4, "--timestep_sampling", "laplace", "--timestep_loc", -1,
                  "--timestep_scale", 0.5, "--min_snr_gamma", 5) == 0
     t = torch.cat([t for t, _ in seen])
     assert len(seen) == 4 and all(gamma == 5 for _, gamma in seen) and not torch.equal(t, t.round())
-    schedule = diffusion.NoiseSchedule(**json.loads((out / "unet.json").read_text())["schedule"])  # the run's own
+    schedule = NoiseSchedule(**json.loads((out / "unet.json").read_text())["schedule"])  # the run's own
     log_snr = (schedule.alpha_bar(t) / (1 - schedule.alpha_bar(t))).log()
     assert (log_snr - -1).abs().max() < 4  # 16 draws of Laplace(-1, 0.5): uniform t would spread over [-10, 9]
     assert all(math.isfinite(e["loss"]) for e in log_entries(out))

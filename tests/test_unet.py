@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from common import UserError
+from cli import UserError
 from unet import UNET_CONFIGS, UNet, build_unet, complete_config, count_parameters, main, mean_token, timestep_embedding
 
 

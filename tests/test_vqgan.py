@@ -12,14 +12,15 @@ from safetensors.torch import load_file
 
 import vqgan
 import vqgan_losses
+import vqgan_training
+from checkpoints import list_checkpoints, load_state_dir, save_model, save_state_dir
+from cli import UserError
 from conftest import ROOT, sigterm_after_log_lines
-from metrics import psnr
-from common import (
-    ImageSource, ImageTensorDataset, UserError, image_to_tensor, list_checkpoints, load_state_dir, save_model,
-    save_state_dir,
-)
-from vqgan import CONFIGS, VQModel, load_init, load_vqgan, save_vqgan
+from images import ImageSource, ImageTensorDataset, image_to_tensor
+from metrics import code_statistics, psnr
+from vqgan import CONFIGS, VQModel, load_vqgan, save_vqgan
 from vqgan_losses import LPIPS, NLayerDiscriminator, load_lpips
+from vqgan_training import load_init
 
 # Spot checks of the published vq-f8 checkpoint layout (latent-diffusion first stage), written out by hand
 # from the reference architecture rather than from our model.
@@ -320,7 +321,7 @@ class Killed(BaseException):
 
 def test_a_kill_while_a_checkpoint_is_swapped_in_keeps_the_previous_one(tmp_path, image_folder, monkeypatch, capsys):
     """The rename that puts the second checkpoint in place never happens: the first must still be there."""
-    import common
+    import checkpoints
 
     real_replace, folders_moved_in = os.replace, []
 
@@ -332,10 +333,10 @@ def test_a_kill_while_a_checkpoint_is_swapped_in_keeps_the_previous_one(tmp_path
         return real_replace(src, dst)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(common.os, "replace", replace)
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
     with pytest.raises(Killed):
         vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3"))
-    monkeypatch.setattr(common.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
     capsys.readouterr()
     assert vqgan.main(train_args(image_folder, out, *FAST_TRAIN, "--max_steps", "3", "--resume", "auto")) == 0
     assert "resumed from" in capsys.readouterr().out  # not a fresh start from step 0
@@ -346,18 +347,18 @@ def test_dead_codes_restart_from_encoder_outputs():
     codebook = torch.zeros(6, 4)
     last_used = torch.tensor([10, 10, 0, 0, 9, 3])
     latents = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).view(2, 4, 2, 2) + 1
-    assert vqgan.restart_dead_codes(codebook, last_used, latents, step=10, patience=5) == 3
+    assert vqgan_training.restart_dead_codes(codebook, last_used, latents, step=10, patience=5) == 3
     vectors = latents.permute(0, 2, 3, 1).reshape(-1, 4)
     for code in (2, 3, 5):
         assert any(torch.equal(codebook[code], v) for v in vectors) and last_used[code] == 10
     assert codebook[[0, 1, 4]].abs().sum() == 0
-    usage, perplexity = vqgan.code_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+    usage, perplexity = code_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
     assert usage == 0.5 and perplexity == pytest.approx(2.0)
 
 
 def test_batch_plan_is_a_function_of_the_step():
-    full = list(vqgan.batch_plan(10, 4, seed=3, start_step=0, end_step=6))
-    assert list(vqgan.batch_plan(10, 4, seed=3, start_step=4, end_step=6)) == full[4:]
+    full = list(vqgan_training.batch_plan(10, 4, seed=3, start_step=0, end_step=6))
+    assert list(vqgan_training.batch_plan(10, 4, seed=3, start_step=4, end_step=6)) == full[4:]
     first_epoch = [index for batch in full[:5] for index, _ in batch][:10]
     assert sorted(first_epoch) == list(range(10))
 
@@ -448,7 +449,7 @@ def test_disc_r1_enters_the_discriminator_update_only():
         m, d = copy.deepcopy(model), copy.deepcopy(disc)
         opt_ae, opt_disc = torch.optim.Adam(m.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
         weights = vqgan_losses.LossWeights(perceptual=0.0, disc_start=0, disc_warmup=1, disc_r1=gamma)
-        metrics, _, _ = vqgan.train_step(m, d, None, opt_ae, opt_disc, images, 0, weights, "cpu")
+        metrics, _, _ = vqgan_training.train_step(m, d, None, opt_ae, opt_disc, images, 0, weights, "cpu")
         results[gamma] = (m, d, metrics)
     (m0, d0, metrics0), (m1, d1, metrics1) = results[0.0], results[10.0]
     assert "r1" not in metrics0 and metrics1["r1"] > 0 and metrics0["d_loss"] == pytest.approx(metrics1["d_loss"])
@@ -488,7 +489,7 @@ def test_data_and_out_alone_give_the_shipped_recipe_of_each_stage(flags, recipe)
     assert {name: getattr(args, name) for name in recipe} == recipe  # bf16 None: on where it pays, found at run time
     if not args.finetune_decoder:  # 128 px; 4e-4 to step 1,652, 1e-4 from step 1,653 (where the run was resumed)
         assert CONFIGS[args.config]["resolution"] == 128
-        assert [vqgan.learning_rate(step, args.lr, args.lr_drop_step, args.lr_drop_factor)
+        assert [vqgan_training.learning_rate(step, args.lr, args.lr_drop_step, args.lr_drop_factor)
                 for step in (0, 1652, 1653, 2426)] == [4e-4, 4e-4, 1e-4, 1e-4]
 
 
@@ -512,7 +513,7 @@ def test_each_export_records_how_it_was_trained(image_folder, tmp_path):
     exports recorded it (models/vqgan.json) still load, and the record leaves latents_digest alone."""
     from pathlib import Path
 
-    from common import native_bf16, pick_device
+    from devices import native_bf16, pick_device
 
     fast = ["--config", "vq-f4-tiny", "--perceptual", "none", "--scale_images", "4", "--max_steps", "2"]
     base, tuned = tmp_path / "base", tmp_path / "tuned"
