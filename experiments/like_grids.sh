@@ -8,7 +8,7 @@ OUT=${OUT:?set OUT to the figure to write}
 WORK=$(mktemp -d)
 python - "$WORK" <<'PY'
 import sys
-from common import ImageSource, image_to_tensor, tensor_to_images
+from images import ImageSource, image_to_tensor, tensor_to_images
 source = ImageSource("../shared/wikiart-mini", "test", "image")
 for i in (3, 40, 250):
     tensor_to_images(image_to_tensor(source.image(i), 128)[None])[0].save(f"{sys.argv[1]}/test{i:03d}.png")
@@ -25,7 +25,7 @@ python - "$WORK" "$OUT" <<'PY'
 import sys
 from pathlib import Path
 from PIL import Image
-from common import make_grid, save_png
+from images import make_grid, save_png
 work = Path(sys.argv[1])
 rows = []
 for i in ("003", "040", "250"):

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ImageSource, atomic_write_json, image_to_tensor  # noqa: E402
+from checkpoints import atomic_write_json  # noqa: E402
 from diffusion import UNPROMPTED_STEPS, load_diffusion_model  # noqa: E402
+from images import ImageSource, image_to_tensor  # noqa: E402
 
 
 def thumbnails(images):
