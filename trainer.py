@@ -453,9 +453,10 @@ def parse_args(argv=None):
                    help="condition the UNet on the image embeddings image_embedding.py wrote to FOLDER (each "
                         "painting's own, dropped with --cond_drop for guidance); a zero-initialised projection, so "
                         "--init_from a model without it starts where that model was")
-    g.add_argument("--image_embed_lr_scale", type=positive_float, default=1.0,
+    g.add_argument("--image_embed_lr_scale", type=positive_float, default=30.0,
                    help="learning rate of the image-embedding projection as a multiple of --lr: a projection that "
-                        "starts at zero learns slowly at the UNet's rate (docs/embedding-prior.md)")
+                        "starts at zero learns slowly at the UNet's rate; 30 trained the bundled unet-like's last "
+                        "stage (docs/embedding-prior.md)")
     g = p.add_argument_group("checkpoints and feedback")
     g.add_argument("--output_dir", default="runs/unet", help="checkpoints, exported model, samples, log")
     g.add_argument("--save_every", type=positive_int, default=1000, help="steps between checkpoints (and at the end)")
