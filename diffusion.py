@@ -397,17 +397,16 @@ def next_image_index(outdir):
     return max(numbers, default=-1) + 1
 
 
-def like_embedding(paths, mix, pipeline):
-    """The image embedding 1 x E that --like asks for: one painting's, or the spherical blend of two's."""
-    size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
-    embeds = pipeline.embed_images(torch.cat([load_image(path, size, "--like image") for path in paths]))
-    return embeds[:1] if len(paths) == 1 else slerp(embeds[0], embeds[1], mix)[None]
+def like_embedding(images, mix, pipeline):
+    """The image embedding 1 x E that --like asks for: of one painting (images 1 x 3 x S x S), or the spherical blend
+    of two's (2 x 3 x S x S) at `mix`."""
+    embeds = pipeline.embed_images(images)
+    return embeds[:1] if len(images) == 1 else slerp(embeds[0], embeds[1], mix)[None]
 
 
-def like_start(paths, mix, size):
+def like_start(images, mix):
     """Where --like variations start below strength 1: the painting, or two cross-faded at `mix` (1 x 3 x S x S)."""
-    images = torch.cat([load_image(path, size, "--like image") for path in paths])
-    return images[:1] if len(paths) == 1 else torch.lerp(images[:1], images[1:], mix)
+    return images[:1] if len(images) == 1 else torch.lerp(images[:1], images[1:], mix)
 
 
 def run_parameters(request, checkpoint, pipeline, seed, num_images, prompts):
@@ -477,16 +476,18 @@ def sample_to_folder(request, checkpoint, pipeline, outdir):
     `checkpoint`), each saved to `outdir` with its PNG text chunks, then their grid. Returns (image paths, grid
     path). studio.py calls it with the requests its widgets make, so both write the same files."""
     size = pipeline.latent_shape[1] * pipeline.vqgan.downsample_factor
+    like_images = None if request.like is None else torch.cat(  # 1 or 2 x 3 x S x S
+        [load_image(path, size, "--like image") for path in request.like])
     init_image = None
     if request.init_image is not None:
         init_image = load_image(request.init_image, size)
-    elif request.like is not None and request.strength < 1:
-        init_image = like_start(request.like, request.like_mix(), size)
+    elif like_images is not None and request.strength < 1:
+        init_image = like_start(like_images, request.like_mix())
     if request.interpolate:
         ends = [randn((1, *pipeline.latent_shape), torch.Generator().manual_seed(seed))
                 for seed in request.interpolation_seeds()]
         frames = torch.cat([slerp(*ends, i / (request.num_images - 1)) for i in range(request.num_images)])
-    like = None if request.like is None else like_embedding(request.like, request.like_mix(), pipeline)
+    like = None if like_images is None else like_embedding(like_images, request.like_mix(), pipeline)
     first = next_image_index(outdir)
     all_images, paths = [], []
     for prompt in request.prompts or [None]:  # one grid row per caption, each over the same seeds

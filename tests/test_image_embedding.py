@@ -183,8 +183,9 @@ def test_like_starts_from_the_painting_noised_to_its_strength(tmp_path, embedded
     with Image.open(tmp_path / "default" / "00000.png") as img:
         assert f"--strength {diffusion.LIKE_STRENGTH}" in img.text["command"]
         assert json.loads(img.text["parameters"])["strength"] == diffusion.LIKE_STRENGTH
-    crossfade = diffusion.like_start([a, b], 0.25, 32)
-    assert torch.allclose(crossfade, 0.75 * diffusion.load_image(a, 32) + 0.25 * diffusion.load_image(b, 32))
+    image_a, image_b = diffusion.load_image(a, 32), diffusion.load_image(b, 32)
+    crossfade = diffusion.like_start(torch.cat([image_a, image_b]), 0.25)
+    assert torch.allclose(crossfade, 0.75 * image_a + 0.25 * image_b)
 
 
 @pytest.mark.parametrize("flags,message", [
